@@ -1,0 +1,34 @@
+# tracekeeper: the commands a developer and CI use. Run as root (BPF, mounts).
+PY      := .venv/bin/python
+PYTEST  := .venv/bin/pytest
+
+.PHONY: setup crds lint unit kernel e2e test controlplane demo bench clean
+
+setup:            ## install Debian packages, kernel headers link, mounts, venv with bcc
+	bash scripts/setup.sh
+
+crds:             ## regenerate crds/ from the pydantic models in api/
+	$(PY) -m tracekeeper_api.crdgen --out crds
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+	.venv/bin/lint-imports
+
+unit:
+	$(PYTEST) tests/unit -q
+
+kernel:           ## real BPF programs on this kernel (root)
+	$(PYTEST) tests/kernel -q
+
+e2e:              ## real kube-apiserver + etcd (built from Go modules, cached)
+	$(PYTEST) tests/e2e -q
+
+# The README's test command. pytest exits 5 when it collected nothing: that fails too.
+test: lint
+	$(PYTEST) tests -q -rs; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
+
+clean:
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
