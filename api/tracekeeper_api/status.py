@@ -1,0 +1,114 @@
+"""Status of TraceProbe and TraceFilter, following the Kubernetes API conventions.
+
+Counts and a bounded failure list, never one entry per node: 5,000 nodes must not
+bloat the object. Full per-node detail is served by the agents.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, JsonValue
+
+from tracekeeper_api.base import WireModel
+
+MAX_FAILURES = 10
+MAX_MESSAGE = 1024
+
+ConditionType = Literal["Ready", "Accepted", "Loaded", "Degraded"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+# Stable CamelCase reasons: alerts and scripts key on them.
+Reason = Literal[
+    "Loaded",
+    "Accepted",
+    "Suspended",
+    "CompileFailed",
+    "AttachFailed",
+    "Unsupported",
+    "KernelHeadersMissing",
+    "NoMatchingPods",
+    "NodesPending",
+    "NotPermitted",
+    "FilterNotFound",
+    "InvalidSpec",
+    "AgentUnreachable",
+    "Failed",
+    "AllNodesLoaded",
+    "SomeNodesFailed",
+    "NoFailures",
+]
+
+
+class Condition(WireModel):
+    """A condition, as in every Kubernetes status."""
+
+    type: ConditionType
+    """Ready (summary), Accepted (valid and allowed here), Loaded, Degraded."""
+    status: ConditionStatus
+    reason: str = Field(max_length=64)
+    """CamelCase reason, e.g. Unsupported, CompileFailed, NotPermitted."""
+    message: str = Field(default="", max_length=MAX_MESSAGE)
+    """Human-readable detail, including the verifier or attach text."""
+    observed_generation: int | None = None
+    last_transition_time: str | None = None
+    """RFC 3339 time of the last status change."""
+
+
+class NodeCounts(WireModel):
+    """Nodes this probe is pushed to, and how they are doing."""
+
+    targeted: int = 0
+    loaded: int = 0
+    failed: int = 0
+
+
+class TargetCounts(WireModel):
+    """Pods and containers the probe's filter currently selects."""
+
+    pods: int = 0
+    containers: int = 0
+
+
+class NodeFailure(WireModel):
+    """One node's failure to load the probe (the first few are kept)."""
+
+    node: str = Field(max_length=253)
+    reason: str = Field(max_length=64)
+    message: str = Field(default="", max_length=MAX_MESSAGE)
+
+
+_CONDITIONS_SCHEMA: dict[str, JsonValue] = {
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+}
+
+
+class TraceProbeStatus(WireModel):
+    """Observed state of a TraceProbe, written by the operator."""
+
+    observed_generation: int | None = None
+    """The metadata.generation this status describes."""
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=8, json_schema_extra=_CONDITIONS_SCHEMA
+    )
+    nodes: NodeCounts = Field(default_factory=NodeCounts)
+    targets: TargetCounts = Field(default_factory=TargetCounts)
+    failures: list[NodeFailure] = Field(default_factory=list, max_length=MAX_FAILURES)
+    """The first failing nodes, with the agent's reason and message."""
+
+    def condition(self, type_: ConditionType) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class TraceFilterStatus(WireModel):
+    """Observed state of a TraceFilter, written by the operator."""
+
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=8, json_schema_extra=_CONDITIONS_SCHEMA
+    )
+    matched_pods: int = 0
+    """Pods the filter currently selects, on every node."""
+    used_by: list[str] = Field(default_factory=list, max_length=50)
+    """TraceProbes in this namespace that reference the filter (the first 50)."""
