@@ -25,6 +25,9 @@ kernel:           ## real BPF programs on this kernel (root)
 e2e:              ## real kube-apiserver + etcd (built from Go modules, cached)
 	$(PYTEST) tests/e2e -q
 
+controlplane:     ## build kube-apiserver, etcd, kubectl from Go modules (cached by version)
+	bash tests/controlplane/build.sh
+
 # The README's test command. pytest exits 5 when it collected nothing: that fails too.
 test: lint
 	$(PYTEST) tests -q -rs; rc=$$?; \
