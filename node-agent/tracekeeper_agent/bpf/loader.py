@@ -1,0 +1,214 @@
+"""The real ProgramLoader: BCC compiles the plan's C text, attaches it, and the
+LoadedProgram reads and writes its maps."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import re
+from collections import defaultdict
+from typing import Any
+
+from bcc import BPF  # the only place bcc is imported (see the import-linter contract)
+
+from tracekeeper_agent.bpf.maps import KERNEL_OWNED, bump_generation, sync_table
+from tracekeeper_agent.bpf.stderr_capture import capture_fd2
+from tracekeeper_agent.bpf_ids import prog_id
+from tracekeeper_agent.kernel import (
+    CountSample,
+    FilterEntries,
+    HistogramSample,
+    KernelCounters,
+    LoadFailure,
+    ProgramPlan,
+    RawEvent,
+    SampleKey,
+)
+from tracekeeper_api.protocol import ProbeState, truncate_message
+
+log = logging.getLogger(__name__)
+
+_TASK_COMM_LEN = 16
+_CFLAGS = ["-Wno-macro-redefined", "-Wno-unused-function"]
+
+
+class _Comm(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char * _TASK_COMM_LEN)]
+
+
+def _comm_key(name: str) -> _Comm:
+    return _Comm(name.encode()[: _TASK_COMM_LEN - 1])
+
+
+def _failure_reason(text: str) -> str:
+    if re.search(r"Unable to find kernel headers|linux/kconfig.h.*not found", text):
+        return "KernelHeadersMissing"
+    if re.search(r"error:|Failed to compile", text):
+        return "CompileFailed"
+    return "AttachFailed"
+
+
+class BccProgram:
+    """A loaded program (implements kernel.LoadedProgram)."""
+
+    def __init__(self, bpf: Any, plan: ProgramPlan) -> None:
+        self._bpf = bpf
+        self.plan = plan
+        self._ring_open = False
+        self._pending: list[RawEvent] = []
+        self._program_ids = tuple(sorted(prog_id(f.fd) for f in bpf.funcs.values()))
+
+    @property
+    def program_ids(self) -> tuple[int, ...]:
+        return self._program_ids
+
+    def update_filter(self, entries: FilterEntries) -> None:
+        kinds = self.plan.filter_kinds
+        if "cgroup" in kinds:
+            sync_table(self._bpf["tk_cgroups"], entries.cgroups, key_of=ctypes.c_ulonglong)
+            bump_generation(self._bpf["tk_gen"])
+        if "pid" in kinds:
+            sync_table(
+                self._bpf["tk_pids"],
+                dict.fromkeys(entries.pids, 1),
+                key_of=ctypes.c_uint,
+                keep=lambda v: bool(v & KERNEL_OWNED),
+            )
+        if "comm" in kinds:
+            sync_table(self._bpf["tk_comms"], dict.fromkeys(entries.comms, 1), key_of=_comm_key)
+
+    def _key(self, k: Any) -> SampleKey:
+        by = self.plan.by
+        return SampleKey(
+            cgroup_id=int(k.cgroup) if {"pod", "container"} & set(by) else None,
+            pid=int(k.pid) if "pid" in by else None,
+            comm=bytes(k.comm).split(b"\0", 1)[0].decode(errors="replace")
+            if "comm" in by
+            else None,
+        )
+
+    def _values(self) -> list[tuple[Any, int]]:
+        if self.plan.output_kind not in ("count", "histogram") and not self._has("tk_values"):
+            return []
+        table = self._bpf["tk_values"]
+        return [(k, sum(int(x) for x in v)) for k, v in table.items()]
+
+    def _has(self, name: str) -> bool:
+        try:
+            self._bpf[name]
+        except KeyError:
+            return False
+        return True
+
+    def read_counts(self) -> list[CountSample]:
+        if self.plan.output_kind == "histogram":
+            return []
+        totals: dict[SampleKey, int] = defaultdict(int)
+        for k, total in self._values():
+            totals[self._key(k)] += total
+        return [CountSample(key, value) for key, value in totals.items()]
+
+    def read_histograms(self) -> list[HistogramSample]:
+        if self.plan.output_kind != "histogram":
+            return []
+        buckets: dict[SampleKey, dict[int, int]] = defaultdict(dict)
+        for k, total in self._values():
+            slots = buckets[self._key(k)]
+            slots[int(k.slot)] = slots.get(int(k.slot), 0) + total
+        return [HistogramSample(key, slots) for key, slots in buckets.items()]
+
+    def read_counters(self) -> KernelCounters:
+        per_cpu = self._bpf["tk_counters"]
+        sums = [sum(int(x) for x in per_cpu[ctypes.c_int(i)]) for i in range(5)]
+        return KernelCounters(
+            matched=sums[0],
+            sampled_out=sums[1],
+            rate_limited=sums[2],
+            ring_full=sums[3],
+            lru_new_keys=sums[4],
+        )
+
+    def live_keys(self) -> int:
+        if not self._has("tk_values"):
+            return 0
+        return len(self._bpf["tk_values"])
+
+    def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
+        e = self._bpf["tk_events"].event(data)
+        fields: dict[str, int | str] = {}
+        for f in self.plan.event_fields:
+            raw = getattr(e, f"f_{f.name}")
+            fields[f.name] = raw.decode(errors="replace") if f.kind == "str" else int(raw)
+        self._pending.append(
+            RawEvent(
+                ts_ns=int(e.ts),
+                pid=int(e.pid),
+                tid=int(e.tid),
+                cgroup_id=int(e.cgroup),
+                comm=e.comm.decode(errors="replace"),
+                fields=fields,
+            )
+        )
+        return 0
+
+    def poll_events(self, timeout_ms: int) -> list[RawEvent]:
+        if self.plan.output_kind != "events":
+            return []
+        if not self._ring_open:
+            self._bpf["tk_events"].open_ring_buffer(self._on_event)
+            self._ring_open = True
+        self._bpf.ring_buffer_poll(timeout_ms)
+        batch, self._pending = self._pending, []
+        return batch
+
+    def close(self) -> None:
+        self._bpf.cleanup()
+
+
+class BccLoader:
+    """Compiles and attaches plans (implements kernel.ProgramLoader). The reconciler
+    serializes calls, which the fd-2 capture relies on."""
+
+    def load(self, plan: ProgramPlan) -> BccProgram:
+        with capture_fd2() as out:
+            try:
+                bpf = BPF(text=plan.source, cflags=_CFLAGS)
+            except Exception as exc:
+                bpf = None
+                error: Exception | None = exc
+            else:
+                error = None
+        if bpf is None:
+            text = f"{out.text}\n{error}".strip()
+            reason = _failure_reason(text)
+            state: ProbeState = (
+                "KernelHeadersMissing" if reason == "KernelHeadersMissing" else "Failed"
+            )
+            raise LoadFailure(state, reason, truncate_message(_clean(text)))
+        try:
+            with capture_fd2() as out:
+                self._attach(bpf, plan)
+        except Exception as exc:
+            bpf.cleanup()
+            text = _clean(f"{out.text}\n{exc}".strip())
+            raise LoadFailure("Failed", "AttachFailed", truncate_message(text)) from exc
+        return BccProgram(bpf, plan)
+
+    @staticmethod
+    def _attach(bpf: Any, plan: ProgramPlan) -> None:
+        for a in plan.attachments:
+            if a.kind == "uprobe":
+                bpf.attach_uprobe(name=a.binary, sym=a.target, fn_name=a.fn_name)
+            elif a.kind == "uretprobe":
+                bpf.attach_uretprobe(name=a.binary, sym=a.target, fn_name=a.fn_name)
+            elif a.kind == "kprobe":
+                bpf.attach_kprobe(event=a.target, fn_name=a.fn_name)
+            elif a.kind == "kretprobe":
+                bpf.attach_kretprobe(event=a.target, fn_name=a.fn_name)
+            # "auto": BCC attached TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE on construction
+
+
+def _clean(text: str) -> str:
+    """Drop the echo of our own source that BCC prints around clang errors."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("In file included")]
+    return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""kprobe / kretprobe: a kernel function. Kernels without kprobes get Unsupported."""
+
+from __future__ import annotations
+
+from tracekeeper_agent.kernel import Attachment, LoadFailure
+from tracekeeper_agent.probe_kinds.context import BuildContext, KindRender
+from tracekeeper_agent.probe_kinds.outputs import emit
+from tracekeeper_api.probes import TraceProbeSpec
+
+
+def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
+    kp = spec.kprobe
+    assert kp is not None
+    if not ctx.kernel.kprobes.available:
+        raise LoadFailure(
+            "Unsupported",
+            "Unsupported",
+            f"kprobe {kp.function}: this node's kernel ({ctx.kernel.release}) has no kprobes "
+            f"({ctx.kernel.kprobes.evidence}); use a tracepoint or syscall probe instead",
+        )
+    fn = "tk_kretprobe" if kp.return_ else "tk_kprobe"
+    body = (
+        f"int {fn}(struct pt_regs *ctx) {{\n"
+        "    if (!tk_admit())\n"
+        "        return 0;\n"
+        f"{emit(spec.output)}"
+        "    return 0;\n"
+        "}\n"
+    )
+    attach = Attachment("kretprobe" if kp.return_ else "kprobe", fn, kp.function)
+    return KindRender(body=body, attachments=(attach,))

@@ -1,0 +1,126 @@
+"""Spec -> BCC C text and an attach plan, checked against the running kernel first.
+
+The text is the prelude (c_prelude.h: filter, sampling, rate limit, outputs) with
+#defines that compile in only what this probe uses, then the probe kind's functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from pathlib import Path
+
+from tracekeeper_agent.kernel import FilterKind, LoadFailure, ProgramPlan
+from tracekeeper_agent.kernel_features import KernelFeatures, detect
+from tracekeeper_agent.probe_kinds import REGISTRY, BuildContext, KindRender
+from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
+
+PRELUDE = (Path(__file__).parent / "c_prelude.h").read_text()
+
+MAX_CGROUPS = 16384
+MAX_PIDS = 65536
+MAX_KEYS = 10240
+MAX_CGROUP_LEVEL = 16
+RING_PAGES = 512  # 2 MiB of ring buffer per events probe
+
+
+@cache
+def node_kernel() -> KernelFeatures:
+    return detect()
+
+
+def filter_kinds(targets: ProbeTargets) -> frozenset[FilterKind]:
+    """Only the filter kinds a probe uses are compiled in. Pods always bring the cgroup
+    filter, even with no pod on this node yet: an empty map matches nothing."""
+    kinds: set[FilterKind] = set()
+    if targets.pods or targets.cgroup_paths or not (targets.pids or targets.host_wide):
+        kinds.add("cgroup")
+    if targets.pids:
+        kinds.add("pid")
+    if targets.process_names:
+        kinds.add("comm")
+    if targets.host_wide:
+        kinds.discard("cgroup")
+    return frozenset(kinds)
+
+
+def _defines(assignment: ProbeAssignment, kinds: frozenset[FilterKind]) -> str:
+    spec, targets = assignment.spec, assignment.targets
+    out = spec.output
+    by = set(out.by) if out.kind != "events" else set()
+    values = {
+        "TK_FILTER_CGROUP": "cgroup" in kinds,
+        "TK_FILTER_PID": "pid" in kinds,
+        "TK_FILTER_COMM": "comm" in kinds,
+        "TK_FOLLOW_CHILDREN": targets.follow_children,
+        "TK_HOST_WIDE": targets.host_wide,
+        "TK_SAMPLING": spec.sampling,
+        "TK_OUTPUT_COUNT": out.kind == "count" or spec.program is not None,
+        "TK_OUTPUT_HISTOGRAM": out.kind == "histogram",
+        "TK_OUTPUT_EVENTS": out.kind == "events",
+        "TK_BY_CGROUP": bool(by & {"pod", "container"}),
+        "TK_BY_PID": "pid" in by,
+        "TK_BY_COMM": "comm" in by,
+        "TK_RATE_LIMIT": out.rate_limit or 0,
+        "TK_MAX_CGROUPS": MAX_CGROUPS,
+        "TK_MAX_PIDS": MAX_PIDS,
+        "TK_MAX_KEYS": MAX_KEYS,
+        "TK_MAX_LEVEL": MAX_CGROUP_LEVEL,
+        "TK_RING_PAGES": RING_PAGES,
+    }
+    return "".join(f"#define {k} {int(v)}\n" for k, v in values.items())
+
+
+def _event_struct(kind: KindRender) -> str:
+    members = "\n".join(f"    {d}" for d in kind.event_decls)
+    return (
+        "struct tk_event {\n"
+        "    u64 ts;\n"
+        "    u64 cgroup;\n"
+        "    u32 pid;\n"
+        "    u32 tid;\n"
+        "    char comm[TASK_COMM_LEN];\n"
+        f"{members}\n"
+        "};\n"
+    )
+
+
+def render_source(assignment: ProbeAssignment, ctx: BuildContext) -> tuple[str, KindRender]:
+    spec = assignment.spec
+    kind = REGISTRY[spec.attach_kind](spec, ctx)
+    kinds = filter_kinds(assignment.targets)
+    parts = [
+        f"/* tracekeeper probe {assignment.id} ({spec.attach_kind}, {spec.output.kind}) */\n",
+        _defines(assignment, kinds),
+        PRELUDE,
+        "\n",
+    ]
+    if spec.output.kind == "events":
+        parts.append(_event_struct(kind))
+    parts.append("\n" + kind.body)
+    return "".join(parts), kind
+
+
+def build_plan(assignment: ProbeAssignment, ctx: BuildContext | None = None) -> ProgramPlan:
+    """The plan to load for one assignment; LoadFailure when this kernel cannot do it."""
+    ctx = ctx or BuildContext(kernel=node_kernel(), allow_program=assignment.allow_program)
+    if not ctx.kernel.kernel_headers.available:
+        raise LoadFailure(
+            "KernelHeadersMissing",
+            "KernelHeadersMissing",
+            f"BCC needs kernel headers for {ctx.kernel.release}: "
+            f"{ctx.kernel.kernel_headers.evidence} "
+            "(install linux-headers and link /lib/modules/$(uname -r)/build)",
+        )
+    source, kind = render_source(assignment, ctx)
+    spec = assignment.spec
+    return ProgramPlan(
+        probe_id=assignment.id,
+        source=source,
+        attachments=kind.attachments,
+        filter_kinds=filter_kinds(assignment.targets),
+        output_kind=spec.output.kind,
+        by=tuple(spec.output.by) if spec.output.kind != "events" else (),
+        event_fields=kind.event_fields,
+        source_hash=hashlib.sha256(source.encode()).hexdigest()[:16],
+    )
