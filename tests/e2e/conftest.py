@@ -90,7 +90,7 @@ def crds(cluster: LocalCluster) -> list[str]:
     return names
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_namespace(cluster: LocalCluster) -> Callable[[str], str]:
     """Create a uniquely named namespace ``prefix-xxxxxx``. The cluster is thrown away at
     the end of the session, and no namespace controller runs to finalize a deletion, so
