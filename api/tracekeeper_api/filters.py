@@ -46,14 +46,15 @@ class TraceFilterSpec(WireModel):
             "x-kubernetes-validations": [
                 {
                     "rule": "!(has(self.hostWide) && self.hostWide) || (!has(self.podSelector)"
-                    " && !has(self.namespaceSelector) && size(self.pids) == 0"
-                    " && size(self.cgroupPaths) == 0)",
+                    " && !has(self.namespaceSelector)"
+                    " && (!has(self.pids) || size(self.pids) == 0)"
+                    " && (!has(self.cgroupPaths) || size(self.cgroupPaths) == 0))",
                     "message": "hostWide traces every process: it cannot be combined with "
                     "podSelector, namespaceSelector, pids or cgroupPaths",
                 },
                 {
                     "rule": "!(has(self.followChildren) && self.followChildren)"
-                    " || size(self.pids) > 0",
+                    " || (has(self.pids) && size(self.pids) > 0)",
                     "message": "followChildren needs pids",
                 },
             ]

@@ -208,12 +208,6 @@ def test_every_cel_rule_has_a_rejection_case() -> None:
     assert not uncovered, f"CEL rules without a case in MALFORMED: {uncovered}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="crds/ bug: the TraceFilter CEL rules call size(self.pids) and "
-    "size(self.cgroupPaths) without has(), so hostWide: true without them (its only valid "
-    "form) is refused with 'no such key: pids evaluating rule'. Drop this marker when fixed.",
-)
 @pytest.mark.parametrize(
     ("kind", "spec"),
     [
