@@ -330,11 +330,26 @@ class LocalCluster:
             )
         return res
 
-    def request(self, path: str, *, user: str = ADMIN, timeout: float = 5.0) -> tuple[int, str]:
-        """GET ``path`` from the apiserver as ``user``: (HTTP status, body)."""
+    def request(
+        self,
+        path: str,
+        *,
+        user: str = ADMIN,
+        method: str = "GET",
+        body: str | None = None,
+        content_type: str = "application/json",
+        timeout: float = 5.0,
+    ) -> tuple[int, str]:
+        """One HTTP request to the apiserver as ``user``: (HTTP status, response body)."""
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        headers = {"Authorization": f"Bearer {self.users[user].token}"}
+        if body is not None:
+            headers["Content-Type"] = content_type
         req = urllib.request.Request(
-            self.server + path, headers={"Authorization": f"Bearer {self.users[user].token}"}
+            self.server + path,
+            data=body.encode() if body is not None else None,
+            headers=headers,
+            method=method,
         )
         try:
             with urllib.request.urlopen(req, context=ctx, timeout=timeout) as resp:
