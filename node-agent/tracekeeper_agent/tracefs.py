@@ -1,0 +1,222 @@
+"""Tracepoints as tracefs describes them: existence, typed `format` fields, syscalls.
+
+The program builder validates a TraceProbe's captured fields against the running kernel
+with these, and picks how to read each one: a `const char *` of a syscall tracepoint is a
+user pointer (bpf_probe_read_user_str), a `__data_loc char[]` is a string stored in the
+record itself (BCC's TP_DATA_LOC_READ_STR), a `char comm[16]` is inline.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+DEFAULT_TRACEFS: tuple[Path, ...] = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+
+# Names come from users' TraceProbes and become paths: no separators, no dots.
+_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_FIELD_LINE = re.compile(
+    r"^\s*field:(?P<decl>[^;]*);\s*offset:(?P<offset>\d+);\s*size:(?P<size>\d+);"
+    r"(?:\s*signed:(?P<signed>\d+);)?"
+)
+_DECL = re.compile(r"^(?P<type>.*?)\s*\b(?P<name>[A-Za-z_]\w*)\s*(?:\[(?P<len>[^\]]*)\])?$")
+_QUALIFIERS = frozenset({"const", "volatile"})
+
+
+class TracefsError(Exception):
+    pass
+
+
+class TracefsNotFound(TracefsError):
+    pass
+
+
+class TracepointNotFound(TracefsError):
+    pass
+
+
+class FieldKind(StrEnum):
+    INTEGER = "integer"  # any scalar of size 1/2/4/8 (int, u64, pid_t, enums, ...)
+    POINTER = "pointer"
+    STRING_POINTER = "string_pointer"  # char *: user memory for syscalls, else kernel
+    CHAR_ARRAY = "char_array"  # inline fixed string, e.g. char comm[16]
+    ARRAY = "array"  # inline array of anything else
+    DATA_LOC_STRING = "data_loc_string"  # __data_loc char[]: offset/length word
+    DATA_LOC_ARRAY = "data_loc_array"
+    OTHER = "other"  # embedded structs and the like
+
+
+@dataclass(frozen=True, slots=True)
+class TracepointField:
+    name: str
+    c_type: str  # as declared, without the name or array suffix: "const char *"
+    offset: int
+    size: int  # bytes in the record; syscall args are 8 whatever c_type says
+    signed: bool
+    array_len: int | None  # None: not an array; 0: flexible or unknown length
+    kind: FieldKind
+    relative_loc: bool = False  # __rel_loc: offset relative to the field's end
+
+    @property
+    def is_common(self) -> bool:
+        """common_* header fields: not part of the tracepoint's own payload."""
+        return self.name.startswith("common_")
+
+    @property
+    def is_string(self) -> bool:
+        return self.kind in (
+            FieldKind.STRING_POINTER,
+            FieldKind.CHAR_ARRAY,
+            FieldKind.DATA_LOC_STRING,
+        )
+
+    @property
+    def int_type(self) -> str | None:
+        """The fixed-width type of an integer field as stored (s32, u64...), else None."""
+        if self.kind is not FieldKind.INTEGER:
+            return None
+        return f"{'s' if self.signed else 'u'}{self.size * 8}"
+
+
+@dataclass(frozen=True, slots=True)
+class TracepointFormat:
+    category: str
+    name: str
+    id: int
+    fields: tuple[TracepointField, ...]
+
+    @property
+    def tracepoint(self) -> str:
+        return f"{self.category}:{self.name}"
+
+    @property
+    def payload_fields(self) -> tuple[TracepointField, ...]:
+        return tuple(f for f in self.fields if not f.is_common)
+
+    @property
+    def user_pointers(self) -> bool:
+        """Pointer fields point to user memory (syscall arguments), not kernel memory."""
+        return self.category == "syscalls"
+
+    def field(self, name: str) -> TracepointField | None:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class SyscallTracepoints:
+    name: str
+    enter: bool
+    exit: bool
+
+
+def find_tracefs(candidates: Sequence[Path] = DEFAULT_TRACEFS) -> Path:
+    """The first candidate with an `events` directory (i.e. tracefs is mounted there)."""
+    for path in candidates:
+        if (path / "events").is_dir():
+            return path
+    tried = ", ".join(str(p) for p in candidates)
+    raise TracefsNotFound(f"tracefs is not mounted at any of: {tried}")
+
+
+def split_tracepoint(tracepoint: str) -> tuple[str, str]:
+    """'category:name' -> (category, name), refusing anything that is not a plain name."""
+    category, sep, name = tracepoint.partition(":")
+    if not sep or not _NAME.match(category) or not _NAME.match(name):
+        raise TracefsError(f"tracepoint {tracepoint!r} is not category:name")
+    return category, name
+
+
+def tracepoint_dir(tracepoint: str, *, tracefs: Path | None = None) -> Path:
+    category, name = split_tracepoint(tracepoint)
+    return (tracefs or find_tracefs()) / "events" / category / name
+
+
+def tracepoint_exists(tracepoint: str, *, tracefs: Path | None = None) -> bool:
+    return (tracepoint_dir(tracepoint, tracefs=tracefs) / "format").is_file()
+
+
+def read_format(tracepoint: str, *, tracefs: Path | None = None) -> TracepointFormat:
+    path = tracepoint_dir(tracepoint, tracefs=tracefs) / "format"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise TracepointNotFound(f"no tracepoint {tracepoint} in this kernel ({path})") from None
+    return parse_format(text, category=tracepoint.partition(":")[0])
+
+
+def parse_format(text: str, *, category: str) -> TracepointFormat:
+    """Parse a tracefs `format` file (which does not name its category)."""
+    header: dict[str, str] = {}
+    fields: list[TracepointField] = []
+    for line in text.splitlines():
+        if m := _FIELD_LINE.match(line):
+            fields.append(_parse_field(m))
+        elif ":" in line and not line.startswith((" ", "\t", "print fmt")):
+            key, _, value = line.partition(":")
+            header[key.strip()] = value.strip()
+    name = header.get("name")
+    if not name or "ID" not in header:
+        raise TracefsError("not a tracepoint format file (no name/ID header)")
+    return TracepointFormat(category, name, int(header["ID"]), tuple(fields))
+
+
+def _parse_field(m: re.Match[str]) -> TracepointField:
+    decl = m["decl"].strip()
+    d = _DECL.match(decl)
+    if d is None:
+        raise TracefsError(f"cannot parse tracepoint field declaration {decl!r}")
+    c_type, name = d["type"].strip(), d["name"]
+    array_len = None if d["len"] is None else _array_len(d["len"])
+    offset, size = int(m["offset"]), int(m["size"])
+    signed = m["signed"] == "1"
+    relative = c_type.startswith("__rel_loc ")
+    if c_type.startswith(("__data_loc ", "__rel_loc ")):
+        element = c_type.split(" ", 1)[1].removesuffix("[]").strip()
+        kind = FieldKind.DATA_LOC_STRING if _is_char(element) else FieldKind.DATA_LOC_ARRAY
+    elif array_len is not None:
+        kind = FieldKind.CHAR_ARRAY if _is_char(c_type) else FieldKind.ARRAY
+    elif "*" in c_type:
+        base = c_type.rsplit("*", 1)[0]
+        pointer_to_char = c_type.count("*") == 1 and _is_char(base)
+        kind = FieldKind.STRING_POINTER if pointer_to_char else FieldKind.POINTER
+    elif c_type.startswith(("struct ", "union ")) or size not in (1, 2, 4, 8):
+        kind = FieldKind.OTHER
+    else:
+        kind = FieldKind.INTEGER
+    return TracepointField(name, c_type, offset, size, signed, array_len, kind, relative)
+
+
+def _array_len(text: str) -> int:
+    text = text.strip()
+    return int(text) if text.isdigit() else 0
+
+
+def _is_char(c_type: str) -> bool:
+    words = [w for w in c_type.replace("*", " ").split() if w not in _QUALIFIERS]
+    return words == ["char"]
+
+
+def list_syscalls(*, tracefs: Path | None = None) -> dict[str, SyscallTracepoints]:
+    """Syscalls that have an enter and/or an exit tracepoint, by name."""
+    directory = (tracefs or find_tracefs()) / "events" / "syscalls"
+    enters: set[str] = set()
+    exits: set[str] = set()
+    try:
+        names = [p.name for p in directory.iterdir() if p.is_dir()]
+    except FileNotFoundError:
+        return {}
+    for entry in names:
+        if entry.startswith("sys_enter_"):
+            enters.add(entry.removeprefix("sys_enter_"))
+        elif entry.startswith("sys_exit_"):
+            exits.add(entry.removeprefix("sys_exit_"))
+    return {
+        name: SyscallTracepoints(name, name in enters, name in exits)
+        for name in sorted(enters | exits)
+    }
