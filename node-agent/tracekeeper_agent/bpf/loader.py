@@ -32,14 +32,6 @@ _TASK_COMM_LEN = 16
 _CFLAGS = ["-Wno-macro-redefined", "-Wno-unused-function"]
 
 
-class _Comm(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char * _TASK_COMM_LEN)]
-
-
-def _comm_key(name: str) -> _Comm:
-    return _Comm(name.encode()[: _TASK_COMM_LEN - 1])
-
-
 def _failure_reason(text: str) -> str:
     if re.search(r"Unable to find kernel headers|linux/kconfig.h.*not found", text):
         return "KernelHeadersMissing"
@@ -65,17 +57,22 @@ class BccProgram:
     def update_filter(self, entries: FilterEntries) -> None:
         kinds = self.plan.filter_kinds
         if "cgroup" in kinds:
-            sync_table(self._bpf["tk_cgroups"], entries.cgroups, key_of=ctypes.c_ulonglong)
-            bump_generation(self._bpf["tk_gen"])
+            sync_table(self._bpf[b"tk_cgroups"], entries.cgroups, key_of=ctypes.c_ulonglong)
+            bump_generation(self._bpf[b"tk_gen"])
         if "pid" in kinds:
             sync_table(
-                self._bpf["tk_pids"],
+                self._bpf[b"tk_pids"],
                 dict.fromkeys(entries.pids, 1),
                 key_of=ctypes.c_uint,
                 keep=lambda v: bool(v & KERNEL_OWNED),
             )
         if "comm" in kinds:
-            sync_table(self._bpf["tk_comms"], dict.fromkeys(entries.comms, 1), key_of=_comm_key)
+            comms = self._bpf[b"tk_comms"]
+            sync_table(
+                comms,
+                dict.fromkeys(entries.comms, 1),
+                key_of=lambda name: comms.Key(name.encode()[: _TASK_COMM_LEN - 1]),
+            )
 
     def _key(self, k: Any) -> SampleKey:
         by = self.plan.by
@@ -88,12 +85,12 @@ class BccProgram:
         )
 
     def _values(self) -> list[tuple[Any, int]]:
-        if self.plan.output_kind not in ("count", "histogram") and not self._has("tk_values"):
+        if self.plan.output_kind not in ("count", "histogram") and not self._has(b"tk_values"):
             return []
-        table = self._bpf["tk_values"]
+        table = self._bpf[b"tk_values"]
         return [(k, sum(int(x) for x in v)) for k, v in table.items()]
 
-    def _has(self, name: str) -> bool:
+    def _has(self, name: bytes) -> bool:
         try:
             self._bpf[name]
         except KeyError:
@@ -118,7 +115,7 @@ class BccProgram:
         return [HistogramSample(key, slots) for key, slots in buckets.items()]
 
     def read_counters(self) -> KernelCounters:
-        per_cpu = self._bpf["tk_counters"]
+        per_cpu = self._bpf[b"tk_counters"]
         sums = [sum(int(x) for x in per_cpu[ctypes.c_int(i)]) for i in range(5)]
         return KernelCounters(
             matched=sums[0],
@@ -129,12 +126,12 @@ class BccProgram:
         )
 
     def live_keys(self) -> int:
-        if not self._has("tk_values"):
+        if not self._has(b"tk_values"):
             return 0
-        return len(self._bpf["tk_values"])
+        return len(self._bpf[b"tk_values"])
 
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
-        e = self._bpf["tk_events"].event(data)
+        e = self._bpf[b"tk_events"].event(data)
         fields: dict[str, int | str] = {}
         for f in self.plan.event_fields:
             raw = getattr(e, f"f_{f.name}")
@@ -155,7 +152,7 @@ class BccProgram:
         if self.plan.output_kind != "events":
             return []
         if not self._ring_open:
-            self._bpf["tk_events"].open_ring_buffer(self._on_event)
+            self._bpf[b"tk_events"].open_ring_buffer(self._on_event)
             self._ring_open = True
         self._bpf.ring_buffer_poll(timeout_ms)
         batch, self._pending = self._pending, []
@@ -172,7 +169,7 @@ class BccLoader:
     def load(self, plan: ProgramPlan) -> BccProgram:
         with capture_fd2() as out:
             try:
-                bpf = BPF(text=plan.source, cflags=_CFLAGS)
+                bpf = BPF(text=plan.source.encode(), cflags=_CFLAGS)
             except Exception as exc:
                 bpf = None
                 error: Exception | None = exc
@@ -198,13 +195,17 @@ class BccLoader:
     def _attach(bpf: Any, plan: ProgramPlan) -> None:
         for a in plan.attachments:
             if a.kind == "uprobe":
-                bpf.attach_uprobe(name=a.binary, sym=a.target, fn_name=a.fn_name)
+                bpf.attach_uprobe(
+                    name=a.binary.encode(), sym=a.target.encode(), fn_name=a.fn_name.encode()
+                )
             elif a.kind == "uretprobe":
-                bpf.attach_uretprobe(name=a.binary, sym=a.target, fn_name=a.fn_name)
+                bpf.attach_uretprobe(
+                    name=a.binary.encode(), sym=a.target.encode(), fn_name=a.fn_name.encode()
+                )
             elif a.kind == "kprobe":
-                bpf.attach_kprobe(event=a.target, fn_name=a.fn_name)
+                bpf.attach_kprobe(event=a.target.encode(), fn_name=a.fn_name.encode())
             elif a.kind == "kretprobe":
-                bpf.attach_kretprobe(event=a.target, fn_name=a.fn_name)
+                bpf.attach_kretprobe(event=a.target.encode(), fn_name=a.fn_name.encode())
             # "auto": BCC attached TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE on construction
 
 
