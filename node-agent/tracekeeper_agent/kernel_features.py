@@ -17,6 +17,9 @@ from typing import Any
 from tracekeeper_agent.tracefs import TracefsNotFound, find_tracefs
 
 RING_BUFFER_SINCE = (5, 8)
+# BCC attaches through the *_EVENTS perf PMUs: the probe support alone is not enough.
+_KPROBES = ("KPROBES", "KPROBE_EVENTS")
+_UPROBES = ("UPROBES", "UPROBE_EVENTS")
 _RELEASE = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
 _UTS_RELEASE = re.compile(r'#define\s+UTS_RELEASE\s+"([^"]+)"')
 
@@ -107,8 +110,8 @@ def detect(
         release=release,
         version=version,
         config_source=source,
-        kprobes=_probe_check("KPROBES", config, source, pmu / "kprobe", tracefs, "kprobe_events"),
-        uprobes=_probe_check("UPROBES", config, source, pmu / "uprobe", tracefs, "uprobe_events"),
+        kprobes=_probe_check(_KPROBES, config, source, pmu / "kprobe", tracefs, "kprobe_events"),
+        uprobes=_probe_check(_UPROBES, config, source, pmu / "uprobe", tracefs, "uprobe_events"),
         tracepoints=_tracepoints(config, source, tracefs),
         btf=_btf(sysfs / "kernel/btf/vmlinux"),
         ring_buffer=_ring_buffer(release, version),
@@ -118,18 +121,21 @@ def detect(
     )
 
 
-def _config_check(option: str, config: dict[str, str], source: str | None) -> FeatureCheck | None:
-    key = f"CONFIG_{option}"
+def _config_check(
+    options: tuple[str, ...], config: dict[str, str], source: str | None
+) -> FeatureCheck | None:
     if source is None:
         return None
-    value = config.get(key, "n")
-    if value in ("y", "m"):
-        return FeatureCheck(True, f"{key}={value} in {source}")
-    return FeatureCheck(False, f"{key} is not set in {source}")
+    for option in options:
+        key = f"CONFIG_{option}"
+        if config.get(key, "n") not in ("y", "m"):
+            return FeatureCheck(False, f"{key} is not set in {source}")
+    found = ", ".join(f"CONFIG_{o}={config[f'CONFIG_{o}']}" for o in options)
+    return FeatureCheck(True, f"{found} in {source}")
 
 
 def _probe_check(
-    option: str,
+    options: tuple[str, ...],
     config: dict[str, str],
     source: str | None,
     pmu: Path,
@@ -138,7 +144,7 @@ def _probe_check(
 ) -> FeatureCheck:
     # The config is authoritative; without one, the perf PMU (what BCC attaches through)
     # or the tracefs control file is the next best sign.
-    if (check := _config_check(option, config, source)) is not None:
+    if (check := _config_check(options, config, source)) is not None:
         return check
     if pmu.is_dir():
         return FeatureCheck(True, f"{pmu} exists (no kernel config readable)")
@@ -149,7 +155,7 @@ def _probe_check(
 
 
 def _tracepoints(config: dict[str, str], source: str | None, tracefs: Path | None) -> FeatureCheck:
-    check = _config_check("TRACEPOINTS", config, source)
+    check = _config_check(("TRACEPOINTS",), config, source)
     if check is not None and not check.available:
         return check
     if tracefs is None:

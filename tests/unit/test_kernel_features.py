@@ -17,6 +17,7 @@ RELEASE = "6.18.44-fc-v657"
 CONFIG_NO_KPROBES = """\
 CONFIG_BPF_SYSCALL=y
 CONFIG_UPROBES=y
+CONFIG_UPROBE_EVENTS=y
 # CONFIG_KPROBES is not set
 CONFIG_TRACEPOINTS=y
 CONFIG_LOCALVERSION="-fc"
@@ -128,11 +129,19 @@ def test_without_config_runtime_signs_decide(machine: Machine) -> None:
 
 
 def test_boot_config_fallback(machine: Machine) -> None:
-    (machine.boot / f"config-{RELEASE}").write_text("CONFIG_KPROBES=y\n")
+    (machine.boot / f"config-{RELEASE}").write_text("CONFIG_KPROBES=y\nCONFIG_KPROBE_EVENTS=y\n")
     f = machine.detect()
     assert f.kprobes.available
+    assert f.kprobes.evidence.startswith("CONFIG_KPROBES=y, CONFIG_KPROBE_EVENTS=y in ")
     assert f.config_source == str(machine.boot / f"config-{RELEASE}")
     assert not f.uprobes.available
+
+
+def test_probes_without_their_perf_events_are_unusable(machine: Machine) -> None:
+    machine.config_gz("CONFIG_KPROBES=y\n# CONFIG_KPROBE_EVENTS is not set\n")
+    f = machine.detect()
+    assert not f.kprobes.available
+    assert "CONFIG_KPROBE_EVENTS is not set" in f.kprobes.evidence
 
 
 def test_old_kernel_has_no_ring_buffer(machine: Machine) -> None:
