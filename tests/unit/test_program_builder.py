@@ -1,0 +1,166 @@
+"""C rendering (golden text) and the builder's decisions, against a fake kernel.
+
+Regenerate the golden files after an intended change with
+    TRACEKEEPER_UPDATE_GOLDEN=1 pytest tests/unit/test_program_builder.py
+and review the diff: it is the C that will run in kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracekeeper_agent.kernel import LoadFailure
+from tracekeeper_agent.kernel_features import FeatureCheck, KernelFeatures
+from tracekeeper_agent.probe_kinds import BuildContext
+from tracekeeper_agent.program_builder import PRELUDE, build_plan, filter_kinds
+from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden"
+TRACEFS = HERE / "tracefs"  # format files copied from a 6.18 kernel
+
+YES = FeatureCheck(True, "test")
+KERNEL = KernelFeatures(
+    release="6.18.0-test",
+    version=(6, 18, 0),
+    config_source=None,
+    kprobes=FeatureCheck(False, "CONFIG_KPROBES is not set in the test config"),
+    uprobes=YES,
+    tracepoints=YES,
+    btf=YES,
+    ring_buffer=YES,
+    kernel_headers=YES,
+    headers_dir="/lib/modules/6.18.0-test/build",
+    headers_release="6.18.0-test",
+)
+CTX = BuildContext(kernel=KERNEL, tracefs=TRACEFS)
+PODS = {"pods": [{"uid": "0000-1", "namespace": "team-a", "name": "web-0"}]}
+
+
+def assignment(spec: dict[str, Any], targets: dict[str, Any] | None = None) -> ProbeAssignment:
+    return ProbeAssignment.model_validate(
+        {"id": "team-a/probe", "specHash": "0" * 16, "spec": spec, "targets": targets or PODS}
+    )
+
+
+CASES: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+    "tracepoint_count_by_pod": ({"tracepoint": "syscalls:sys_enter_openat"}, None),
+    "tracepoint_events_fields_rate": (
+        {
+            "tracepoint": "sched:sched_process_exec",
+            "output": {"kind": "events", "fields": ["filename", "pid"], "rateLimit": 50},
+        },
+        {**PODS, "processNames": ["nginx"]},
+    ),
+    "syscall_latency_histogram": (
+        {
+            "syscall": {"name": "read", "latency": True},
+            "output": {"kind": "histogram", "by": ["container", "comm"]},
+            "sampling": 10,
+        },
+        None,
+    ),
+    "raw_tracepoint_host_pids": (
+        {"rawTracepoint": "sched_switch", "output": {"by": ["pid"]}},
+        {"pids": [42], "followChildren": True},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rendered_c_matches_golden(name: str) -> None:
+    spec, targets = CASES[name]
+    # The shared prelude is the same text for every probe: golden files show what varies.
+    source = build_plan(assignment(spec, targets), CTX).source
+    assert source.count(PRELUDE) == 1
+    source = source.replace(PRELUDE, "/* ... c_prelude.h ... */\n")
+    golden = GOLDEN / f"{name}.c"
+    if os.environ.get("TRACEKEEPER_UPDATE_GOLDEN"):
+        golden.write_text(source)
+    assert source == golden.read_text()
+
+
+def test_only_used_filter_kinds_are_compiled_in() -> None:
+    assert filter_kinds(ProbeTargets.model_validate(PODS)) == {"cgroup"}
+    assert filter_kinds(ProbeTargets(pids=[1])) == {"pid"}
+    assert filter_kinds(ProbeTargets(host_wide=True, process_names=["x"])) == {"comm"}
+    assert filter_kinds(ProbeTargets(host_wide=True)) == frozenset()
+
+
+def test_no_targets_still_compiles_a_filter_that_matches_nothing() -> None:
+    """No pod on this node yet: never a program without a filter (that is hostWide)."""
+    plan = build_plan(assignment({"tracepoint": "syscalls:sys_enter_openat"}, {"pods": []}), CTX)
+    assert plan.filter_kinds == {"cgroup"}
+    assert "#define TK_HOST_WIDE 0" in plan.source
+    assert "#define TK_FILTER_CGROUP 1" in plan.source
+
+
+def test_kprobe_unsupported_names_the_kernel_and_evidence() -> None:
+    with pytest.raises(LoadFailure) as exc:
+        build_plan(assignment({"kprobe": {"function": "tcp_v4_connect"}}), CTX)
+    assert exc.value.state == "Unsupported"
+    assert exc.value.message.startswith("kprobe tcp_v4_connect: this node's kernel (6.18.0-test)")
+    assert "CONFIG_KPROBES is not set in the test config" in exc.value.message
+
+
+def test_kprobe_renders_where_supported() -> None:
+    ctx = dataclasses.replace(CTX, kernel=dataclasses.replace(KERNEL, kprobes=YES))
+    plan = build_plan(assignment({"kprobe": {"function": "tcp_v4_connect", "return": True}}), ctx)
+    (attach,) = plan.attachments
+    assert (attach.kind, attach.fn_name, attach.target) == (
+        "kretprobe",
+        "tk_kretprobe",
+        "tcp_v4_connect",
+    )
+    assert "int tk_kretprobe(struct pt_regs *ctx)" in plan.source
+
+
+def test_raw_program_needs_permission() -> None:
+    a = assignment({"program": {"source": "int x;"}})
+    with pytest.raises(LoadFailure) as exc:
+        build_plan(a, CTX)
+    assert exc.value.reason == "NotPermitted"
+    allowed = build_plan(a, dataclasses.replace(CTX, allow_program=True))
+    assert allowed.source.endswith("int x;\n")
+
+
+def test_missing_headers_are_reported_before_compiling() -> None:
+    no_headers = dataclasses.replace(
+        KERNEL, kernel_headers=FeatureCheck(False, "/lib/modules/6.18.0-test/build missing")
+    )
+    with pytest.raises(LoadFailure) as exc:
+        build_plan(
+            assignment({"tracepoint": "syscalls:sys_enter_openat"}), BuildContext(no_headers)
+        )
+    assert exc.value.state == "KernelHeadersMissing"
+    assert "/lib/modules/6.18.0-test/build missing" in exc.value.message
+
+
+def test_histogram_value_must_be_numeric() -> None:
+    spec = {
+        "tracepoint": "sched:sched_process_exec",
+        "output": {"kind": "histogram", "value": "filename"},
+    }
+    with pytest.raises(LoadFailure, match="a histogram needs a numeric field"):
+        build_plan(assignment(spec), CTX)
+
+
+def test_event_fields_describe_the_record() -> None:
+    spec, targets = CASES["tracepoint_events_fields_rate"]
+    plan = build_plan(assignment(spec, targets), CTX)
+    assert [(f.name, f.kind, f.size) for f in plan.event_fields] == [
+        ("filename", "str", 256),
+        ("pid", "int", 8),
+    ]
+
+
+def test_source_hash_follows_the_source() -> None:
+    a = build_plan(assignment({"tracepoint": "syscalls:sys_enter_openat"}), CTX)
+    b = build_plan(assignment({"tracepoint": "syscalls:sys_enter_openat", "sampling": 2}), CTX)
+    again = build_plan(assignment({"tracepoint": "syscalls:sys_enter_openat"}), CTX)
+    assert a.source_hash == again.source_hash != b.source_hash
