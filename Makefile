@@ -28,8 +28,9 @@ e2e:              ## real kube-apiserver + etcd (built from Go modules, cached)
 controlplane:     ## build kube-apiserver, etcd, kubectl from Go modules (cached by version)
 	bash tests/controlplane/build.sh
 
-# The README's test command. pytest exits 5 when it collected nothing: that fails too.
-test: lint
+# The README's test command: sets the machine up, lints, runs every tier.
+# pytest exits 5 when it collected nothing: that fails too.
+test: setup lint
 	$(PYTEST) tests -q -rs; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
 
