@@ -1,0 +1,71 @@
+"""tracefs on this machine: the formats the program builder validates against."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracekeeper_agent.tracefs import (
+    FieldKind,
+    TracepointNotFound,
+    find_tracefs,
+    list_syscalls,
+    parse_format,
+    read_format,
+    tracepoint_exists,
+)
+
+pytestmark = pytest.mark.kernel
+
+
+def test_openat_filename_is_a_user_string_pointer() -> None:
+    fmt = read_format("syscalls:sys_enter_openat")
+    assert fmt.user_pointers
+    filename = fmt.field("filename")
+    assert filename is not None
+    assert (filename.kind, filename.size) == (FieldKind.STRING_POINTER, 8)
+    assert [f.name for f in fmt.payload_fields] == [
+        "__syscall_nr",
+        "dfd",
+        "filename",
+        "flags",
+        "mode",
+    ]
+    flags = fmt.field("flags")
+    assert flags is not None
+    assert flags.kind is FieldKind.INTEGER
+
+
+def test_exec_filename_is_a_data_loc_string() -> None:
+    fmt = read_format("sched:sched_process_exec")
+    assert not fmt.user_pointers
+    filename = fmt.field("filename")
+    assert filename is not None
+    assert (filename.kind, filename.size) == (FieldKind.DATA_LOC_STRING, 4)
+    pid = fmt.field("pid")
+    assert pid is not None
+    assert pid.int_type == "s32"
+
+
+def test_every_format_on_this_kernel_parses() -> None:
+    events = find_tracefs() / "events"
+    formats = sorted(events.glob("*/*/format"))
+    assert len(formats) > 1000
+    for path in formats:
+        fmt = parse_format(path.read_text(), category=path.parent.parent.name)
+        assert fmt.name == path.parent.name
+        assert fmt.fields, path
+
+
+def test_exists() -> None:
+    assert tracepoint_exists("sched:sched_switch")
+    assert not tracepoint_exists("sched:no_such_event")
+    with pytest.raises(TracepointNotFound, match="no tracepoint nope:nope"):
+        read_format("nope:nope")
+
+
+def test_syscalls() -> None:
+    syscalls = list_syscalls()
+    assert syscalls["openat"].enter
+    assert syscalls["openat"].exit
+    assert syscalls["getppid"].exit
+    assert len(syscalls) > 300
