@@ -1,0 +1,231 @@
+"""Plain fakes of the agent's kernel seams, shared by the agent's unit tests."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracekeeper_agent.cgroups import CgroupOwner
+from tracekeeper_agent.kernel import (
+    CountSample,
+    FilterEntries,
+    FilterKind,
+    HistogramSample,
+    KernelCounters,
+    LoadFailure,
+    ProgramPlan,
+    RawEvent,
+)
+from tracekeeper_api.protocol import NodeState, ProbeAssignment
+
+UID_A = "11111111-aaaa-4000-8000-000000000001"
+UID_B = "22222222-bbbb-4000-8000-000000000002"
+CID_A = "a" * 64
+
+
+class FakeProgram:
+    def __init__(self, loader: FakeLoader, plan: ProgramPlan, ids: tuple[int, ...]) -> None:
+        self.loader = loader
+        self.plan = plan
+        self._ids = ids
+        self.filters: list[FilterEntries] = []
+        self.closed = False
+        self.counts: list[CountSample] = []
+        self.counters = KernelCounters()
+        self.events: queue.Queue[RawEvent] = queue.Queue()
+        self.fail_update: Exception | None = None
+
+    @property
+    def program_ids(self) -> tuple[int, ...]:
+        return self._ids
+
+    def update_filter(self, entries: FilterEntries) -> None:
+        assert not self.closed, "update_filter on a closed program"
+        if self.fail_update is not None:
+            raise self.fail_update
+        self.filters.append(entries)
+        self.loader.log.append(("update", self.plan.probe_id, self._ids))
+
+    def read_counts(self) -> list[CountSample]:
+        assert not self.closed
+        return list(self.counts)
+
+    def read_histograms(self) -> list[HistogramSample]:
+        return []
+
+    def read_counters(self) -> KernelCounters:
+        return self.counters
+
+    def live_keys(self) -> int:
+        return len(self.counts)
+
+    def poll_events(self, timeout_ms: int) -> list[RawEvent]:
+        assert not self.closed, "poll_events on a closed program"
+        try:
+            first = self.events.get(timeout=timeout_ms / 1000)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while not self.events.empty():
+            batch.append(self.events.get_nowait())
+        return batch
+
+    def close(self) -> None:
+        assert not self.closed, "closed twice"
+        self.closed = True
+        self.loader.log.append(("close", self.plan.probe_id, self._ids))
+
+    @property
+    def entries(self) -> FilterEntries:
+        return self.filters[-1] if self.filters else FilterEntries()
+
+
+class FakeLoader:
+    """Counts loads, gives each program fresh ids, fails on request, can block a load."""
+
+    def __init__(self) -> None:
+        self.programs: list[FakeProgram] = []
+        self.log: list[tuple[str, str, tuple[int, ...]]] = []
+        self.failures: dict[str, LoadFailure | Exception] = {}
+        self.gate: threading.Event | None = None
+        self.loading = threading.Event()
+        self._next_id = 100
+        self._lock = threading.Lock()
+        self.concurrent = 0
+        self.max_concurrent = 0
+
+    def load(self, plan: ProgramPlan) -> FakeProgram:
+        with self._lock:
+            self.concurrent += 1
+            self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            self.loading.set()
+            if self.gate is not None:
+                assert self.gate.wait(timeout=30), "gate never opened"
+            failure = self.failures.get(plan.probe_id)
+            if failure is not None:
+                self.log.append(("fail", plan.probe_id, ()))
+                raise failure
+            with self._lock:
+                ids = (self._next_id, self._next_id + 1)
+                self._next_id += 2
+            program = FakeProgram(self, plan, ids)
+            self.programs.append(program)
+            self.log.append(("load", plan.probe_id, ids))
+            return program
+        finally:
+            with self._lock:
+                self.concurrent -= 1
+
+    @property
+    def loads(self) -> int:
+        return sum(1 for op, _, _ in self.log if op == "load")
+
+    @property
+    def closes(self) -> int:
+        return sum(1 for op, _, _ in self.log if op == "close")
+
+    def live(self, probe_id: str) -> list[FakeProgram]:
+        return [p for p in self.programs if p.plan.probe_id == probe_id and not p.closed]
+
+    def only(self, probe_id: str) -> FakeProgram:
+        live = self.live(probe_id)
+        assert len(live) == 1, f"{probe_id}: {len(live)} live programs"
+        return live[0]
+
+
+def fake_build_plan(assignment: ProbeAssignment) -> ProgramPlan:
+    """A plan whose source changes with the spec hash only (as the real builder's does with
+    the spec), compiling the filter kinds the targets use."""
+    targets = assignment.targets
+    kinds: set[FilterKind] = set() if targets.host_wide else {"cgroup"}
+    if targets.pids:
+        kinds.add("pid")
+    if targets.process_names:
+        kinds.add("comm")
+    source = f"/* {assignment.id} */ program {assignment.spec_hash}"
+    return ProgramPlan(
+        probe_id=assignment.id,
+        source=source,
+        attachments=(),
+        filter_kinds=frozenset(kinds),
+        output_kind=assignment.spec.output.kind,
+        by=tuple(assignment.spec.output.by),
+        source_hash=f"h-{assignment.spec_hash}",
+    )
+
+
+@dataclass
+class FakeCgroups:
+    """A CgroupLookup over dicts; tests add and remove cgroups as kubelet would."""
+
+    pods: dict[str, int] = field(default_factory=dict)
+    containers: dict[tuple[str, str], int] = field(default_factory=dict)
+    paths: dict[str, int] = field(default_factory=dict)
+
+    def pod_cgroup_id(self, pod_uid: str) -> int | None:
+        return self.pods.get(pod_uid)
+
+    def container_cgroup_id(self, pod_uid: str, container_id: str) -> int | None:
+        return self.containers.get((pod_uid, container_id.rpartition("://")[2]))
+
+    def pod_container_ids(self, pod_uid: str) -> frozenset[str]:
+        return frozenset(cid for uid, cid in self.containers if uid == pod_uid)
+
+    def path_cgroup_id(self, path: str) -> int | None:
+        return self.paths.get(path)
+
+    def owner(self, cgroup_id: int) -> CgroupOwner | None:
+        for uid, cgid in self.pods.items():
+            if cgid == cgroup_id:
+                return CgroupOwner(uid, None)
+        for (uid, cid), cgid in self.containers.items():
+            if cgid == cgroup_id:
+                return CgroupOwner(uid, cid)
+        return None
+
+
+@dataclass
+class FakeProcesses:
+    children: dict[int, list[int]] = field(default_factory=dict)
+
+    def descendants(self, pids: Iterable[int]) -> frozenset[int]:
+        out: set[int] = set()
+        frontier = list(pids)
+        while frontier:
+            for child in self.children.get(frontier.pop(), []):
+                out.add(child)
+                frontier.append(child)
+        return frozenset(out)
+
+
+def pod(uid: str = UID_A, name: str = "web-0", **extra: Any) -> dict[str, Any]:
+    return {"uid": uid, "namespace": "team-a", "name": name, **extra}
+
+
+def probe(
+    name: str = "opens",
+    *,
+    spec_hash: str = "0000000000000001",
+    targets: dict[str, Any] | None = None,
+    suspend: bool = False,
+    output: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"tracepoint": "syscalls:sys_enter_openat"}
+    if suspend:
+        spec["suspend"] = True
+    if output is not None:
+        spec["output"] = output
+    return {
+        "id": f"team-a/{name}",
+        "specHash": spec_hash,
+        "spec": spec,
+        "targets": targets if targets is not None else {"pods": [pod()]},
+    }
+
+
+def node_state(revision: int, *probes: dict[str, Any], node: str = "node-1") -> NodeState:
+    return NodeState.model_validate({"node": node, "revision": revision, "probes": list(probes)})
