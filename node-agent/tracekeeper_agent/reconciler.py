@@ -1,0 +1,452 @@
+"""Desired NodeState -> programs in the kernel, through the ProgramLoader seam.
+
+Per probe: suspended -> unloaded; same program (plan key) -> filter map update only, the
+program stays attached and keeps its BPF ids; changed program -> the new one is loaded and
+its filter filled before the old one is closed (no gap); gone -> closed. One probe's failure
+never touches the others. Compiles run one at a time in a worker thread, so the event loop
+keeps serving the API and cgroup events meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tracekeeper_agent.active import ActiveProbe
+from tracekeeper_agent.kernel import LoadedProgram, LoadFailure, ProgramLoader, ProgramPlan
+from tracekeeper_agent.state_store import StateStore
+from tracekeeper_agent.targets import (
+    CgroupChanges,
+    CgroupLookup,
+    ProcessTable,
+    Resolution,
+    TargetAttributor,
+    needs_polling,
+    resolve_targets,
+)
+from tracekeeper_api.protocol import (
+    EventDrops,
+    KernelInfo,
+    NodeReport,
+    NodeState,
+    ProbeAssignment,
+    ProbeOutcome,
+    ProbeState,
+    truncate_message,
+)
+
+log = logging.getLogger(__name__)
+
+PlanBuilder = Callable[[ProbeAssignment], ProgramPlan]
+
+# Failures that recur for the same program: not retried (recompiled) on every push, only
+# when the program changes. Attach failures may be transient and are retried.
+DETERMINISTIC_REASONS = frozenset(
+    {"CompileFailed", "Unsupported", "KernelHeadersMissing", "InvalidSpec", "NotPermitted"}
+)
+
+
+class StateRefused(Exception):
+    """A desired state the agent does not apply at all (nothing of it is applied)."""
+
+    status = 400
+
+
+class WrongNode(StateRefused):
+    pass
+
+
+class StaleRevision(StateRefused):
+    status = 409
+
+    def __init__(self, message: str, applied_revision: int) -> None:
+        super().__init__(message)
+        self.applied_revision = applied_revision
+
+
+class ProgramReaders(Protocol):
+    """Readers of loaded programs in other threads (the EventHub's ring buffer pollers)."""
+
+    async def sync(self, probes: Sequence[ActiveProbe]) -> None:
+        """Read exactly `probes` from now on; return once programs not in it are no longer
+        read (they are closed right after)."""
+
+
+def check_revision(applied: NodeState | None, offered: NodeState) -> bool:
+    """True when `offered` is what is applied already (an idempotent retry); raises
+    StaleRevision for an older revision, or the same revision with other content."""
+    if applied is None:
+        return False  # no state yet (first start, or nothing persisted): take any revision
+    if offered.revision < applied.revision:
+        raise StaleRevision(
+            f"revision {offered.revision} is older than the applied revision "
+            f"{applied.revision}; send the full state with a higher revision",
+            applied.revision,
+        )
+    if offered.revision == applied.revision:
+        if offered == applied:
+            return True
+        raise StaleRevision(
+            f"revision {offered.revision} was already applied with different content; "
+            "send it with a higher revision",
+            applied.revision,
+        )
+    return False
+
+
+def plan_key(plan: ProgramPlan) -> str:
+    """What identifies a program: everything in the plan but the probe id. Attachments are
+    included because a uprobe's resolved binary can change while the C text does not."""
+    parts = (
+        plan.source_hash or plan.source,
+        repr(plan.attachments),
+        repr(sorted(plan.filter_kinds)),
+        plan.output_kind,
+        repr(plan.by),
+        repr(plan.event_fields),
+    )
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def check_confined(assignment: ProbeAssignment, plan: ProgramPlan) -> None:
+    """Refuse a plan that would trace every process although the probe is not host-wide:
+    without a cgroup or pid filter compiled in, empty maps would not mean 'nothing'."""
+    if assignment.targets.host_wide:
+        return
+    if not plan.filter_kinds & {"cgroup", "pid"}:
+        raise LoadFailure(
+            "Failed",
+            "Failed",
+            "refused: the program has no cgroup or pid filter but the probe is not host-wide "
+            f"(filter kinds: {sorted(plan.filter_kinds) or 'none'})",
+        )
+
+
+@dataclass
+class _Probe:
+    """What the agent has for one probe of the desired state."""
+
+    assignment: ProbeAssignment
+    state: ProbeState
+    reason: str
+    message: str = ""
+    active: ActiveProbe | None = None
+    key: str = ""
+    failed_key: str = ""
+    """Plan key of a deterministic failure: the same program is not tried again."""
+    resolution: Resolution = field(default_factory=Resolution)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        node: str,
+        loader: ProgramLoader,
+        build_plan: PlanBuilder,
+        cgroups: CgroupLookup,
+        processes: ProcessTable | None = None,
+        store: StateStore | None = None,
+        kernel: KernelInfo | None = None,
+        backlog_drops: Callable[[str], int] | None = None,
+        compile_observer: Callable[[float], None] | None = None,
+        boot_id: str | None = None,
+    ) -> None:
+        self.node = node
+        self.boot_id = boot_id or str(uuid.uuid4())
+        self.kernel = kernel or KernelInfo()
+        self.attributor = TargetAttributor(cgroups)
+        self.readers: list[ProgramReaders] = []
+        self.programs_lock = threading.Lock()
+        """Held while a program is closed; readers of kernel maps in other threads (the
+        metrics scrape) hold it too, so that they never read a program being freed."""
+        self._loader = loader
+        self._build_plan = build_plan
+        self._cgroups = cgroups
+        self._processes = processes
+        self._store = store
+        self._backlog_drops = backlog_drops
+        self._compile_observer = compile_observer
+        self._state: NodeState | None = None
+        self._probes: dict[str, _Probe] = {}
+        self._apply_lock = asyncio.Lock()
+        self._compile_lock = asyncio.Lock()
+        self._filter_lock = asyncio.Lock()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> NodeState | None:
+        return self._state
+
+    def active_probes(self) -> list[ActiveProbe]:
+        """The loaded programs now (a snapshot: exporters iterate it from other threads)."""
+        return [p.active for p in list(self._probes.values()) if p.active is not None]
+
+    def filter_entries(self, probe: ActiveProbe) -> int:
+        """Entries in the probe's filter maps (for the metrics collector)."""
+        record = self._probes.get(probe.id)
+        if record is None or record.active is not probe:
+            return 0
+        return record.resolution.entries.size
+
+    def report(self) -> NodeReport:
+        revision = self._state.revision if self._state else 0
+        return NodeReport(
+            node=self.node,
+            revision=revision,
+            boot_id=self.boot_id,
+            kernel=self.kernel,
+            probes=[self._outcome(p) for p in list(self._probes.values())],
+        )
+
+    def _outcome(self, probe: _Probe) -> ProbeOutcome:
+        message = probe.message
+        if probe.state == "Loaded" and not message:
+            message = probe.resolution.pending_message()
+        program_ids: list[int] = []
+        drops = EventDrops()
+        if probe.active is not None:
+            program_ids = list(probe.active.program.program_ids)
+            drops = self._drops(probe.active)
+        res = probe.resolution
+        return ProbeOutcome(
+            id=probe.assignment.id,
+            spec_hash=probe.assignment.spec_hash,
+            state=probe.state,
+            reason=probe.reason,
+            message=truncate_message(message),
+            program_ids=program_ids,
+            filter_entries=res.entries.size,
+            pods=res.pods,
+            containers=res.containers,
+            drops=drops,
+        )
+
+    def _drops(self, active: ActiveProbe) -> EventDrops:
+        backlog = self._backlog_drops(active.id) if self._backlog_drops else 0
+        try:
+            counters = active.program.read_counters()
+        except Exception:  # a report must not fail because one map read did
+            log.exception("reading the counters of %s", active.id)
+            return EventDrops(backlog=backlog)
+        return EventDrops(
+            rate_limited=counters.rate_limited, ring_full=counters.ring_full, backlog=backlog
+        )
+
+    # --- applying --------------------------------------------------------------------------
+
+    async def apply(self, state: NodeState) -> NodeReport:
+        """Make the kernel hold `state`. Raises StateRefused (nothing applied) for a state
+        meant for another node or an outdated revision; per-probe failures are outcomes."""
+        async with self._apply_lock:
+            if state.node != self.node:
+                raise WrongNode(f"this agent serves node {self.node!r}, not {state.node!r}")
+            if check_revision(self._state, state):
+                return self.report()
+            if self._store is not None:
+                # Persisted before the kernel work: a crash midway resumes this state.
+                await asyncio.to_thread(self._store.save, state)
+            self._state = state
+            self.attributor.set_targets(state.probes)
+            desired = {a.id for a in state.probes}
+            for gone in [pid for pid in self._probes if pid not in desired]:
+                await self._close(self._probes.pop(gone))
+            plans = {a.id: self._plan(a) for a in state.probes if not a.spec.suspend}
+            for assignment in state.probes:
+                await self._apply_probe(assignment, plans.get(assignment.id))
+            # Report in the order of the desired state.
+            self._probes = {a.id: self._probes[a.id] for a in state.probes}
+            await self._sync_readers()  # new programs get their readers
+            return self.report()
+
+    def _plan(self, assignment: ProbeAssignment) -> ProgramPlan | LoadFailure:
+        try:
+            plan = self._build_plan(assignment)
+            check_confined(assignment, plan)
+        except LoadFailure as failure:
+            return failure
+        except Exception as exc:  # a builder bug must not take down the other probes
+            log.exception("building the program of %s", assignment.id)
+            return LoadFailure("Failed", "Failed", f"building the program failed: {exc}")
+        return plan
+
+    async def _apply_probe(
+        self, assignment: ProbeAssignment, built: ProgramPlan | LoadFailure | None
+    ) -> None:
+        current = self._probes.get(assignment.id)
+        if built is None:  # suspended
+            await self._replace(
+                assignment.id, current, _Probe(assignment, "Suspended", "Suspended", "suspended")
+            )
+            return
+        if isinstance(built, LoadFailure):
+            await self._replace(assignment.id, current, _failed(assignment, built))
+            return
+        key = plan_key(built)
+        if current is not None and current.active is not None and current.key == key:
+            await self._update_targets(current, assignment)
+            return
+        if current is not None and current.active is None and current.failed_key == key:
+            current.assignment = assignment  # the same program failed already: not again
+            return
+        loaded = await self._load(built)
+        if isinstance(loaded, LoadFailure):
+            await self._replace(assignment.id, current, _failed(assignment, loaded, key))
+            return
+        fresh = _Probe(assignment, "Loaded", "Loaded", key=key)
+        fresh.active = ActiveProbe(assignment=assignment, plan=built, program=loaded)
+        async with self._filter_lock:
+            try:
+                await self._fill(fresh, force=True)
+            except Exception as exc:
+                log.exception("filling the filter of %s", assignment.id)
+                await self._close_program(loaded)
+                broken = LoadFailure("Failed", "Failed", f"filter update failed: {exc}")
+                await self._replace(assignment.id, current, _failed(assignment, broken))
+                return
+        # Only now that the new program is attached and filtered does the old one go.
+        await self._replace(assignment.id, current, fresh)
+
+    async def _load(self, plan: ProgramPlan) -> LoadedProgram | LoadFailure:
+        async with self._compile_lock:
+            started = time.perf_counter()
+            try:
+                return await asyncio.to_thread(self._loader.load, plan)
+            except LoadFailure as failure:
+                return failure
+            except Exception as exc:  # a loader bug fails this probe, not the others
+                log.exception("loading the program of %s", plan.probe_id)
+                return LoadFailure("Failed", "Failed", f"loading the program failed: {exc}")
+            finally:
+                if self._compile_observer is not None:
+                    self._compile_observer(time.perf_counter() - started)
+
+    async def _update_targets(self, probe: _Probe, assignment: ProbeAssignment) -> None:
+        async with self._filter_lock:
+            probe.assignment = assignment
+            assert probe.active is not None
+            probe.active.assignment = assignment
+            try:
+                await self._fill(probe)
+            except Exception as exc:
+                await self._fail_closed(probe, exc)
+
+    async def _fill(self, probe: _Probe, *, force: bool = False) -> None:
+        """Resolve the probe's targets and put them in its filter maps if they changed.
+        Caller holds the filter lock, so the recorded resolution is what the kernel has."""
+        assert probe.active is not None
+        resolution = resolve_targets(probe.assignment.targets, self._cgroups, self._processes)
+        if force or resolution.entries != probe.resolution.entries:
+            await asyncio.to_thread(probe.active.program.update_filter, resolution.entries)
+        probe.resolution = resolution
+
+    async def _fail_closed(self, probe: _Probe, exc: Exception) -> None:
+        """A program whose filter could not be updated may trace whom it no longer should:
+        close it rather than keep it with stale entries."""
+        log.error("filter update of %s failed, closing it: %s", probe.assignment.id, exc)
+        active, probe.active = probe.active, None
+        probe.state, probe.reason = "Failed", "Failed"
+        probe.message = f"filter update failed: {exc}"
+        probe.key = ""
+        probe.resolution = Resolution()
+        if active is not None:
+            await self._stop(active)
+
+    async def _replace(self, probe_id: str, old: _Probe | None, new: _Probe) -> None:
+        self._probes[probe_id] = new
+        if old is not None and old.active is not None and old.active is not new.active:
+            await self._stop(old.active)
+
+    async def _close(self, probe: _Probe) -> None:
+        if probe.active is not None:
+            active, probe.active = probe.active, None
+            await self._stop(active)
+
+    async def _stop(self, active: ActiveProbe) -> None:
+        """Close a program that is no longer in the probe table, once nothing reads it."""
+        await self._sync_readers()
+        await self._close_program(active.program)
+
+    async def _sync_readers(self) -> None:
+        probes = self.active_probes()
+        for readers in self.readers:
+            try:
+                await readers.sync(probes)
+            except Exception:
+                log.exception("syncing the readers of loaded programs failed")
+
+    async def _close_program(self, program: LoadedProgram) -> None:
+        def close() -> None:
+            with self.programs_lock:
+                program.close()
+
+        try:
+            await asyncio.to_thread(close)
+        except Exception:
+            log.exception("closing a program failed")
+
+    # --- cgroup and process changes -----------------------------------------------------------
+
+    async def refresh_targets(self, changes: CgroupChanges | None = None) -> int:
+        """Re-resolve targets after cgroup changes (None: the periodic poll of probes whose
+        targets can change unseen). Filter updates only. Returns the probes updated."""
+        updated = 0
+        async with self._filter_lock:
+            for probe in list(self._probes.values()):
+                if probe.active is None:
+                    continue
+                targets = probe.assignment.targets
+                if changes is None:
+                    if not needs_polling(targets, probe.resolution):
+                        continue
+                elif not changes.concerns(targets):
+                    continue
+                before = probe.resolution.entries
+                try:
+                    await self._fill(probe)
+                except Exception as exc:
+                    await self._fail_closed(probe, exc)
+                    continue
+                updated += probe.resolution.entries != before
+        return updated
+
+    async def restore(self) -> NodeState | None:
+        """Re-apply the persisted state at start, before the operator pushes again. A state
+        that does not fit (another node's) is left for the operator's push to replace."""
+        if self._store is None:
+            return None
+        state = await asyncio.to_thread(self._store.load)
+        if state is None:
+            return None
+        try:
+            # Revision-checked: a push that came first (and was persisted) is not undone.
+            await self.apply(state)
+        except StateRefused as exc:
+            log.warning("not resuming the persisted state: %s", exc)
+            return None
+        return state
+
+    async def close(self) -> None:
+        """Detach every program (agent shutdown)."""
+        async with self._apply_lock:
+            for probe in list(self._probes.values()):
+                await self._close(probe)
+
+
+def _failed(assignment: ProbeAssignment, failure: LoadFailure, key: str = "") -> _Probe:
+    deterministic = failure.reason in DETERMINISTIC_REASONS
+    return _Probe(
+        assignment,
+        failure.state,
+        failure.reason,
+        failure.message,
+        failed_key=key if deterministic else "",
+    )

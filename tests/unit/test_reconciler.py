@@ -1,0 +1,425 @@
+"""The reconciler against a fake loader: filter-only updates, no-gap replacement, isolation
+of failures, suspend, revisions, cgroup-driven refreshes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.unit.agent_fakes import (
+    UID_A,
+    UID_B,
+    FakeCgroups,
+    FakeLoader,
+    FakeProcesses,
+    fake_build_plan,
+    node_state,
+    pod,
+    probe,
+)
+from tracekeeper_agent.active import ActiveProbe
+from tracekeeper_agent.kernel import KernelCounters, LoadFailure, ProgramPlan
+from tracekeeper_agent.reconciler import (
+    Reconciler,
+    StaleRevision,
+    WrongNode,
+    check_revision,
+    plan_key,
+)
+from tracekeeper_agent.state_store import StateStore
+from tracekeeper_agent.targets import CgroupChanges
+from tracekeeper_api.protocol import NodeReport, ProbeAssignment, ProbeOutcome
+
+
+def make(
+    loader: FakeLoader | None = None,
+    cgroups: FakeCgroups | None = None,
+    **kwargs: Any,
+) -> tuple[Reconciler, FakeLoader, FakeCgroups]:
+    loader = loader or FakeLoader()
+    cgroups = cgroups if cgroups is not None else FakeCgroups(pods={UID_A: 500, UID_B: 600})
+    kwargs.setdefault("build_plan", fake_build_plan)
+    reconciler = Reconciler(node="node-1", loader=loader, cgroups=cgroups, **kwargs)
+    return reconciler, loader, cgroups
+
+
+def outcome(report: NodeReport, name: str = "opens") -> ProbeOutcome:
+    (found,) = [p for p in report.probes if p.id == f"team-a/{name}"]
+    return found
+
+
+async def test_load_reports_program_ids_and_entries() -> None:
+    reconciler, loader, _ = make()
+    report = await reconciler.apply(node_state(1, probe()))
+    result = outcome(report)
+    assert (result.state, result.reason) == ("Loaded", "Loaded")
+    program = loader.only("team-a/opens")
+    assert result.program_ids == list(program.program_ids)
+    assert dict(program.entries.cgroups) == {500: 1}
+    assert (result.filter_entries, result.pods) == (1, 1)
+    assert report.node == "node-1" and report.revision == 1 and report.boot_id
+
+
+async def test_same_hash_new_targets_updates_the_filter_only() -> None:
+    reconciler, loader, _ = make()
+    first = outcome(await reconciler.apply(node_state(1, probe())))
+    two_pods = {"pods": [pod(), pod(UID_B, "web-1")]}
+    second = outcome(await reconciler.apply(node_state(2, probe(targets=two_pods))))
+    assert loader.loads == 1 and loader.closes == 0
+    assert second.program_ids == first.program_ids
+    program = loader.only("team-a/opens")
+    assert dict(program.entries.cgroups) == {500: 1, 600: 1}
+    assert second.filter_entries == 2
+    assert len(program.filters) == 2
+
+
+async def test_unchanged_entries_are_not_rewritten() -> None:
+    reconciler, loader, _ = make()
+    await reconciler.apply(node_state(1, probe()))
+    await reconciler.apply(node_state(2, probe(), probe("other")))
+    assert len(loader.only("team-a/opens").filters) == 1
+
+
+async def test_changed_spec_loads_the_new_program_before_closing_the_old() -> None:
+    reconciler, loader, _ = make()
+    first = outcome(await reconciler.apply(node_state(1, probe())))
+    second = outcome(await reconciler.apply(node_state(2, probe(spec_hash="0000000000000002"))))
+    assert second.program_ids != first.program_ids
+    old_ids, new_ids = tuple(first.program_ids), tuple(second.program_ids)
+    ops = [(op, ids) for op, _, ids in loader.log]
+    assert ops.index(("load", new_ids)) < ops.index(("update", new_ids))
+    assert ops.index(("update", new_ids)) < ops.index(("close", old_ids))
+    assert loader.only("team-a/opens").program_ids == new_ids
+
+
+async def test_removed_probe_is_closed() -> None:
+    reconciler, loader, _ = make()
+    await reconciler.apply(node_state(1, probe(), probe("other")))
+    report = await reconciler.apply(node_state(2, probe("other")))
+    assert [p.id for p in report.probes] == ["team-a/other"]
+    assert loader.live("team-a/opens") == []
+    assert loader.closes == 1
+
+
+async def test_a_load_failure_leaves_the_other_probes_loaded() -> None:
+    loader = FakeLoader()
+    loader.failures["team-a/bad"] = LoadFailure("Failed", "CompileFailed", "error: oops")
+    loader.failures["team-a/crash"] = RuntimeError("loader bug")
+    reconciler, _, _ = make(loader)
+    report = await reconciler.apply(node_state(1, probe(), probe("bad"), probe("crash")))
+    assert outcome(report).state == "Loaded"
+    bad = outcome(report, "bad")
+    assert (bad.state, bad.reason, bad.message) == ("Failed", "CompileFailed", "error: oops")
+    assert bad.program_ids == [] and bad.filter_entries == 0
+    crash = outcome(report, "crash")
+    assert (crash.state, crash.reason) == ("Failed", "Failed")
+    assert "loader bug" in crash.message
+
+
+async def test_builder_failures_are_outcomes() -> None:
+    def build(assignment: ProbeAssignment) -> ProgramPlan:
+        if assignment.name == "kprobe":
+            raise LoadFailure("Unsupported", "Unsupported", "CONFIG_KPROBES is not set")
+        if assignment.name == "buggy":
+            raise KeyError("oops")
+        return fake_build_plan(assignment)
+
+    reconciler, loader, _ = make(build_plan=build)
+    report = await reconciler.apply(node_state(1, probe(), probe("kprobe"), probe("buggy")))
+    assert outcome(report).state == "Loaded"
+    assert outcome(report, "kprobe").state == "Unsupported"
+    assert outcome(report, "kprobe").message == "CONFIG_KPROBES is not set"
+    assert outcome(report, "buggy").state == "Failed"
+    assert loader.loads == 1
+
+
+async def test_a_deterministic_failure_is_not_recompiled_until_the_spec_changes() -> None:
+    loader = FakeLoader()
+    loader.failures["team-a/opens"] = LoadFailure("Failed", "CompileFailed", "error: x")
+    reconciler, _, _ = make(loader)
+    await reconciler.apply(node_state(1, probe()))
+    await reconciler.apply(node_state(2, probe(targets={"pods": [pod(UID_B, "web-1")]})))
+    assert [op for op, _, _ in loader.log] == ["fail"]
+    del loader.failures["team-a/opens"]
+    report = await reconciler.apply(node_state(3, probe(spec_hash="0000000000000002")))
+    assert outcome(report).state == "Loaded"
+
+
+async def test_attach_failures_are_retried_on_the_next_push() -> None:
+    loader = FakeLoader()
+    loader.failures["team-a/opens"] = LoadFailure("Failed", "AttachFailed", "no such file")
+    reconciler, _, _ = make(loader)
+    await reconciler.apply(node_state(1, probe()))
+    del loader.failures["team-a/opens"]
+    report = await reconciler.apply(node_state(2, probe()))
+    assert outcome(report).state == "Loaded"
+
+
+async def test_a_failed_replacement_closes_the_old_program() -> None:
+    # The user asked for something else: the old program must not keep running.
+    reconciler, loader, _ = make()
+    await reconciler.apply(node_state(1, probe()))
+    loader.failures["team-a/opens"] = LoadFailure("Failed", "CompileFailed", "error: y")
+    report = await reconciler.apply(node_state(2, probe(spec_hash="0000000000000002")))
+    assert outcome(report).state == "Failed"
+    assert loader.live("team-a/opens") == []
+
+
+async def test_suspend_unloads_and_resume_loads_again() -> None:
+    reconciler, loader, _ = make()
+    await reconciler.apply(node_state(1, probe()))
+    suspended = outcome(await reconciler.apply(node_state(2, probe(suspend=True))))
+    assert (suspended.state, suspended.reason) == ("Suspended", "Suspended")
+    assert suspended.program_ids == [] and loader.live("team-a/opens") == []
+    resumed = outcome(await reconciler.apply(node_state(3, probe())))
+    assert resumed.state == "Loaded" and loader.loads == 2
+
+
+async def test_a_plan_without_cgroup_or_pid_filter_is_refused_unless_host_wide() -> None:
+    def unconfined(assignment: ProbeAssignment) -> ProgramPlan:
+        plan = fake_build_plan(assignment)
+        return ProgramPlan(**{**plan.__dict__, "filter_kinds": frozenset({"comm"})})
+
+    reconciler, loader, _ = make(build_plan=unconfined)
+    report = await reconciler.apply(
+        node_state(
+            1,
+            probe(targets={"processNames": ["nginx"]}),
+            probe("host", targets={"hostWide": True, "processNames": ["nginx"]}),
+        )
+    )
+    refused = outcome(report)
+    assert refused.state == "Failed" and "not host-wide" in refused.message
+    assert outcome(report, "host").state == "Loaded"
+    assert [p.plan.probe_id for p in loader.programs] == ["team-a/host"]
+
+
+async def test_a_probe_whose_pods_have_no_cgroup_has_empty_maps() -> None:
+    reconciler, loader, _ = make(cgroups=FakeCgroups())
+    result = outcome(await reconciler.apply(node_state(1, probe())))
+    assert result.state == "Loaded" and result.filter_entries == 0
+    assert loader.only("team-a/opens").entries.size == 0
+    assert result.message == "waiting for the cgroups of pod team-a/web-0"
+
+
+# --- revisions ------------------------------------------------------------------------------
+
+
+def test_check_revision() -> None:
+    applied = node_state(5, probe())
+    assert check_revision(None, node_state(0, probe())) is False
+    assert check_revision(applied, node_state(5, probe())) is True
+    assert check_revision(applied, node_state(6, probe())) is False
+    with pytest.raises(StaleRevision, match="older than the applied revision 5") as info:
+        check_revision(applied, node_state(4, probe()))
+    assert info.value.applied_revision == 5
+    with pytest.raises(StaleRevision, match="different content"):
+        check_revision(applied, node_state(5, probe("other")))
+
+
+async def test_stale_revision_changes_nothing() -> None:
+    reconciler, loader, _ = make()
+    await reconciler.apply(node_state(5, probe()))
+    with pytest.raises(StaleRevision):
+        await reconciler.apply(node_state(4))
+    assert reconciler.report().revision == 5
+    assert loader.live("team-a/opens")
+
+
+async def test_same_revision_same_content_is_idempotent() -> None:
+    reconciler, loader, _ = make()
+    first = await reconciler.apply(node_state(3, probe()))
+    again = await reconciler.apply(node_state(3, probe()))
+    assert again == first
+    assert loader.loads == 1 and len(loader.only("team-a/opens").filters) == 1
+
+
+async def test_a_state_for_another_node_is_refused() -> None:
+    reconciler, loader, _ = make()
+    with pytest.raises(WrongNode, match="node-1"):
+        await reconciler.apply(node_state(1, probe(), node="node-2"))
+    assert reconciler.state is None and loader.loads == 0
+
+
+# --- cgroup changes and polling ---------------------------------------------------------------
+
+
+async def test_a_pending_pod_is_added_when_its_cgroup_appears() -> None:
+    reconciler, loader, cgroups = make(cgroups=FakeCgroups())
+    first = outcome(await reconciler.apply(node_state(1, probe())))
+    cgroups.pods[UID_A] = 777
+    updated = await reconciler.refresh_targets(CgroupChanges(pod_uids=frozenset({UID_A})))
+    assert updated == 1
+    program = loader.only("team-a/opens")
+    assert dict(program.entries.cgroups) == {777: 1}
+    after = outcome(reconciler.report())
+    assert after.program_ids == first.program_ids and after.filter_entries == 1
+    assert after.message == "" and loader.loads == 1
+
+
+async def test_changes_of_other_pods_do_not_touch_the_probe() -> None:
+    reconciler, loader, cgroups = make()
+    await reconciler.apply(node_state(1, probe()))
+    cgroups.pods[UID_A] = 501  # would change the entry, but the event names another pod
+    assert await reconciler.refresh_targets(CgroupChanges(pod_uids=frozenset({UID_B}))) == 0
+    assert len(loader.only("team-a/opens").filters) == 1
+
+
+async def test_polling_follows_children_and_cgroup_paths() -> None:
+    processes = FakeProcesses()
+    reconciler, loader, cgroups = make(processes=processes)
+    targets = {"pids": [10], "followChildren": True, "cgroupPaths": ["/system.slice/a.service"]}
+    await reconciler.apply(node_state(1, probe(targets=targets), probe("pods")))
+    processes.children[10] = [11]
+    cgroups.paths["/system.slice/a.service"] = 42
+    assert await reconciler.refresh_targets() == 1  # the pod probe needs no polling
+    entries = loader.only("team-a/opens").entries
+    assert entries.pids == {10, 11} and dict(entries.cgroups) == {42: 1}
+    assert len(loader.only("team-a/pods").filters) == 1
+
+
+async def test_a_failed_filter_update_closes_the_program() -> None:
+    reconciler, loader, cgroups = make()
+    await reconciler.apply(node_state(1, probe(), probe("other")))
+    loader.only("team-a/opens").fail_update = OSError("map full")
+    cgroups.pods[UID_A] = 501
+    await reconciler.refresh_targets(CgroupChanges(everything=True))
+    result = outcome(reconciler.report())
+    assert result.state == "Failed" and "map full" in result.message
+    assert loader.live("team-a/opens") == []
+    assert outcome(reconciler.report(), "other").state == "Loaded"
+    # The next push tries again, with a new program.
+    report = await reconciler.apply(node_state(2, probe(), probe("other")))
+    assert outcome(report).state == "Loaded"
+
+
+# --- threads, readers, reports -----------------------------------------------------------------
+
+
+async def test_compiles_run_off_the_loop_one_at_a_time() -> None:
+    loader = FakeLoader()
+    loader.gate = threading.Event()
+    reconciler, _, _ = make(loader)
+    first = asyncio.create_task(reconciler.apply(node_state(1, probe(), probe("b"))))
+    second = asyncio.create_task(reconciler.apply(node_state(2, probe(), probe("b"), probe("c"))))
+    assert await asyncio.to_thread(loader.loading.wait, 10)
+    # The loop still serves while a compile blocks its worker thread.
+    assert reconciler.report().probes == []
+    assert await reconciler.refresh_targets() == 0
+    loader.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
+    assert loader.max_concurrent == 1
+    assert loader.loads == 3
+    assert outcome(reconciler.report(), "c").state == "Loaded"
+
+
+async def test_compile_times_are_observed() -> None:
+    seconds: list[float] = []
+    reconciler, _, _ = make(compile_observer=seconds.append)
+    await reconciler.apply(node_state(1, probe(), probe("b")))
+    assert len(seconds) == 2 and all(s >= 0 for s in seconds)
+
+
+class RecordingReaders:
+    """Checks what an EventHub relies on: it is synced before a program closes."""
+
+    def __init__(self) -> None:
+        self.synced: list[list[tuple[int, ...]]] = []
+
+    async def sync(self, probes: Sequence[ActiveProbe]) -> None:
+        for p in probes:
+            assert not getattr(p.program, "closed", False), "a closed program is still read"
+        self.synced.append([tuple(p.program.program_ids) for p in probes])
+
+
+async def test_readers_let_go_of_a_program_before_it_closes() -> None:
+    reconciler, loader, _ = make()
+    readers = RecordingReaders()
+    reconciler.readers.append(readers)
+    first = outcome(await reconciler.apply(node_state(1, probe())))
+    assert readers.synced[-1] == [tuple(first.program_ids)]
+    await reconciler.apply(node_state(2, probe(spec_hash="0000000000000002")))
+    new_ids = loader.only("team-a/opens").program_ids
+    assert [tuple(first.program_ids)] not in readers.synced[1:]
+    assert readers.synced[-1] == [new_ids]
+    await reconciler.apply(node_state(3))
+    assert readers.synced[-1] == []
+
+
+async def test_report_carries_drops_and_counts() -> None:
+    reconciler, loader, _ = make(backlog_drops=lambda probe_id: 7)
+    await reconciler.apply(node_state(1, probe()))
+    loader.only("team-a/opens").counters = KernelCounters(rate_limited=3, ring_full=2)
+    drops = outcome(reconciler.report()).drops
+    assert (drops.rate_limited, drops.ring_full, drops.backlog) == (3, 2, 7)
+    active = reconciler.active_probes()
+    assert [p.id for p in active] == ["team-a/opens"]
+    assert reconciler.filter_entries(active[0]) == 1
+    assert reconciler.attributor.identify(500) is not None
+
+
+async def test_report_follows_the_desired_order() -> None:
+    reconciler, _, _ = make()
+    await reconciler.apply(node_state(1, probe("b"), probe("a")))
+    report = await reconciler.apply(node_state(2, probe("a"), probe("c"), probe("b")))
+    assert [p.id for p in report.probes] == ["team-a/a", "team-a/c", "team-a/b"]
+
+
+async def test_close_detaches_everything() -> None:
+    reconciler, loader, _ = make()
+    await reconciler.apply(node_state(1, probe(), probe("b")))
+    await reconciler.close()
+    assert loader.closes == 2 and reconciler.active_probes() == []
+
+
+def test_plan_key_covers_attachments() -> None:
+    from tracekeeper_agent.kernel import Attachment
+
+    plan = fake_build_plan(ProbeAssignment.model_validate(probe()))
+    moved = ProgramPlan(
+        **{**plan.__dict__, "attachments": (Attachment("uprobe", "f", "sym", "/a"),)}
+    )
+    assert plan_key(plan) != plan_key(moved)
+    renamed = ProgramPlan(**{**plan.__dict__, "probe_id": "team-a/x"})
+    assert plan_key(plan) == plan_key(renamed)
+
+
+# --- persistence ---------------------------------------------------------------------------------
+
+
+async def test_a_restarted_agent_resumes_the_persisted_state(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    reconciler, _, _ = make(store=store)
+    await reconciler.apply(node_state(4, probe(), probe("b", suspend=True)))
+
+    restarted, loader, _ = make(store=StateStore(tmp_path))
+    assert restarted.boot_id != reconciler.boot_id
+    restored = await restarted.restore()
+    assert restored is not None and restored.revision == 4
+    report = restarted.report()
+    assert report.revision == 4
+    assert outcome(report).state == "Loaded" and outcome(report, "b").state == "Suspended"
+    assert loader.loads == 1
+    with pytest.raises(StaleRevision):  # the restored revision counts
+        await restarted.apply(node_state(3))
+
+
+async def test_restore_does_not_undo_a_newer_push(tmp_path: Path) -> None:
+    reconciler, _, _ = make(store=StateStore(tmp_path))
+    await reconciler.apply(node_state(4, probe()))
+    restarted, loader, _ = make(store=StateStore(tmp_path))
+    await restarted.apply(node_state(9, probe("b")))  # the operator was faster
+    await restarted.restore()
+    assert restarted.report().revision == 9 and loader.live("team-a/opens") == []
+
+
+async def test_restore_ignores_another_nodes_state(tmp_path: Path) -> None:
+    StateStore(tmp_path).save(node_state(4, probe(), node="node-2"))
+    restarted, loader, _ = make(store=StateStore(tmp_path))
+    assert await restarted.restore() is None
+    assert restarted.state is None and loader.loads == 0
