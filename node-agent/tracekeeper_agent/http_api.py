@@ -1,0 +1,150 @@
+"""The agent's HTTP API: desired state from the operator, reports, events, metrics.
+
+Every route but the probes (/healthz, /readyz) needs `Authorization: Bearer <token>`,
+compared in constant time; the check runs before any body is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import ValidationError
+
+from tracekeeper_agent.events import EventHub, ndjson_handler
+from tracekeeper_agent.reconciler import Reconciler, StaleRevision, StateRefused
+from tracekeeper_api.protocol import NodeState
+
+MAX_BODY = 4 * 1024 * 1024
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+TOKEN_ENV = "TRACEKEEPER_TOKEN"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def read_token(token_file: Path | None, environ: Mapping[str, str] = os.environ) -> str:
+    """The bearer token: the mounted Secret's file if given, else $TRACEKEEPER_TOKEN."""
+    raw = token_file.read_text() if token_file is not None else environ.get(TOKEN_ENV, "")
+    token = raw.strip()
+    if not token:
+        source = str(token_file) if token_file is not None else f"${TOKEN_ENV}"
+        raise ValueError(f"no API token: {source} is empty or unset")
+    return token
+
+
+def field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """pydantic errors as [{"loc": "probes.0.spec.tracepoint", "msg": ...}] (wire names)."""
+    return [
+        {
+            "loc": ".".join(str(p) for p in err["loc"]),
+            "msg": err["msg"].removeprefix("Value error, "),
+        }
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _auth_middleware(token: str) -> Middleware:
+    expected = token.encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(), expected
+        ):
+            return web.json_response(
+                {"error": "a valid bearer token is required"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="tracekeeper-agent"'},
+            )
+        return await handler(request)
+
+    return auth
+
+
+class _Routes:
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        registry: CollectorRegistry | None,
+        ready: asyncio.Event,
+    ) -> None:
+        self.reconciler = reconciler
+        self.registry = registry
+        self.ready = ready
+
+    async def put_state(self, request: web.Request) -> web.Response:
+        body = await request.read()  # bounded by the app's client_max_size (413 beyond)
+        try:
+            state = NodeState.model_validate_json(body)
+        except ValidationError as exc:
+            return _error(400, "invalid NodeState", fields=field_errors(exc))
+        try:
+            report = await self.reconciler.apply(state)
+        except StaleRevision as exc:
+            return _error(409, str(exc), appliedRevision=exc.applied_revision)
+        except StateRefused as exc:
+            return _error(exc.status, str(exc), fields=[])
+        return web.json_response(report.to_wire())
+
+    async def get_state(self, _: web.Request) -> web.Response:
+        return web.json_response(self.reconciler.report().to_wire())
+
+    async def no_events(self, _: web.Request) -> web.Response:
+        return _error(503, "this agent has no event pipeline")
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        if self.registry is None:
+            return _error(404, "no metrics registry")
+        registry = self.registry
+
+        def scrape() -> bytes:
+            # Collectors read kernel maps: off the loop, and never while a program closes.
+            with self.reconciler.programs_lock:
+                return generate_latest(registry)
+
+        body = await asyncio.to_thread(scrape)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        ready = self.ready.is_set()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+def create_app(
+    reconciler: Reconciler,
+    *,
+    token: str,
+    registry: CollectorRegistry | None = None,
+    events: EventHub | None = None,
+    ready: asyncio.Event | None = None,
+    max_body: int = MAX_BODY,
+) -> web.Application:
+    """The API app. `ready` is set once the persisted state was re-applied (/readyz)."""
+    if not token:
+        raise ValueError("the API needs a non-empty token")
+    routes = _Routes(reconciler, registry, ready or asyncio.Event())
+    app = web.Application(client_max_size=max_body, middlewares=[_auth_middleware(token)])
+    app.router.add_put("/v1/state", routes.put_state)
+    app.router.add_get("/v1/state", routes.get_state)
+    app.router.add_get("/v1/events", ndjson_handler(events) if events else routes.no_events)
+    app.router.add_get("/metrics", routes.metrics)
+    app.router.add_get("/healthz", routes.healthz)
+    app.router.add_get("/readyz", routes.readyz)
+    return app

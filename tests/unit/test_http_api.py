@@ -1,0 +1,239 @@
+"""The agent's HTTP API in-process over a fake loader: auth, validation errors, revisions,
+reports, metrics and the event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from tests.unit.agent_fakes import CID_A, UID_A, FakeCgroups, FakeLoader, fake_build_plan, probe
+from tracekeeper_agent.events import EventHub
+from tracekeeper_agent.http_api import TOKEN_ENV, create_app, read_token
+from tracekeeper_agent.kernel import CountSample, RawEvent, SampleKey
+from tracekeeper_agent.metrics import AgentMetrics
+from tracekeeper_agent.reconciler import Reconciler
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_BODY = 64 * 1024
+
+
+@dataclass
+class Api:
+    client: TestClient[Any, Any]
+    loader: FakeLoader
+    reconciler: Reconciler
+    ready: asyncio.Event
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[Api]:
+    loader = FakeLoader()
+    cgroups = FakeCgroups(pods={UID_A: 500}, containers={(UID_A, CID_A): 501})
+    reconciler = Reconciler(
+        node="node-1", loader=loader, build_plan=fake_build_plan, cgroups=cgroups
+    )
+    hub = EventHub(reconciler.attributor, poll_timeout_ms=20)
+    reconciler.readers.append(hub)
+    metrics = AgentMetrics(
+        reconciler.active_probes,
+        reconciler.attributor,
+        events=hub,
+        filter_entries=reconciler.filter_entries,
+    )
+    ready = asyncio.Event()
+    app = create_app(
+        reconciler,
+        token=TOKEN,
+        registry=metrics.registry,
+        events=hub,
+        ready=ready,
+        max_body=MAX_BODY,
+    )
+    async with TestClient(TestServer(app)) as client:
+        yield Api(client, loader, reconciler, ready)
+    await reconciler.close()
+    await hub.close()
+
+
+def state(revision: int, *probes: dict[str, Any], node: str = "node-1") -> dict[str, Any]:
+    return {"node": node, "revision": revision, "probes": list(probes)}
+
+
+async def put(api: Api, body: Any, headers: dict[str, str] = AUTH) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with api.client.put("/v1/state", data=data, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+# --- auth -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": "Bearer"},
+    ],
+    ids=["none", "wrong", "basic", "longer", "empty"],
+)
+async def test_every_api_route_needs_the_token(api: Api, headers: dict[str, str]) -> None:
+    for method, path in [
+        ("GET", "/v1/state"),
+        ("PUT", "/v1/state"),
+        ("GET", "/v1/events"),
+        ("GET", "/metrics"),
+        ("GET", "/nonexistent"),
+    ]:
+        async with api.client.request(method, path, headers=headers, data=b"{}") as resp:
+            assert resp.status == 401, (method, path)
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert api.loader.loads == 0
+
+
+async def test_probes_need_no_token_and_readyz_follows_restore(api: Api) -> None:
+    async with api.client.get("/healthz") as resp:
+        assert resp.status == 200
+    async with api.client.get("/readyz") as resp:
+        assert resp.status == 503
+    api.ready.set()
+    async with api.client.get("/readyz") as resp:
+        assert resp.status == 200
+
+
+def test_read_token(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("abc\n")
+    assert read_token(secret, {}) == "abc"
+    assert read_token(None, {TOKEN_ENV: " xyz "}) == "xyz"
+    with pytest.raises(ValueError, match=TOKEN_ENV):
+        read_token(None, {})
+    secret.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_token(secret, {TOKEN_ENV: "ignored"})
+    with pytest.raises(ValueError):
+        create_app(None, token="")  # type: ignore[arg-type]
+
+
+# --- PUT /v1/state ------------------------------------------------------------------------------
+
+
+async def test_put_applies_and_returns_the_report(api: Api) -> None:
+    status, body = await put(api, state(1, probe()))
+    assert status == 200
+    assert body["node"] == "node-1" and body["revision"] == 1 and body["bootId"]
+    (outcome,) = body["probes"]
+    assert outcome["state"] == "Loaded" and outcome["filterEntries"] == 1
+    assert outcome["programIds"] == list(api.loader.only("team-a/opens").program_ids)
+
+
+async def test_invalid_state_is_400_with_field_errors(api: Api) -> None:
+    bad = probe()
+    bad["spec"] = {"tracepoint": "Not A Tracepoint"}
+    status, body = await put(api, state(1, bad))
+    assert status == 400
+    assert body["error"] == "invalid NodeState"
+    (field,) = body["fields"]
+    assert field["loc"] == "probes.0.spec.tracepoint"
+    assert "category:name" in field["msg"]
+    assert api.loader.loads == 0
+
+
+async def test_one_invalid_probe_refuses_the_whole_state(api: Api) -> None:
+    bad = probe("bad")
+    bad["targets"] = {"pids": [0]}
+    status, body = await put(api, state(1, probe(), bad))
+    assert status == 400 and body["fields"][0]["loc"] == "probes.1.targets.pids.0"
+    assert api.loader.loads == 0 and api.reconciler.state is None
+
+
+async def test_not_json_and_wrong_node_are_400(api: Api) -> None:
+    status, body = await put(api, b"{nope")
+    assert status == 400 and body["fields"][0]["msg"].startswith("Invalid JSON")
+    status, body = await put(api, state(1, probe(), node="node-2"))
+    assert status == 400 and "node-1" in body["error"]
+
+
+async def test_oversized_body_is_refused(api: Api) -> None:
+    async with api.client.put("/v1/state", data=b" " * (MAX_BODY + 1), headers=AUTH) as resp:
+        assert resp.status == 413
+
+
+async def test_put_is_idempotent_and_stale_revisions_are_409(api: Api) -> None:
+    status, first = await put(api, state(5, probe()))
+    assert status == 200
+    status, again = await put(api, state(5, probe()))
+    assert status == 200 and again == first
+    assert api.loader.loads == 1
+    status, body = await put(api, state(4))
+    assert status == 409 and body["appliedRevision"] == 5
+    status, body = await put(api, state(5, probe("other")))
+    assert status == 409 and "different content" in body["error"]
+    assert api.loader.live("team-a/opens")
+
+
+async def test_get_state_reports_outcomes(api: Api) -> None:
+    async with api.client.get("/v1/state", headers=AUTH) as resp:
+        empty = await resp.json()
+    assert empty["probes"] == [] and empty["revision"] == 0
+    await put(api, state(2, probe(), probe("paused", suspend=True)))
+    async with api.client.get("/v1/state", headers=AUTH) as resp:
+        body = await resp.json()
+    assert [(p["id"], p["state"]) for p in body["probes"]] == [
+        ("team-a/opens", "Loaded"),
+        ("team-a/paused", "Suspended"),
+    ]
+    assert body["probes"][0]["drops"] == {"rateLimited": 0, "ringFull": 0, "backlog": 0}
+
+
+# --- metrics and events -------------------------------------------------------------------
+
+
+async def test_metrics_read_the_loaded_programs(api: Api) -> None:
+    await put(api, state(1, probe()))
+    program = api.loader.only("team-a/opens")
+    program.counts = [CountSample(SampleKey(cgroup_id=500), 42)]
+    async with api.client.get("/metrics", headers=AUTH) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    assert "tracekeeper_probe_hits_total{" in text
+    assert 'pod="web-0"' in text and "} 42.0" in text
+    assert 'tracekeeper_agent_filter_entries{namespace="team-a",probe="opens"} 1.0' in text
+
+
+async def read_line(stream: Any) -> dict[str, Any]:
+    async with asyncio.timeout(10):
+        line = await stream.readline()
+    assert line, "stream ended"
+    decoded: dict[str, Any] = json.loads(line)
+    return decoded
+
+
+async def test_events_stream_as_ndjson(api: Api) -> None:
+    events_probe = probe("execs", output={"kind": "events"})
+    await put(api, state(1, events_probe))
+    program = api.loader.only("team-a/execs")
+    async with api.client.get("/v1/events?probe=team-a/execs", headers=AUTH) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("application/x-ndjson")
+        program.events.put(RawEvent(1, 1234, 1234, 501, "nginx", {"filename": "/etc/hosts"}))
+        event = await read_line(resp.content)
+    assert event["probe"] == "team-a/execs"
+    assert (event["pod"], event["container"], event["comm"]) == ("web-0", "", "nginx")
+    assert event["filename"] == "/etc/hosts"
+
+
+async def test_events_of_an_unknown_probe_are_404(api: Api) -> None:
+    async with api.client.get("/v1/events?probe=team-a/nope", headers=AUTH) as resp:
+        assert resp.status == 404
