@@ -120,7 +120,7 @@ def test_pod_entry_covers_a_container_created_after_it(
 def test_events_carry_captured_fields(loaded: list[BccProgram], pods: dict[str, Path]) -> None:
     spec = {
         "tracepoint": "syscalls:sys_enter_openat",
-        "output": {"kind": "events", "fields": ["filename", "flags"]},
+        "output": {"kind": "events", "fields": ["filename", "flags", "dfd"]},
     }
     p = load(loaded, assignment(spec))
     p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}))
@@ -134,6 +134,7 @@ def test_events_carry_captured_fields(loaded: list[BccProgram], pods: dict[str, 
     assert e.comm == "python3"
     assert e.cgroup_id == cgroup_id(pods["pod-a/c1"])
     assert int(e.fields["flags"]) & 0o3 == 0  # O_RDONLY (python adds O_CLOEXEC)
+    assert e.fields["dfd"] == -100  # AT_FDCWD, narrowed from the record's 8 unsigned bytes
 
 
 def test_rate_limit_drops_are_counted_exactly(

@@ -15,6 +15,7 @@ from tracekeeper_agent.tracefs import (
 from tracekeeper_api.probes import TraceProbeSpec
 
 STRING_BYTES = 256
+_SIGNED_NARROW = frozenset({"int", "pid_t", "short", "long", "s32", "s16", "int32_t", "key_t"})
 
 
 def load_format(tracepoint: str, ctx: BuildContext) -> TracepointFormat:
@@ -45,9 +46,13 @@ def capture(fmt: TracepointFormat, f: TracepointField) -> tuple[EventField, str,
     """(event field, struct member declaration, C statement copying it from args)."""
     member = f"f_{f.name}"
     if f.kind is FieldKind.INTEGER:
-        ctype = "s64" if f.signed else "u64"
-        ef = EventField(f.name, "int" if f.signed else "uint", 8)
-        return ef, f"{ctype} {member};", f"e->{member} = args->{f.name};"
+        # Syscall records store every argument as 8 unsigned bytes, even an `int dfd`:
+        # narrow through the declared type so that AT_FDCWD reads -100, not 4294967196.
+        narrow = fmt.user_pointers and f.c_type in _SIGNED_NARROW
+        signed = f.signed or narrow
+        value = f"(s64)({f.c_type})args->{f.name}" if narrow else f"args->{f.name}"
+        ef = EventField(f.name, "int" if signed else "uint", 8)
+        return ef, f"{'s64' if signed else 'u64'} {member};", f"e->{member} = {value};"
     if f.kind is FieldKind.POINTER:
         return (
             EventField(f.name, "uint", 8),
