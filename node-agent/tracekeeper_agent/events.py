@@ -302,6 +302,10 @@ class EventHub:
         poller = self._pollers.get(probe_id)
         return poller.counts if poller is not None else EventCounts()
 
+    def backlog_drops(self, probe_id: str) -> int:
+        """For Reconciler(backlog_drops=...): the probe's user-space losses."""
+        return self.counts(probe_id).backlog
+
     def drops(self, probe: ActiveProbe) -> EventDrops:
         """Every loss of the probe's current program, for its ProbeOutcome."""
         kernel = probe.program.read_counters()

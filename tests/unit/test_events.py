@@ -114,6 +114,7 @@ async def test_slow_subscriber_loses_events_counted_as_backlog() -> None:
             assert produced == kernel.rate_limited + kernel.ring_full + sub_dropped + sub_delivered
         assert counts.delivered + counts.backlog == 2 * counts.received
         assert hub.drops(probe) == EventDrops(rate_limited=300, ring_full=0, backlog=636)
+        assert hub.backlog_drops(probe.id) == 636
         reader.cancel()
     finally:
         await hub.close()
