@@ -15,7 +15,7 @@ fi
 # bpfcc: BCC's libbcc and its Python module (PyPI's "bcc" is an unrelated package).
 # linux-headers-amd64: BCC compiles against kernel headers; see the link step below.
 # bpftrace: the peer in bench/; bpftool: inspect what the agent loaded.
-PKGS=(bpfcc-tools python3-bpfcc bpftool linux-headers-amd64 bpftrace python3 make git ca-certificates)
+PKGS=(bpfcc-tools python3-bpfcc bpftool linux-headers-amd64 bpftrace python3 make git ca-certificates prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
