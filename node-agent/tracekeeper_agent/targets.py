@@ -11,14 +11,15 @@ empty cgroup/pid map matches no process (only `host_wide` traces without them).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from tracekeeper_agent.cgroup_watch import CgroupEvent, CgroupEventKind
+from tracekeeper_agent.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
 from tracekeeper_agent.cgroups import (
     CgroupError,
     CgroupIndex,
@@ -232,6 +233,29 @@ class NodeCgroups:
             return parse_cgroup_path(path.relative_to(self.root))
         except ValueError:
             return None
+
+
+async def follow_cgroups(
+    watcher: CgroupWatcher,
+    cgroups: NodeCgroups,
+    on_changes: Callable[[CgroupChanges], Awaitable[object]],
+) -> None:
+    """Run forever: fold the watcher's events into the index, one batch per wakeup, and
+    hand what they touched to `on_changes` (the reconciler's refresh_targets). A burst of
+    pod starts is one batch, not one refresh per directory."""
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    fd = watcher.fileno()
+    loop.add_reader(fd, readable.set)
+    try:
+        while True:
+            readable.clear()
+            changes = cgroups.apply_events(watcher.read())
+            if changes:
+                await on_changes(changes)
+            await readable.wait()
+    finally:
+        loop.remove_reader(fd)
 
 
 def _norm_uid(uid: str) -> str:

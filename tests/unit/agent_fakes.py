@@ -37,6 +37,8 @@ class FakeProgram:
         self.counters = KernelCounters()
         self.events: queue.Queue[RawEvent] = queue.Queue()
         self.fail_update: Exception | None = None
+        self.updated = threading.Event()
+        """Set by every filter update (clear it, then wait for the next one)."""
 
     @property
     def program_ids(self) -> tuple[int, ...]:
@@ -48,6 +50,7 @@ class FakeProgram:
             raise self.fail_update
         self.filters.append(entries)
         self.loader.log.append(("update", self.plan.probe_id, self._ids))
+        self.updated.set()
 
     def read_counts(self) -> list[CountSample]:
         assert not self.closed

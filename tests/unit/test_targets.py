@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tracekeeper_agent.targets import (
     NodeCgroups,
     ProcTable,
     TargetAttributor,
+    follow_cgroups,
     parse_ppid,
     resolve_targets,
 )
@@ -271,3 +274,29 @@ def test_attributor_on_the_real_index(root: Path) -> None:
     expected = PodIdentity("team-a", "web-0", "app")
     assert attributor.identify(os.stat(container_dir).st_ino) == expected
     assert attributor.identify(os.stat(nested).st_ino) == expected
+
+
+async def test_follow_cgroups_hands_batches_to_the_reconciler(root: Path) -> None:
+    cgroups = node_cgroups(root)
+    seen: list[CgroupChanges] = []
+    arrived = asyncio.Event()
+
+    async def on_changes(changes: CgroupChanges) -> None:
+        seen.append(changes)
+        arrived.set()
+
+    with CgroupWatcher(root) as watcher:
+        task = asyncio.create_task(follow_cgroups(watcher, cgroups, on_changes))
+        try:
+            pod_dir = systemd_pod_dir(root)
+            (pod_dir / f"cri-containerd-{CID_A}.scope").mkdir(parents=True)
+            async with asyncio.timeout(10):
+                while not seen or cgroups.pod_cgroup_id(UID_A) is None:
+                    arrived.clear()
+                    await arrived.wait()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert all(c.pod_uids == {UID_A} for c in seen)
+    assert cgroups.pod_cgroup_id(UID_A) == os.stat(pod_dir).st_ino
