@@ -53,6 +53,10 @@ DETERMINISTIC_REASONS = frozenset(
 )
 
 
+POLL_INTERVAL = 2.0
+"""Seconds between re-resolutions of targets that no cgroup event announces."""
+
+
 class StateRefused(Exception):
     """A desired state the agent does not apply at all (nothing of it is applied)."""
 
@@ -157,12 +161,14 @@ class Reconciler:
         kernel: KernelInfo | None = None,
         backlog_drops: Callable[[str], int] | None = None,
         compile_observer: Callable[[float], None] | None = None,
+        attributor: TargetAttributor | None = None,
         boot_id: str | None = None,
     ) -> None:
         self.node = node
         self.boot_id = boot_id or str(uuid.uuid4())
         self.kernel = kernel or KernelInfo()
-        self.attributor = TargetAttributor(cgroups)
+        self.attributor = attributor or TargetAttributor(cgroups)
+        """Kept current with the desired state's pods (the exporters name pods with it)."""
         self.readers: list[ProgramReaders] = []
         self.programs_lock = threading.Lock()
         """Held while a program is closed; readers of kernel maps in other threads (the
@@ -417,6 +423,16 @@ class Reconciler:
                     continue
                 updated += probe.resolution.entries != before
         return updated
+
+    async def poll_targets(self, interval: float = POLL_INTERVAL) -> None:
+        """Run forever: re-resolve, every `interval` seconds, the targets no cgroup event
+        announces (see targets.needs_polling)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh_targets()
+            except Exception:
+                log.exception("polling targets failed")
 
     async def restore(self) -> NodeState | None:
         """Re-apply the persisted state at start, before the operator pushes again. A state

@@ -4,6 +4,7 @@ of failures, suspend, revisions, cgroup-driven refreshes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -423,3 +424,20 @@ async def test_restore_ignores_another_nodes_state(tmp_path: Path) -> None:
     restarted, loader, _ = make(store=StateStore(tmp_path))
     assert await restarted.restore() is None
     assert restarted.state is None and loader.loads == 0
+
+
+async def test_poll_targets_runs_until_cancelled() -> None:
+    reconciler, loader, cgroups = make()
+    targets = {"cgroupPaths": ["/system.slice/a.service"]}
+    await reconciler.apply(node_state(1, probe(targets=targets)))
+    program = loader.only("team-a/opens")
+    program.updated.clear()
+    task = asyncio.create_task(reconciler.poll_targets(interval=0.01))
+    try:
+        cgroups.paths["/system.slice/a.service"] = 42
+        assert await asyncio.to_thread(program.updated.wait, 10)
+        assert dict(program.entries.cgroups) == {42: 1}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
