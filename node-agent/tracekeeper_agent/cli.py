@@ -1,0 +1,411 @@
+"""`tracekeeper-agent`: the node agent (`serve`) and standalone tracing on a host (`run`).
+
+Only the commands import the BCC loader (lazily), so that this module and everything it
+imports at the top stay importable without bcc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+import yaml
+from aiohttp import web
+from pydantic import ValidationError
+
+from tracekeeper_agent.cgroup_watch import CgroupWatcher
+from tracekeeper_agent.cgroups import CgroupError, CgroupIndex, detect_root
+from tracekeeper_agent.events import EventHub, open_events_file
+from tracekeeper_agent.http_api import create_app, read_token
+from tracekeeper_agent.kernel import ProgramLoader
+from tracekeeper_agent.kernel_features import KernelFeatures
+from tracekeeper_agent.metrics import AgentMetrics
+from tracekeeper_agent.reconciler import Reconciler
+from tracekeeper_agent.state_store import DEFAULT_STATE_DIR, StateStore
+from tracekeeper_agent.targets import NodeCgroups, ProcTable, TargetAttributor, follow_cgroups
+from tracekeeper_api.filters import TraceFilterSpec
+from tracekeeper_api.protocol import KernelInfo, NodeReport, NodeState, ProbeTargets, spec_hash
+from tracekeeper_api.resources import (
+    DocumentError,
+    Resource,
+    TraceFilter,
+    TraceProbe,
+    format_errors,
+    load_documents,
+)
+
+log = logging.getLogger("tracekeeper_agent")
+
+DEFAULT_LISTEN = "0.0.0.0:9440"
+DEFAULT_NAMESPACE = "default"
+EXIT_USAGE = 2
+EXIT_NOTHING_LOADED = 1
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class StandaloneError(ValueError):
+    """A file that standalone mode cannot run; the message names the document and field."""
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """'10s', '1.5m', '500ms', '2h' or bare seconds -> seconds."""
+    m = _DURATION.fullmatch(text.strip())
+    if m is None or float(m[1]) <= 0:
+        raise ValueError(f"{text!r} is not a duration such as 10s, 2m or 500ms")
+    return float(m[1]) * _UNITS[m[2] or "s"]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """'0.0.0.0:9440', '[::]:9440' or ':9440' -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def kernel_info(features: KernelFeatures) -> KernelInfo:
+    return KernelInfo(
+        release=features.release,
+        kprobes=features.kprobes.available,
+        uprobes=features.uprobes.available,
+        btf=features.btf.available,
+        headers=features.kernel_headers.available,
+    )
+
+
+def host_targets(spec: TraceFilterSpec | None, where: str, prefix: str) -> ProbeTargets:
+    """A filter's targets on this host. Pod selection needs Kubernetes: refused, as is a
+    filter that selects no host process (it would trace nothing, silently)."""
+    if spec is not None:
+        for field, used in (
+            ("podSelector", spec.pod_selector is not None),
+            ("namespaceSelector", spec.namespace_selector is not None),
+            ("containers", bool(spec.containers)),
+        ):
+            if used:
+                raise StandaloneError(
+                    f"{where}: {prefix}{field} selects Kubernetes pods, which standalone mode "
+                    "does not have; trace host processes with pids, cgroupPaths or hostWide"
+                )
+    if spec is None:
+        raise StandaloneError(
+            f"{where}: no filter or filterRef; in Kubernetes that traces every pod of the "
+            "namespace, on a host set filter.pids, filter.cgroupPaths or filter.hostWide: true"
+        )
+    if not (spec.pids or spec.cgroup_paths or spec.host_wide):
+        raise StandaloneError(
+            f"{where}: {prefix.rstrip('.')} selects no host process; set pids, cgroupPaths or "
+            "hostWide: true (processNames only narrow those down)"
+        )
+    return ProbeTargets(
+        pids=spec.pids,
+        follow_children=spec.follow_children,
+        cgroup_paths=spec.cgroup_paths,
+        process_names=spec.process_names,
+        host_wide=spec.host_wide,
+    )
+
+
+def standalone_state(resources: Sequence[Resource], *, node: str, source: str) -> NodeState:
+    """TraceProbes of one file as a NodeState for this host, filterRefs resolved within the
+    file (same namespace)."""
+    filters = {
+        (r.metadata.namespace or DEFAULT_NAMESPACE, r.metadata.name): r.spec
+        for r in resources
+        if isinstance(r, TraceFilter)
+    }
+    probes = [r for r in resources if isinstance(r, TraceProbe)]
+    if not probes:
+        raise StandaloneError(f"{source}: no TraceProbe in the file")
+    assignments = []
+    for probe in probes:
+        namespace = probe.metadata.namespace or DEFAULT_NAMESPACE
+        where = f"{source}: TraceProbe {namespace}/{probe.metadata.name}"
+        spec = probe.spec
+        if spec.filter_ref is not None:
+            found = filters.get((namespace, spec.filter_ref))
+            if found is None:
+                raise StandaloneError(
+                    f"{where}: spec.filterRef {spec.filter_ref!r} names no TraceFilter of "
+                    f"namespace {namespace} in this file"
+                )
+            filter_where = f"{source}: TraceFilter {namespace}/{spec.filter_ref}"
+            targets = host_targets(found, filter_where, "spec.")
+        else:
+            targets = host_targets(spec.filter, where, "spec.filter.")
+        assignments.append(
+            {
+                "id": f"{namespace}/{probe.metadata.name}",
+                "specHash": spec_hash(spec),
+                "spec": spec.to_wire(),
+                "targets": targets.to_wire(),
+                "allowProgram": True,  # whoever runs this is root on this host already
+            }
+        )
+    try:
+        return NodeState.model_validate({"node": node, "revision": 1, "probes": assignments})
+    except ValidationError as exc:
+        raise StandaloneError(f"{source}: cannot run these probes:\n{format_errors(exc)}") from exc
+
+
+def outcome_lines(report: NodeReport) -> list[str]:
+    lines = []
+    for p in report.probes:
+        if p.state == "Loaded":
+            ids = ", ".join(str(i) for i in p.program_ids)
+            detail = f"program ids {ids}; {p.filter_entries} filter entries"
+            if p.message:
+                detail += f"; {p.message}"
+        else:
+            detail = f"{p.reason}: {p.message}" if p.message else p.reason
+        lines.append(f"{p.id}: {p.state} ({detail})")
+    return lines
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def _real_loader() -> ProgramLoader:
+    from tracekeeper_agent.bpf.loader import BccLoader  # the only path to bcc
+
+    return BccLoader()
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+@dataclass
+class Agent:
+    """The node agent's parts, wired; `running_agent` starts and stops them."""
+
+    reconciler: Reconciler
+    hub: EventHub
+    metrics: AgentMetrics
+    app: web.Application
+    ready: asyncio.Event
+    cgroups: NodeCgroups
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    *,
+    node: str,
+    token: str,
+    state_dir: Path,
+    cgroup_root: Path | None = None,
+    events_file: Path | None = None,
+    loader: ProgramLoader | None = None,
+) -> AsyncIterator[Agent]:
+    """The agent with its cgroup watcher and target polling running, and the persisted
+    state being restored (`ready` is set when done). Serve `agent.app` meanwhile: /healthz
+    must answer while the restored programs compile."""
+    from tracekeeper_agent.program_builder import build_plan, node_kernel
+
+    root = detect_root(cgroup_root)
+    # Watch first, then index: a directory created in between is seen by one or the other.
+    watcher = CgroupWatcher(root)
+    watcher.start()
+    index = CgroupIndex(root)
+    index.rescan()
+    cgroups = NodeCgroups(index)
+    attributor = TargetAttributor(cgroups)
+    hub = EventHub(attributor, sink=open_events_file(events_file) if events_file else None)
+    reconciler: Reconciler
+    metrics = AgentMetrics(
+        lambda: reconciler.active_probes(),
+        attributor,
+        events=hub,
+        filter_entries=lambda p: reconciler.filter_entries(p),
+    )
+    reconciler = Reconciler(
+        node=node,
+        loader=loader or _real_loader(),
+        build_plan=build_plan,
+        cgroups=cgroups,
+        processes=ProcTable(),
+        store=StateStore(state_dir),
+        kernel=kernel_info(node_kernel()),
+        backlog_drops=lambda probe_id: hub.counts(probe_id).backlog,
+        compile_observer=metrics.observe_compile,
+        attributor=attributor,
+    )
+    reconciler.readers.append(hub)
+    ready = asyncio.Event()
+    app = create_app(reconciler, token=token, registry=metrics.registry, events=hub, ready=ready)
+
+    async def restore() -> None:
+        restored = await reconciler.restore()
+        if restored is not None:
+            log.info("resumed revision %d (%d probes)", restored.revision, len(restored.probes))
+        ready.set()
+
+    background = [
+        asyncio.create_task(follow_cgroups(watcher, cgroups, reconciler.refresh_targets)),
+        asyncio.create_task(reconciler.poll_targets()),
+        asyncio.create_task(restore()),
+    ]
+    try:
+        yield Agent(reconciler, hub, metrics, app, ready, cgroups)
+    finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await hub.close()
+        await reconciler.close()
+        watcher.close()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    node = args.node_name or os.environ.get("NODE_NAME", "")
+    if not node:
+        raise ValueError("--node-name (or $NODE_NAME) is required")
+    host, port = parse_listen(args.listen)
+    token = read_token(args.token_file)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    async with running_agent(
+        node=node,
+        token=token,
+        state_dir=args.state_dir,
+        cgroup_root=args.cgroup_root,
+        events_file=args.events_file,
+    ) as agent:
+        runner = web.AppRunner(agent.app, handler_cancellation=True)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            log.info("node %s: listening on %s:%d", node, host, port)
+            await stop.wait()
+        finally:
+            await runner.cleanup()  # no request outlives the programs
+    return 0
+
+
+def load_standalone(path: Path, cgroup_root: Path | None) -> tuple[NodeState, Path]:
+    """The file's probes as this host's state, and the cgroup root (for cgroupPaths)."""
+    source = str(path)
+    state = standalone_state(
+        list(load_documents(path.read_text(), source)), node=socket.gethostname(), source=source
+    )
+    return state, detect_root(cgroup_root)
+
+
+async def run(args: argparse.Namespace, state: NodeState, root: Path) -> int:
+    from tracekeeper_agent.console import run_console
+    from tracekeeper_agent.program_builder import build_plan
+
+    cgroups = NodeCgroups(CgroupIndex(root))  # host paths only: no pod index to build
+    reconciler = Reconciler(
+        node=state.node,
+        loader=_real_loader(),
+        build_plan=build_plan,
+        cgroups=cgroups,
+        processes=ProcTable(),
+    )
+    hub = EventHub(reconciler.attributor)
+    reconciler.readers.append(hub)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    if args.duration is not None:
+        asyncio.get_running_loop().call_later(args.duration, stop.set)
+    polling = asyncio.create_task(reconciler.poll_targets(1.0))
+    try:
+        report = await reconciler.apply(state)
+        for line in outcome_lines(report):
+            print(line, file=sys.stderr)
+        if not reconciler.active_probes():
+            return EXIT_NOTHING_LOADED
+        await run_console(
+            reconciler.active_probes,
+            reconciler.attributor,
+            hub,
+            output=cast(Literal["table", "json"], args.output),
+            out=sys.stdout,
+            stop=stop,
+            interval=args.interval,
+        )
+    finally:
+        polling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await polling
+        await hub.close()
+        await reconciler.close()
+    return 0
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tracekeeper-agent", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    s = commands.add_parser("serve", help="run the node agent (DaemonSet)")
+    s.add_argument("--node-name", default=None, help="this node's name (default: $NODE_NAME)")
+    s.add_argument("--listen", default=DEFAULT_LISTEN, help="host:port of the API")
+    s.add_argument(
+        "--token-file", type=Path, default=None, help="bearer token file (else $TRACEKEEPER_TOKEN)"
+    )
+    s.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    s.add_argument("--cgroup-root", type=Path, default=None, help="cgroup v2 root (detected)")
+    s.add_argument("--events-file", type=Path, default=None, help="also append events here")
+
+    r = commands.add_parser("run", help="run TraceProbe documents on this host, no Kubernetes")
+    r.add_argument("-f", "--file", type=Path, required=True, help="YAML with TraceProbe/Filter")
+    r.add_argument("--for", dest="duration", type=_duration, default=None, help="e.g. 10s")
+    r.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    r.add_argument("--interval", type=_duration, default=1.0, help="refresh period (1s)")
+    r.add_argument("--cgroup-root", type=Path, default=None, help="cgroup v2 root (detected)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            return asyncio.run(serve(args))
+        try:
+            state, root = load_standalone(args.file, args.cgroup_root)
+        except (OSError, DocumentError, StandaloneError, CgroupError, yaml.YAMLError) as exc:
+            print(f"tracekeeper-agent: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return asyncio.run(run(args, state, root))
+    except (ValueError, CgroupError, OSError) as exc:  # configuration errors: no traceback
+        print(f"tracekeeper-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
