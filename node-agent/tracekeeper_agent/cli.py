@@ -391,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.log_level != "debug":  # probes and scrapes every few seconds drown the rest
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
         if args.command == "serve":
             return asyncio.run(serve(args))

@@ -1,0 +1,278 @@
+"""The real agent (BCC loader, cgroup watcher, API) in-process, driven over HTTP as the
+operator does, against cgroups this test creates the way kubelet lays them out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from tests.kernel.conftest import run_in_cgroup
+from tracekeeper_agent.cgroups import create_cgroup
+from tracekeeper_agent.cli import Agent, running_agent
+
+pytestmark = pytest.mark.kernel
+
+TOKEN = "kernel-tier-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NODE = "node-k"
+WAIT_SECONDS = 20.0
+POLL_SECONDS = 0.05
+
+
+@dataclass
+class FakePod:
+    """A pod as kubelet (systemd driver, burstable) and containerd would lay it out."""
+
+    uid: str
+    name: str
+    directory: Path
+    container_id: str  # bare hex
+
+    @property
+    def container_dir(self) -> Path:
+        return self.directory / f"cri-containerd-{self.container_id}.scope"
+
+    def target(self) -> dict[str, Any]:
+        return {"uid": self.uid, "namespace": "team-k", "name": self.name}
+
+
+@pytest.fixture
+def kubepods(cgroup_sandbox: Path) -> Path:
+    # Made before the agent starts, within the depth at which it looks for kubepods trees.
+    qos = cgroup_sandbox / "kubepods.slice" / "kubepods-burstable.slice"
+    create_cgroup(qos)
+    return qos
+
+
+def fake_pod(kubepods: Path, name: str) -> FakePod:
+    uid = str(uuid.uuid4())
+    directory = kubepods / f"kubepods-burstable-pod{uid.replace('-', '_')}.slice"
+    return FakePod(uid, name, directory, uuid.uuid4().hex + uuid.uuid4().hex)
+
+
+@dataclass
+class RunningAgent:
+    agent: Agent
+    client: TestClient[Any, Any]
+    context: contextlib.AbstractAsyncContextManager[Agent]
+    stopped: bool = False
+
+    async def stop(self) -> None:
+        """Stop the agent (its programs detach), as a pod restart does."""
+        if not self.stopped:
+            self.stopped = True
+            await self.client.close()
+            await self.context.__aexit__(None, None, None)
+
+    async def put(self, revision: int, *probes: dict[str, Any]) -> dict[str, Any]:
+        body = {"node": NODE, "revision": revision, "probes": list(probes)}
+        async with self.client.put("/v1/state", json=body, headers=AUTH) as resp:
+            assert resp.status == 200, await resp.text()
+            report: dict[str, Any] = await resp.json()
+        return report
+
+    async def state(self) -> dict[str, Any]:
+        async with self.client.get("/v1/state", headers=AUTH) as resp:
+            assert resp.status == 200
+            report: dict[str, Any] = await resp.json()
+        return report
+
+    async def outcome(self, probe_id: str) -> dict[str, Any]:
+        found: list[dict[str, Any]] = [
+            p for p in (await self.state())["probes"] if p["id"] == probe_id
+        ]
+        assert len(found) == 1, found
+        return found[0]
+
+    async def metrics(self) -> str:
+        async with self.client.get("/metrics", headers=AUTH) as resp:
+            assert resp.status == 200
+            return await resp.text()
+
+
+@pytest.fixture
+async def make_agent(
+    cgroup_root: Path, tmp_path: Path
+) -> AsyncIterator[Callable[[], Awaitable[RunningAgent]]]:
+    """Start agents on one state dir (a second one is a restart of the first)."""
+    started: list[RunningAgent] = []
+
+    async def start() -> RunningAgent:
+        context = running_agent(
+            node=NODE, token=TOKEN, state_dir=tmp_path / "state", cgroup_root=cgroup_root
+        )
+        agent = await context.__aenter__()
+        running = RunningAgent(agent, TestClient(TestServer(agent.app)), context)
+        started.append(running)
+        await running.client.start_server()
+        async with asyncio.timeout(60):
+            await agent.ready.wait()
+        return running
+
+    yield start
+    for running in reversed(started):
+        await running.stop()
+
+
+def opens_probe(*pods: FakePod, spec_hash: str = "k000000000000001") -> dict[str, Any]:
+    return {
+        "id": "team-k/opens",
+        "specHash": spec_hash,
+        "spec": {"tracepoint": "syscalls:sys_enter_openat", "output": {"by": ["pod"]}},
+        "targets": {"pods": [p.target() for p in pods]},
+    }
+
+
+def bpf_prog_ids() -> list[int]:
+    """Every BPF program id loaded on this machine (as bpftool lists them)."""
+    out = subprocess.run(
+        ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
+    )
+    return [int(p["id"]) for p in json.loads(out.stdout)]
+
+
+def hits(metrics_text: str, pod: str) -> int:
+    for line in metrics_text.splitlines():
+        if line.startswith("tracekeeper_probe_hits_total{") and f'pod="{pod}"' in line:
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+async def wait_for(what: str, check: Callable[[], Awaitable[bool]]) -> None:
+    """Poll a condition read from the agent (kernel maps have no change notification)
+    until it holds; fail naming `what` at the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_SECONDS
+    while True:
+        if await check():
+            return
+        if loop.time() > deadline:
+            pytest.fail(f"timed out after {WAIT_SECONDS}s waiting for {what}")
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def run_cat(cgroup: Path, times: int = 3) -> None:
+    # Off the loop: the agent under test serves on this same loop.
+    for _ in range(times):
+        await asyncio.to_thread(run_in_cgroup, cgroup, "cat", "/etc/hostname")
+
+
+async def test_live_targets_keep_the_program(
+    make_agent: Callable[[], Awaitable[RunningAgent]], kubepods: Path
+) -> None:
+    web0, web1 = fake_pod(kubepods, "web-0"), fake_pod(kubepods, "web-1")
+    create_cgroup(web1.container_dir)
+    agent = await make_agent()
+
+    # web-0 is bound to the node but kubelet has not made its cgroup yet.
+    report = await agent.put(1, opens_probe(web0))
+    (first,) = report["probes"]
+    assert first["state"] == "Loaded", first
+    assert first["filterEntries"] == 0 and "web-0" in first["message"]
+    program_ids = first["programIds"]
+    assert program_ids
+
+    # The pod cgroup appears: its entry is in the map before any container runs.
+    create_cgroup(web0.directory)
+
+    async def web0_entered() -> bool:
+        return bool((await agent.outcome("team-k/opens"))["filterEntries"] == 1)
+
+    await wait_for("the pod-level entry of web-0", web0_entered)
+    create_cgroup(web0.container_dir)
+    await run_cat(web0.container_dir)
+
+    async def web0_counted() -> bool:
+        return hits(await agent.metrics(), "web-0") >= 3
+
+    await wait_for("web-0's openat hits", web0_counted)
+    assert hits(await agent.metrics(), "web-1") == 0  # not targeted: never counted
+
+    # A new target: map entries only, the same programs stay attached.
+    report = await agent.put(2, opens_probe(web0, web1))
+    (second,) = report["probes"]
+    assert second["state"] == "Loaded" and second["filterEntries"] == 2
+    assert second["programIds"] == program_ids
+    await run_cat(web1.container_dir)
+
+    async def web1_counted() -> bool:
+        return hits(await agent.metrics(), "web-1") >= 3
+
+    await wait_for("web-1's openat hits", web1_counted)
+
+    # A process outside every target changes nothing.
+    before = await agent.metrics()
+    outsider = kubepods.parent / "system-like.slice"
+    create_cgroup(outsider)
+    await run_cat(outsider)
+    after = await agent.metrics()
+    assert hits(after, "web-0") == hits(before, "web-0")
+    assert hits(after, "web-1") == hits(before, "web-1")
+    assert (await agent.outcome("team-k/opens"))["programIds"] == program_ids
+
+
+async def test_changed_spec_replaces_the_program_and_events_stream(
+    make_agent: Callable[[], Awaitable[RunningAgent]], kubepods: Path
+) -> None:
+    web0 = fake_pod(kubepods, "web-0")
+    create_cgroup(web0.container_dir)
+    agent = await make_agent()
+    first = (await agent.put(1, opens_probe(web0)))["probes"][0]
+    events_probe = {
+        **opens_probe(web0, spec_hash="k000000000000002"),
+        "spec": {
+            "tracepoint": "syscalls:sys_enter_openat",
+            "output": {"kind": "events", "fields": ["filename"]},
+        },
+    }
+    second = (await agent.put(2, events_probe))["probes"][0]
+    assert second["state"] == "Loaded", second
+    assert set(second["programIds"]).isdisjoint(first["programIds"])
+    assert not set(first["programIds"]) & set(bpf_prog_ids())  # the old one is gone
+
+    async with agent.client.get("/v1/events?probe=team-k/opens", headers=AUTH) as resp:
+        assert resp.status == 200
+        await run_cat(web0.container_dir, times=1)
+        async with asyncio.timeout(20):
+            while True:
+                line = await resp.content.readline()
+                assert line, "the event stream ended"
+                event = json.loads(line)
+                if event.get("filename") == "/etc/hostname":
+                    break
+    assert (event["namespace"], event["pod"], event["comm"]) == ("team-k", "web-0", "cat")
+
+
+async def test_restart_resumes_the_persisted_state(
+    make_agent: Callable[[], Awaitable[RunningAgent]], kubepods: Path
+) -> None:
+    web0 = fake_pod(kubepods, "web-0")
+    create_cgroup(web0.container_dir)
+    first = await make_agent()
+    loaded = (await first.put(3, opens_probe(web0)))["probes"][0]
+    assert loaded["state"] == "Loaded"
+    boot_id = (await first.state())["bootId"]
+    await first.stop()
+    assert not set(loaded["programIds"]) & set(bpf_prog_ids())
+
+    restarted = await make_agent()  # ready only once the persisted state is applied again
+    report = await restarted.state()
+    assert report["revision"] == 3 and report["bootId"] != boot_id
+    (resumed,) = report["probes"]
+    assert resumed["state"] == "Loaded" and resumed["filterEntries"] == 1
+    await run_cat(web0.container_dir)
+
+    async def counted() -> bool:
+        return hits(await restarted.metrics(), "web-0") >= 3
+
+    await wait_for("hits counted by the restarted agent", counted)
