@@ -15,7 +15,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from tracekeeper_agent.cgroup_watch import CgroupWatcher
 from tracekeeper_agent.cgroups import CgroupError, CgroupIndex, detect_root
 from tracekeeper_agent.events import EventHub, open_events_file
-from tracekeeper_agent.http_api import create_app, read_token
+from tracekeeper_agent.http_api import create_app, token_source
 from tracekeeper_agent.kernel import ProgramLoader
 from tracekeeper_agent.kernel_features import KernelFeatures
 from tracekeeper_agent.metrics import AgentMetrics
@@ -209,7 +209,7 @@ class Agent:
 async def running_agent(
     *,
     node: str,
-    token: str,
+    token: str | Callable[[], str],
     state_dir: Path,
     cgroup_root: Path | None = None,
     events_file: Path | None = None,
@@ -279,7 +279,7 @@ async def serve(args: argparse.Namespace) -> int:
     if not node:
         raise ValueError("--node-name (or $NODE_NAME) is required")
     host, port = parse_listen(args.listen)
-    token = read_token(args.token_file)
+    token = token_source(args.token_file)
     stop = asyncio.Event()
     _stop_on_signals(stop)
     async with running_agent(

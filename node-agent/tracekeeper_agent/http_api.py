@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -21,6 +22,8 @@ from pydantic import ValidationError
 from tracekeeper_agent.events import EventHub, ndjson_handler
 from tracekeeper_agent.reconciler import Reconciler, StaleRevision, StateRefused
 from tracekeeper_api.protocol import NodeState
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
@@ -39,6 +42,44 @@ def read_token(token_file: Path | None, environ: Mapping[str, str] = os.environ)
     return token
 
 
+class TokenFile:
+    """The token of a mounted Secret, read again when the file changes, so that a rotated
+    Secret needs no agent restart (the operator re-reads its copy the same way). While the
+    file is missing or empty (mid-update) the last token stays in force."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._token = read_token(path)
+        self._seen = self._version()
+
+    def _version(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)  # follows the Secret volume's ..data symlink
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def __call__(self) -> str:
+        version = self._version()
+        if version is not None and version != self._seen:
+            try:
+                self._token = read_token(self.path)
+                self._seen = version
+            except (OSError, ValueError) as exc:
+                log.warning("keeping the current API token: %s", exc)
+        return self._token
+
+
+def token_source(
+    token_file: Path | None, environ: Mapping[str, str] = os.environ
+) -> Callable[[], str]:
+    """Where requests' tokens are checked against; raises ValueError when there is none."""
+    if token_file is not None:
+        return TokenFile(token_file)
+    token = read_token(None, environ)
+    return lambda: token
+
+
 def field_errors(exc: ValidationError) -> list[dict[str, str]]:
     """pydantic errors as [{"loc": "probes.0.spec.tracepoint", "msg": ...}] (wire names)."""
     return [
@@ -54,16 +95,14 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
-def _auth_middleware(token: str) -> Middleware:
-    expected = token.encode()
-
+def _auth_middleware(token: Callable[[], str]) -> Middleware:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-            presented.strip().encode(), expected
+            presented.strip().encode(), token().encode()
         ):
             return web.json_response(
                 {"error": "a valid bearer token is required"},
@@ -130,17 +169,19 @@ class _Routes:
 def create_app(
     reconciler: Reconciler,
     *,
-    token: str,
+    token: str | Callable[[], str],
     registry: CollectorRegistry | None = None,
     events: EventHub | None = None,
     ready: asyncio.Event | None = None,
     max_body: int = MAX_BODY,
 ) -> web.Application:
-    """The API app. `ready` is set once the persisted state was re-applied (/readyz)."""
-    if not token:
+    """The API app. `token` is the token or a function returning the current one; `ready`
+    is set once the persisted state was re-applied (/readyz)."""
+    current = token if callable(token) else (lambda: token)
+    if not current():
         raise ValueError("the API needs a non-empty token")
     routes = _Routes(reconciler, registry, ready or asyncio.Event())
-    app = web.Application(client_max_size=max_body, middlewares=[_auth_middleware(token)])
+    app = web.Application(client_max_size=max_body, middlewares=[_auth_middleware(current)])
     app.router.add_put("/v1/state", routes.put_state)
     app.router.add_get("/v1/state", routes.get_state)
     app.router.add_get("/v1/events", ndjson_handler(events) if events else routes.no_events)

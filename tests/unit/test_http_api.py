@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit.agent_fakes import CID_A, UID_A, FakeCgroups, FakeLoader, fake_build_plan, probe
 from tracekeeper_agent.events import EventHub
-from tracekeeper_agent.http_api import TOKEN_ENV, create_app, read_token
+from tracekeeper_agent.http_api import TOKEN_ENV, TokenFile, create_app, read_token, token_source
 from tracekeeper_agent.kernel import CountSample, RawEvent, SampleKey
 from tracekeeper_agent.metrics import AgentMetrics
 from tracekeeper_agent.reconciler import Reconciler
@@ -123,6 +123,38 @@ def test_read_token(tmp_path: Path) -> None:
         read_token(secret, {TOKEN_ENV: "ignored"})
     with pytest.raises(ValueError):
         create_app(None, token="")  # type: ignore[arg-type]
+
+
+def test_token_source_follows_a_rotated_secret(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("first")
+    source = token_source(secret, {})
+    assert isinstance(source, TokenFile) and source() == "first"
+    # Kubernetes swaps the Secret volume's files atomically: a new file, renamed over.
+    (tmp_path / "new").write_text("second\n")
+    (tmp_path / "new").rename(secret)
+    assert source() == "second"
+    secret.unlink()  # mid-update: the current token stays in force
+    assert source() == "second"
+    secret.write_text("")
+    assert source() == "second"
+    assert token_source(None, {TOKEN_ENV: "env"})() == "env"
+
+
+async def test_a_rotated_token_is_accepted_without_restart(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("old")
+    reconciler = Reconciler(
+        node="node-1", loader=FakeLoader(), build_plan=fake_build_plan, cgroups=FakeCgroups()
+    )
+    app = create_app(reconciler, token=TokenFile(secret))
+    async with TestClient(TestServer(app)) as client:
+        (tmp_path / "new").write_text("new")
+        (tmp_path / "new").rename(secret)
+        async with client.get("/v1/state", headers={"Authorization": "Bearer old"}) as resp:
+            assert resp.status == 401
+        async with client.get("/v1/state", headers={"Authorization": "Bearer new"}) as resp:
+            assert resp.status == 200
 
 
 # --- PUT /v1/state ------------------------------------------------------------------------------
