@@ -181,6 +181,8 @@ class Reconciler:
         self._backlog_drops = backlog_drops
         self._compile_observer = compile_observer
         self._state: NodeState | None = None
+        """The last accepted state (revision checks); possibly still being applied."""
+        self._applied_revision = 0
         self._probes: dict[str, _Probe] = {}
         self._apply_lock = asyncio.Lock()
         self._compile_lock = asyncio.Lock()
@@ -204,7 +206,7 @@ class Reconciler:
         return record.resolution.entries.size
 
     def report(self) -> NodeReport:
-        revision = self._state.revision if self._state else 0
+        revision = self._applied_revision  # not the one being applied: its probes are not all in
         return NodeReport(
             node=self.node,
             revision=revision,
@@ -257,11 +259,10 @@ class Reconciler:
                 raise WrongNode(f"this agent serves node {self.node!r}, not {state.node!r}")
             if check_revision(self._state, state):
                 return self.report()
-            if self._store is not None:
-                # Persisted before the kernel work: a crash midway resumes this state.
-                await asyncio.to_thread(self._store.save, state)
-            self._state = state
-            self.attributor.set_targets(state.probes)
+            await self._persist(state)
+            previous, self._state = self._state, state
+            # Until the old programs are gone, their events still name their pods.
+            self.attributor.set_targets([*(previous.probes if previous else []), *state.probes])
             desired = {a.id for a in state.probes}
             for gone in [pid for pid in self._probes if pid not in desired]:
                 await self._close(self._probes.pop(gone))
@@ -271,7 +272,20 @@ class Reconciler:
             # Report in the order of the desired state.
             self._probes = {a.id: self._probes[a.id] for a in state.probes}
             await self._sync_readers()  # new programs get their readers
+            self.attributor.set_targets(state.probes)
+            self._applied_revision = state.revision
             return self.report()
+
+    async def _persist(self, state: NodeState) -> None:
+        """Saved before the kernel work, so that a crash midway resumes this state. A failed
+        save (disk full, read-only dir) costs only the resume after a restart: tracing goes
+        on, the operator pushes again to a restarted agent anyway."""
+        if self._store is None:
+            return
+        try:
+            await asyncio.to_thread(self._store.save, state)
+        except OSError as exc:
+            log.error("could not persist revision %d: %s", state.revision, exc)
 
     def _plan(self, assignment: ProbeAssignment) -> ProgramPlan | LoadFailure:
         try:

@@ -141,6 +141,14 @@ def bpf_prog_ids() -> list[int]:
     return [int(p["id"]) for p in json.loads(out.stdout)]
 
 
+def matched(metrics_text: str) -> int:
+    """Hits of team-k/opens that passed its filter, whoever they came from."""
+    for line in metrics_text.splitlines():
+        if line.startswith('tracekeeper_probe_matched_total{namespace="team-k",probe="opens"}'):
+            return int(float(line.rsplit(" ", 1)[1]))
+    raise AssertionError("no matched counter for team-k/opens")
+
+
 def hits(metrics_text: str, pod: str) -> int:
     for line in metrics_text.splitlines():
         if line.startswith("tracekeeper_probe_hits_total{") and f'pod="{pod}"' in line:
@@ -182,6 +190,12 @@ async def test_live_targets_keep_the_program(
     program_ids = first["programIds"]
     assert program_ids
 
+    # An empty filter matches nothing, never everything: not even this busy host's opens.
+    outsider = kubepods.parent / "system-like.slice"
+    create_cgroup(outsider)
+    await run_cat(outsider)
+    assert matched(await agent.metrics()) == 0
+
     # The pod cgroup appears: its entry is in the map before any container runs.
     create_cgroup(web0.directory)
 
@@ -212,8 +226,6 @@ async def test_live_targets_keep_the_program(
 
     # A process outside every target changes nothing.
     before = await agent.metrics()
-    outsider = kubepods.parent / "system-like.slice"
-    create_cgroup(outsider)
     await run_cat(outsider)
     after = await agent.metrics()
     assert hits(after, "web-0") == hits(before, "web-0")

@@ -309,8 +309,9 @@ async def test_compiles_run_off_the_loop_one_at_a_time() -> None:
     first = asyncio.create_task(reconciler.apply(node_state(1, probe(), probe("b"))))
     second = asyncio.create_task(reconciler.apply(node_state(2, probe(), probe("b"), probe("c"))))
     assert await asyncio.to_thread(loader.loading.wait, 10)
-    # The loop still serves while a compile blocks its worker thread.
-    assert reconciler.report().probes == []
+    # The loop still serves while a compile blocks its worker thread, and reports the
+    # revision fully applied, not the one in progress.
+    assert reconciler.report().probes == [] and reconciler.report().revision == 0
     assert await reconciler.refresh_targets() == 0
     loader.gate.set()
     await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
@@ -441,3 +442,10 @@ async def test_poll_targets_runs_until_cancelled() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_failed_save_does_not_stop_tracing(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+    reconciler, _, _ = make(store=StateStore(tmp_path / "not-a-dir"))
+    report = await reconciler.apply(node_state(1, probe()))
+    assert outcome(report).state == "Loaded" and report.revision == 1
