@@ -53,6 +53,7 @@ DETERMINISTIC_REASONS = frozenset(
 )
 
 
+SUSPENDED_MESSAGE = "spec.suspend is true: the program is unloaded"
 POLL_INTERVAL = 2.0
 """Seconds between re-resolutions of targets that no cgroup event announces."""
 
@@ -303,9 +304,8 @@ class Reconciler:
     ) -> None:
         current = self._probes.get(assignment.id)
         if built is None:  # suspended
-            await self._replace(
-                assignment.id, current, _Probe(assignment, "Suspended", "Suspended", "suspended")
-            )
+            suspended = _Probe(assignment, "Suspended", "Suspended", SUSPENDED_MESSAGE)
+            await self._replace(assignment.id, current, suspended)
             return
         if isinstance(built, LoadFailure):
             await self._replace(assignment.id, current, _failed(assignment, built))
