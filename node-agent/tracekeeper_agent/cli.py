@@ -363,7 +363,11 @@ def _duration(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tracekeeper-agent", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tracekeeper-agent",
+        description="tracekeeper's node agent: serve the operator's probes (serve), or run "
+        "TraceProbe files on this host without Kubernetes (run).",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     commands = parser.add_subparsers(dest="command", required=True)
 
