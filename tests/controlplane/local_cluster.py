@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 CONTROLPLANE_DIR = Path(__file__).resolve().parent
 BUILD_SCRIPT = CONTROLPLANE_DIR / "build.sh"
@@ -327,6 +327,12 @@ class LocalCluster:
                 f"{res.stdout}{res.stderr}"
             )
         return res
+
+    def get(self, kind: str, name: str, namespace: str, *, user: str = ADMIN) -> dict[str, Any]:
+        """``kubectl get -o json`` of one object."""
+        out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json", user=user, check=True)
+        obj: dict[str, Any] = json.loads(out.stdout)
+        return obj
 
     def request(
         self,

@@ -14,10 +14,12 @@ import pytest
 import yaml
 
 from tests.controlplane.local_cluster import LocalCluster
-from tests.e2e.conftest import CRDS_DIR, EXAMPLES_DIR, get_obj
 
 pytestmark = pytest.mark.e2e
 
+REPO = Path(__file__).resolve().parents[2]
+CRDS_DIR = REPO / "crds"
+EXAMPLES_DIR = REPO / "examples"
 GROUP = "tracekeeper.dev"
 API_VERSION = f"{GROUP}/v1alpha1"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
@@ -65,7 +67,7 @@ def test_example_applies(
     assert written, f"{example} has no objects"
     for doc in written:
         assert doc["apiVersion"] == API_VERSION
-        stored = get_obj(cluster, doc["kind"], doc["metadata"]["name"], ns)
+        stored = cluster.get(doc["kind"], doc["metadata"]["name"], ns)
         assert stored["metadata"]["namespace"] == ns
         assert _contains(stored["spec"], doc["spec"]), (doc["spec"], stored["spec"])
 
@@ -252,7 +254,7 @@ def test_status_is_a_subresource_and_undeclared_fields_are_pruned(
         "-p", json.dumps({"status": status}), check=True,
     )  # fmt: skip
     assert 'unknown field "status.undeclared"' in res.stderr  # kubectl passes the warning on
-    stored = get_obj(cluster, "traceprobe", "opens", ns)
+    stored = cluster.get("traceprobe", "opens", ns)
     st = stored["status"]
     assert st["observedGeneration"] == 1
     assert st["nodes"] == {"targeted": 3, "loaded": 2, "failed": 1}
@@ -280,7 +282,7 @@ def test_status_is_a_subresource_and_undeclared_fields_are_pruned(
         "patch", "traceprobe", "opens", "-n", ns, "--subresource=status", "--type=merge",
         "-p", json.dumps({"spec": {"sampling": 5}}), check=True,
     )  # fmt: skip
-    stored = get_obj(cluster, "traceprobe", "opens", ns)
+    stored = cluster.get("traceprobe", "opens", ns)
     assert stored["status"]["observedGeneration"] == 1
     assert stored["spec"]["sampling"] == 1
 
@@ -305,6 +307,6 @@ def test_tracefilter_status_prunes_too(
         "patch", "tracefilter", "web", "-n", ns, "--subresource=status", "--type=merge",
         "-p", json.dumps({"status": {"observedGeneration": 1, "undeclared": 1}}), check=True,
     )  # fmt: skip
-    st = get_obj(cluster, "tracefilter", "web", ns)["status"]
+    st = cluster.get("tracefilter", "web", ns)["status"]
     assert st["observedGeneration"] == 1
     assert "undeclared" not in st
