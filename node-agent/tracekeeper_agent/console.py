@@ -228,8 +228,11 @@ async def run_console(
             out.writelines(encode(snapshot(p, attributor, wall_ns=now)) for p in current)
         out.flush()
 
+    # Subscribe before the first await: events of probes loaded already must not be missed.
+    subscription = hub.subscribe(None)
+
     async def print_events() -> None:
-        async with hub.subscribe(None) as sub:
+        async with subscription as sub:
             async for event in sub:
                 out.writelines(encode(e) for e in [event, *sub.drain()])
                 out.flush()
@@ -245,4 +248,5 @@ async def run_console(
         printer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await printer
+        subscription.close()  # also when the printer was cancelled before it started
     frame()
