@@ -13,6 +13,7 @@ from tracekeeper_api.resources import TraceFilter, TraceProbe, load_documents
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+STANDALONE = sorted((ROOT / "examples" / "standalone").glob("*.yaml"))
 
 
 def test_crds_in_sync_with_models() -> None:
@@ -83,3 +84,10 @@ def test_shared_filter_is_referenced_by_two_probes() -> None:
     filters = [o for o in objs if isinstance(o, TraceFilter)]
     refs = [o.spec.filter_ref for o in objs if isinstance(o, TraceProbe)]
     assert len(filters) == 1 and refs.count(filters[0].metadata.name) == 2
+
+
+@pytest.mark.parametrize("path", STANDALONE, ids=[p.name for p in STANDALONE])
+def test_standalone_example_validates(path: Path) -> None:
+    text = path.read_text()
+    assert text.startswith("#")
+    assert list(load_documents(text, path.name))
