@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.controlplane.local_cluster import LocalCluster
+from tests.controlplane.local_cluster import ControlPlaneError, LocalCluster
 
 pytestmark = pytest.mark.e2e
 
 GO_MOD = Path(__file__).resolve().parents[1] / "controlplane" / "go.mod"
+LOCAL_CLUSTER = GO_MOD.parent / "local_cluster.py"
 
 
 def _pinned_version() -> str:
@@ -80,3 +84,63 @@ def test_tenant_cannot_escalate_itself(cluster: LocalCluster) -> None:
     )  # fmt: skip
     assert res.returncode != 0
     assert "forbidden" in res.stderr.lower()
+
+
+# -- LocalCluster's own behaviour: errors that say what to do, and a clean CLI lifecycle --
+
+
+def test_missing_binaries_say_how_to_build(tmp_path: Path) -> None:
+    with pytest.raises(
+        ControlPlaneError, match=r"missing etcd, kube-apiserver, kubectl .*build\.sh"
+    ):
+        LocalCluster(tmp_path / "no-bin", tmp_path / "c").start()
+
+
+def test_taken_port_is_reported(cluster: LocalCluster, tmp_path: Path) -> None:
+    other = LocalCluster(cluster.bin_dir, tmp_path / "c", apiserver_port=cluster.apiserver_port)
+    with pytest.raises(
+        ControlPlaneError, match=rf"kube-apiserver port 127.0.0.1:{cluster.apiserver_port} is taken"
+    ):
+        other.start()
+
+
+def test_failed_start_carries_the_log_and_leaves_nothing_running(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    broken = LocalCluster(cluster.bin_dir, tmp_path / "c", extra_apiserver_args=["--no-such-flag"])
+    with pytest.raises(ControlPlaneError, match="kube-apiserver exited with code") as exc:
+        broken.start()
+    assert "unknown flag: --no-such-flag" in str(exc.value)
+    assert not broken.pids  # etcd was stopped too
+
+
+def test_cli_runs_until_sigterm(cluster: LocalCluster, tmp_path: Path) -> None:
+    cdir = tmp_path / "cli"
+    proc = subprocess.Popen(
+        [sys.executable, str(LOCAL_CLUSTER), "start", "--dir", str(cdir),
+         "--bin-dir", str(cluster.bin_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        kubeconfig = proc.stdout.readline().strip()  # printed once the cluster is ready
+        assert kubeconfig == str(cdir / "kubeconfig-admin"), (
+            proc.stderr.read() if proc.stderr else ""
+        )
+        pids = dict(line.split() for line in (cdir / "pids").read_text().splitlines())
+        assert set(pids) == {"etcd", "kube-apiserver", "local_cluster"}
+        kubectl = str(cluster.bin_dir / "kubectl")
+        res = subprocess.run(
+            [kubectl, "--kubeconfig", kubeconfig, "get", "ns", "default"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for name in ("etcd", "kube-apiserver"):
+        assert not Path(f"/proc/{pids[name]}").exists(), f"{name} still running"
+    assert not (cdir / "pids").exists()
