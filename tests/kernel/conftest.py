@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tracekeeper_agent.bpf.loader import BccProgram
 from tracekeeper_agent.cgroups import create_cgroup, detect_root, remove_cgroup_tree
 
 
@@ -21,6 +22,15 @@ from tracekeeper_agent.cgroups import create_cgroup, detect_root, remove_cgroup_
 def _needs_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("kernel tier: needs root to load BPF programs")
+
+
+@pytest.fixture
+def loaded() -> Iterator[list[BccProgram]]:
+    """Programs a test loads, closed afterwards whatever happens."""
+    programs: list[BccProgram] = []
+    yield programs
+    for p in programs:
+        p.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ buffer with every loss accounted for (rate limit, full ring, slow subscriber).""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +61,6 @@ def pods(cgroup_sandbox: Path) -> dict[str, Path]:
         layout[name] = cgroup_sandbox / name
         create_cgroup(layout[name])  # and its pod-level parent
     return layout
-
-
-@pytest.fixture
-def loaded() -> Iterator[list[BccProgram]]:
-    programs: list[BccProgram] = []
-    yield programs
-    for p in programs:
-        p.close()
 
 
 def load(programs: list[BccProgram], spec: dict[str, Any], pods: dict[str, Path]) -> ActiveProbe:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,6 @@ def assignment(spec: dict[str, Any], targets: dict[str, Any] | None = None) -> P
 
 def getppid_loop(n: int) -> list[str]:
     return [PY, "-S", "-c", f"import os\nfor _ in range({n}): os.getppid()"]
-
-
-@pytest.fixture
-def loaded() -> Iterator[list[BccProgram]]:
-    """Programs loaded by a test, closed afterwards whatever happens."""
-    programs: list[BccProgram] = []
-    yield programs
-    for p in programs:
-        p.close()
 
 
 def load(programs: list[BccProgram], a: ProbeAssignment) -> BccProgram:

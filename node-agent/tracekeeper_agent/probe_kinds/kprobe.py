@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tracekeeper_agent.kernel import Attachment, LoadFailure
 from tracekeeper_agent.probe_kinds.context import BuildContext, KindRender
-from tracekeeper_agent.probe_kinds.outputs import emit
+from tracekeeper_agent.probe_kinds.outputs import regs_function
 from tracekeeper_api.probes import TraceProbeSpec
 
 
@@ -19,13 +19,6 @@ def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
             f"({ctx.kernel.kprobes.evidence}); use a tracepoint or syscall probe instead",
         )
     fn = "tk_kretprobe" if kp.return_ else "tk_kprobe"
-    body = (
-        f"int {fn}(struct pt_regs *ctx) {{\n"
-        "    if (!tk_admit())\n"
-        "        return 0;\n"
-        f"{emit(spec.output)}"
-        "    return 0;\n"
-        "}\n"
-    )
+    body = regs_function(fn, spec.output)
     attach = Attachment("kretprobe" if kp.return_ else "kprobe", fn, kp.function)
     return KindRender(body=body, attachments=(attach,))

@@ -29,4 +29,16 @@ def emit(output: OutputSpec, *, value: str | None = None, captures: str = "") ->
     )
 
 
+def regs_function(fn: str, output: OutputSpec) -> str:
+    """A probe function taking pt_regs (kprobes, uprobes): filter, then the output."""
+    return (
+        f"int {fn}(struct pt_regs *ctx) {{\n"
+        "    if (!tk_admit())\n"
+        "        return 0;\n"
+        f"{emit(output)}"
+        "    return 0;\n"
+        "}\n"
+    )
+
+
 LATENCY_FIELD = EventField(name="latency_ns", kind="uint", size=8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tracekeeper_agent.elf_symbols import UprobeTargetError, resolve_uprobe
 from tracekeeper_agent.kernel import Attachment, LoadFailure
 from tracekeeper_agent.probe_kinds.context import BuildContext, KindRender
-from tracekeeper_agent.probe_kinds.outputs import emit
+from tracekeeper_agent.probe_kinds.outputs import regs_function
 from tracekeeper_api.probes import TraceProbeSpec
 
 
@@ -21,14 +21,7 @@ def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
         )
     binary = resolve(up.binary, up.symbol, ctx)
     fn = "tk_uretprobe" if up.return_ else "tk_uprobe"
-    body = (
-        f"int {fn}(struct pt_regs *ctx) {{\n"
-        "    if (!tk_admit())\n"
-        "        return 0;\n"
-        f"{emit(spec.output)}"
-        "    return 0;\n"
-        "}\n"
-    )
+    body = regs_function(fn, spec.output)
     attach = Attachment("uretprobe" if up.return_ else "uprobe", fn, up.symbol, binary)
     return KindRender(body=body, attachments=(attach,))
 
