@@ -1,0 +1,291 @@
+"""What the operator keeps of each watched object: small frozen records parsed from bodies.
+
+Raw Kubernetes payloads are typed at this edge only; everything past it works on records,
+so that the indexes hold a few hundred bytes per pod rather than whole bodies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypedDict, TypeVar, cast
+
+from pydantic import ValidationError
+
+from tracekeeper_api.filters import TraceFilterSpec
+from tracekeeper_api.probes import TraceProbeSpec
+from tracekeeper_api.resources import format_errors
+from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
+from tracekeeper_operator.settings import AGENT_ENDPOINT_ANNOTATION
+
+Body = Mapping[str, Any]
+
+
+class _ContainerPort(TypedDict, total=False):
+    name: str
+    containerPort: int
+
+
+class _Container(TypedDict, total=False):
+    name: str
+    ports: list[_ContainerPort]
+
+
+class _ContainerStatus(TypedDict, total=False):
+    name: str
+    containerID: str
+
+
+class _PodCondition(TypedDict, total=False):
+    type: str
+    status: str
+
+
+class _PodSpec(TypedDict, total=False):
+    nodeName: str
+    containers: list[_Container]
+    initContainers: list[_Container]
+
+
+class _PodStatus(TypedDict, total=False):
+    phase: str
+    podIP: str
+    conditions: list[_PodCondition]
+    containerStatuses: list[_ContainerStatus]
+    initContainerStatuses: list[_ContainerStatus]
+
+
+class _Metadata(TypedDict, total=False):
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    creationTimestamp: str
+    deletionTimestamp: str
+
+
+def _meta(body: Body) -> _Metadata:
+    return cast(_Metadata, body.get("metadata") or {})
+
+
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+@dataclass(frozen=True)
+class ContainerRecord:
+    name: str
+    container_id: str | None = None
+    """runtime://id from the pod status; None until the container started."""
+
+
+@dataclass(frozen=True)
+class PodRecord:
+    namespace: str
+    name: str
+    uid: str
+    node: str | None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    phase: str = ""
+    containers: tuple[ContainerRecord, ...] = ()
+
+    @property
+    def traceable(self) -> bool:
+        """Bound to a node and not finished: its processes may run (or start) there."""
+        return bool(self.node) and self.phase not in TERMINAL_PHASES
+
+
+def pod_record(body: Body) -> PodRecord | None:
+    meta = _meta(body)
+    spec = cast(_PodSpec, body.get("spec") or {})
+    status = cast(_PodStatus, body.get("status") or {})
+    if not meta.get("uid") or not meta.get("name") or not meta.get("namespace"):
+        return None
+    ids = {
+        s.get("name", ""): s.get("containerID") or None
+        for s in [*status.get("initContainerStatuses", []), *status.get("containerStatuses", [])]
+    }
+    names = [
+        c.get("name", "") for c in [*spec.get("initContainers", []), *spec.get("containers", [])]
+    ]
+    return PodRecord(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        uid=meta["uid"],
+        node=spec.get("nodeName") or None,
+        labels=dict(meta.get("labels") or {}),
+        phase=status.get("phase", ""),
+        containers=tuple(ContainerRecord(n, ids.get(n)) for n in names if n),
+    )
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """An agent pod: where the agent of its node listens."""
+
+    node: str
+    pod: str
+    endpoint: str | None
+    """Base URL (http://ip:port), None while the pod has no IP yet."""
+    ready: bool = False
+    created: str = ""
+
+
+def agent_record(body: Body, port_name: str) -> AgentRecord | None:
+    meta = _meta(body)
+    spec = cast(_PodSpec, body.get("spec") or {})
+    status = cast(_PodStatus, body.get("status") or {})
+    node = spec.get("nodeName")
+    if not node or status.get("phase") in TERMINAL_PHASES or meta.get("deletionTimestamp"):
+        return None
+    endpoint = (meta.get("annotations") or {}).get(AGENT_ENDPOINT_ANNOTATION)
+    if not endpoint:
+        endpoint = _pod_endpoint(spec, status, port_name)
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", [])
+    )
+    return AgentRecord(
+        node=node,
+        pod=f"{meta.get('namespace', '')}/{meta.get('name', '')}",
+        endpoint=endpoint.rstrip("/") if endpoint else None,
+        ready=ready,
+        created=meta.get("creationTimestamp", ""),
+    )
+
+
+def _pod_endpoint(spec: _PodSpec, status: _PodStatus, port_name: str) -> str | None:
+    ip = status.get("podIP")
+    if not ip:
+        return None
+    for container in spec.get("containers", []):
+        for port in container.get("ports", []):
+            if port.get("name") == port_name and port.get("containerPort"):
+                host = f"[{ip}]" if ":" in ip else ip
+                return f"http://{host}:{port['containerPort']}"
+    return None
+
+
+def best_agent(candidates: list[AgentRecord]) -> AgentRecord | None:
+    """One agent per node; during a rollout prefer a reachable, ready, newer pod."""
+    usable = [a for a in candidates if a.endpoint]
+    if not usable:
+        return None
+    return max(usable, key=lambda a: (a.ready, a.created, a.pod))
+
+
+@dataclass(frozen=True)
+class LabelledRecord:
+    """A Node or Namespace: only its labels matter here."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def labelled_record(body: Body) -> LabelledRecord | None:
+    meta = _meta(body)
+    if not meta.get("name"):
+        return None
+    return LabelledRecord(meta["name"], dict(meta.get("labels") or {}))
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """Enough to patch an object's status and to post an Event about it."""
+
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    api_version: str = "tracekeeper.dev/v1alpha1"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    ref: ObjectRef
+    generation: int
+    spec: TraceProbeSpec | None
+    """None when the stored spec does not validate (admitted before a schema change)."""
+    invalid: str = ""
+    status: TraceProbeStatus | None = None
+    deleting: bool = False
+    deletion_timestamp: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.ref.key
+
+
+@dataclass(frozen=True)
+class FilterRecord:
+    ref: ObjectRef
+    generation: int
+    spec: TraceFilterSpec | None
+    invalid: str = ""
+    status: TraceFilterStatus | None = None
+    deleting: bool = False
+
+
+def _ref(body: Body, kind: str) -> ObjectRef | None:
+    meta = _meta(body)
+    if not meta.get("name") or not meta.get("namespace"):
+        return None
+    return ObjectRef(kind, meta["namespace"], meta["name"], meta.get("uid", ""))
+
+
+_Spec = TypeVar("_Spec", TraceProbeSpec, TraceFilterSpec)
+_Status = TypeVar("_Status", TraceProbeStatus, TraceFilterStatus)
+
+
+def _validated(model: type[_Spec], raw: object) -> tuple[_Spec | None, str]:
+    try:
+        return model.model_validate(raw), ""
+    except ValidationError as exc:
+        return None, format_errors(exc).strip()
+
+
+def _status(model: type[_Status], raw: object) -> _Status | None:
+    # A status we cannot read (written by an older operator) is simply rewritten.
+    if not raw:
+        return None
+    try:
+        return model.model_validate(raw)
+    except ValidationError:
+        return None
+
+
+def probe_record(body: Body) -> ProbeRecord | None:
+    ref = _ref(body, "TraceProbe")
+    if ref is None:
+        return None
+    spec, invalid = _validated(TraceProbeSpec, body.get("spec") or {})
+    meta = _meta(body)
+    return ProbeRecord(
+        ref=ref,
+        generation=int(meta.get("generation", 0)),
+        spec=spec,
+        invalid=invalid,
+        status=_status(TraceProbeStatus, body.get("status")),
+        deleting=bool(meta.get("deletionTimestamp")),
+        deletion_timestamp=meta.get("deletionTimestamp", ""),
+    )
+
+
+def filter_record(body: Body) -> FilterRecord | None:
+    ref = _ref(body, "TraceFilter")
+    if ref is None:
+        return None
+    spec, invalid = _validated(TraceFilterSpec, body.get("spec") or {})
+    meta = _meta(body)
+    return FilterRecord(
+        ref=ref,
+        generation=int(meta.get("generation", 0)),
+        spec=spec,
+        invalid=invalid,
+        status=_status(TraceFilterStatus, body.get("status")),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
