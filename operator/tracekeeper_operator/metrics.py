@@ -1,0 +1,74 @@
+"""The operator's own metrics (its control plane, not the traces: those are the agents')."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class OperatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.renders = Counter(
+            "tracekeeper_operator_renders",
+            "Render passes: every probe's targets and every node's desired state computed.",
+            registry=r,
+        )
+        self.reconciles = Counter(
+            "tracekeeper_operator_reconciles",
+            "Cluster changes (watch events) that asked for a render.",
+            registry=r,
+        )
+        self.pushes = Counter(
+            "tracekeeper_operator_pushes",
+            "PUT /v1/state requests to agents, by outcome (ok, error, stale).",
+            ["outcome"],
+            registry=r,
+        )
+        self.push_seconds = Histogram(
+            "tracekeeper_operator_push_duration_seconds",
+            "Time of a PUT /v1/state to an agent, including its compiles.",
+            buckets=PUSH_BUCKETS,
+            registry=r,
+        )
+        self.push_bytes = Histogram(
+            "tracekeeper_operator_push_bytes",
+            "Size of the NodeState documents pushed.",
+            buckets=(1e3, 1e4, 1e5, 1e6, 4e6),
+            registry=r,
+        )
+        self.resyncs = Counter(
+            "tracekeeper_operator_resyncs",
+            "GET /v1/state reads of agent reports, by outcome (ok, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.desired_assignments = Gauge(
+            "tracekeeper_operator_desired_assignments",
+            "Probe assignments in all nodes' desired states (probes x nodes).",
+            registry=r,
+        )
+        self.desired_nodes = Gauge(
+            "tracekeeper_operator_desired_nodes",
+            "Nodes with an agent or with targets in the desired state.",
+            registry=r,
+        )
+        self.status_patches = Counter(
+            "tracekeeper_operator_status_patches",
+            "Status writes, by kind (TraceProbe, TraceFilter) and outcome (ok, error).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.events = Counter(
+            "tracekeeper_operator_events",
+            "Kubernetes Events posted, by reason.",
+            ["reason"],
+            registry=r,
+        )
+
+    def observe_push(self, outcome: str, seconds: float, size: int) -> None:
+        self.pushes.labels(outcome).inc()
+        self.push_seconds.observe(seconds)
+        self.push_bytes.observe(size)

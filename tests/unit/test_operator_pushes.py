@@ -1,0 +1,313 @@
+"""Push scheduling: coalescing, backoff on a fake clock, full state after an agent restart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from tracekeeper_api.probes import TraceProbeSpec
+from tracekeeper_api.protocol import (
+    NodeReport,
+    NodeState,
+    PodTarget,
+    ProbeAssignment,
+    ProbeOutcome,
+    ProbeTargets,
+    spec_hash,
+)
+from tracekeeper_operator.agent_client import AgentError, StaleRevision
+from tracekeeper_operator.metrics import OperatorMetrics
+from tracekeeper_operator.node_state import Assignments, RevisionClock
+from tracekeeper_operator.pushes import (
+    PushAction,
+    Pusher,
+    PushPlanner,
+    ResyncAction,
+    holding_nodes,
+)
+
+SPEC = TraceProbeSpec.model_validate({"tracepoint": "syscalls:sys_enter_openat"})
+
+
+def probes(n_pods: int, probe_id: str = "team-a/opens") -> Assignments:
+    pods = [
+        PodTarget(uid=f"00000000-0000-4000-8000-{i:012x}", namespace="team-a", name=f"p{i}")
+        for i in range(n_pods)
+    ]
+    return (
+        ProbeAssignment(
+            id=probe_id, spec_hash=spec_hash(SPEC), spec=SPEC, targets=ProbeTargets(pods=pods)
+        ),
+    )
+
+
+def report_for(state: NodeState, boot_id: str = "boot-1") -> NodeReport:
+    outcomes = [
+        ProbeOutcome(id=p.id, spec_hash=p.spec_hash, state="Loaded", reason="Loaded")
+        for p in state.probes
+    ]
+    return NodeReport(node=state.node, revision=state.revision, boot_id=boot_id, probes=outcomes)
+
+
+ENDPOINTS = {"n1": "http://n1", "n2": "http://n2"}
+
+
+def planner(**kw: float) -> PushPlanner:
+    wall = iter(range(1000, 10**6))
+    settings: dict[str, float] = {
+        "debounce": 0.2,
+        "max_delay": 1.0,
+        "backoff_base": 0.5,
+        "backoff_max": 8.0,
+        "resync_interval": 30.0,
+    }
+    settings.update(kw)
+    return PushPlanner(revisions=RevisionClock(lambda: next(wall)), **settings)
+
+
+def pushes(actions: list[PushAction | ResyncAction]) -> list[PushAction]:
+    return [a for a in actions if isinstance(a, PushAction)]
+
+
+def test_a_burst_is_pushed_once_after_the_quiet_window() -> None:
+    p = planner()
+    for i in range(100):  # a pod churn storm within 10 ms
+        p.set_desired({"n1": probes(i), "n2": probes(i)}, ENDPOINTS, now=i * 0.0001)
+    assert p.due(0.1) == []
+    sent = pushes(p.due(0.2101))
+    assert [a.node for a in sent] == ["n1", "n2"]
+    assert all(len(a.state.probes[0].targets.pods) == 99 for a in sent)  # the latest state
+    for a in sent:
+        p.pushed(a, report_for(a.state), now=0.3)
+    assert p.due(0.5) == [] and p.settled()
+
+
+def test_constant_churn_still_pushes_every_max_delay() -> None:
+    p = planner()
+    count = 0
+    t = 0.0
+    for step in range(300):  # a change every 10 ms for 3 s
+        t = step * 0.01
+        p.set_desired({"n1": probes(step)}, {"n1": "http://n1"}, now=t)
+        for a in pushes(p.due(t)):
+            count += 1
+            p.pushed(a, report_for(a.state), now=t)
+    assert count == 2  # at 1.0 s and 2.01 s, though it was never quiet
+    (last,) = pushes(p.due(t + 0.2))  # and the final state once it is
+    assert len(last.state.probes[0].targets.pods) == 299
+
+
+def test_unchanged_rendering_pushes_nothing() -> None:
+    p = planner()
+    p.set_desired({"n1": probes(1)}, {"n1": "http://n1"}, now=0)
+    (a,) = pushes(p.due(1))
+    p.pushed(a, report_for(a.state), now=1)
+    assert p.set_desired({"n1": probes(1)}, {"n1": "http://n1"}, now=2) == []
+    assert pushes(p.due(5)) == []
+
+
+def test_failures_back_off_exponentially_then_recover() -> None:
+    p = planner()
+    p.set_desired({"n1": probes(1)}, {"n1": "http://n1"}, now=0)
+    t = 0.2
+    delays = []
+    for _ in range(6):
+        (a,) = pushes(p.due(t))
+        p.push_failed(a, AgentError("connection refused"), now=t)
+        wake = p.next_wakeup()
+        assert wake is not None
+        assert pushes(p.due(wake - 0.001)) == []
+        delays.append(round(wake - t, 3))
+        t = wake
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]  # capped at backoff_max
+    assert p.views()["n1"].error == "connection refused"
+    (a,) = pushes(p.due(t))
+    p.pushed(a, report_for(a.state), now=t)
+    assert p.views()["n1"].error is None and p.settled()
+    assert a.state.revision > 1000  # each attempt carries a fresh revision
+
+
+def test_a_change_during_a_push_is_sent_after_it() -> None:
+    p = planner()
+    p.set_desired({"n1": probes(1)}, {"n1": "http://n1"}, now=0)
+    (first,) = pushes(p.due(1))
+    p.set_desired({"n1": probes(2)}, {"n1": "http://n1"}, now=1.1)
+    assert p.due(5) == []  # one push per node at a time
+    p.pushed(first, report_for(first.state), now=1.2)
+    (second,) = pushes(p.due(1.31))
+    assert len(second.state.probes[0].targets.pods) == 2
+    assert second.state.revision > first.state.revision
+
+
+def test_a_restarted_agent_gets_the_full_state_again() -> None:
+    p = planner(resync_interval=5)
+    p.set_desired({"n1": probes(3)}, {"n1": "http://n1"}, now=0)
+    (a,) = pushes(p.due(1))
+    p.pushed(a, report_for(a.state, boot_id="boot-1"), now=1)
+    (resync,) = p.due(6)
+    assert isinstance(resync, ResyncAction)
+    p.resynced(resync, report_for(a.state, boot_id="boot-1"), now=6)
+    assert p.settled()  # same agent, same state: nothing to do
+    (resync,) = p.due(11)
+    assert isinstance(resync, ResyncAction)
+    # The agent restarted and resumed its persisted state: same revision, new bootId.
+    p.resynced(resync, report_for(a.state, boot_id="boot-2"), now=11)
+    (again,) = pushes(p.due(11))
+    assert again.state.probes == a.state.probes and again.state.revision > a.state.revision
+
+
+@pytest.mark.parametrize(
+    "drift",
+    ["revision", "hash", "missing"],
+)
+def test_a_report_that_differs_from_what_was_sent_gets_the_state_again(drift: str) -> None:
+    p = planner(resync_interval=5)
+    p.set_desired({"n1": probes(1)}, {"n1": "http://n1"}, now=0)
+    (a,) = pushes(p.due(1))
+    p.pushed(a, report_for(a.state), now=1)
+    report = report_for(a.state)
+    if drift == "revision":
+        report = report.model_copy(update={"revision": 1})
+    elif drift == "hash":
+        report = report.model_copy(
+            update={
+                "probes": [report.probes[0].model_copy(update={"spec_hash": "ffffffffffffffff"})]
+            }
+        )
+    else:
+        report = report.model_copy(update={"probes": []})
+    (resync,) = p.due(6)
+    assert isinstance(resync, ResyncAction)
+    p.resynced(resync, report, now=6)
+    assert [x.node for x in pushes(p.due(6))] == ["n1"]
+
+
+def test_stale_revision_moves_the_clock_past_the_agents() -> None:
+    p = planner()
+    p.set_desired({"n1": probes(1)}, {"n1": "http://n1"}, now=0)
+    (a,) = pushes(p.due(1))
+    p.push_failed(a, StaleRevision("409", applied_revision=5_000_000), now=1)
+    assert p.views()["n1"].error is None  # the agent is fine, only our clock was behind
+    (b,) = pushes(p.due(2))
+    assert b.state.revision == 5_000_001
+
+
+def test_a_new_agent_pod_gets_the_full_state() -> None:
+    p = planner()
+    p.set_desired({"n1": probes(1)}, {"n1": "http://old"}, now=0)
+    (a,) = pushes(p.due(1))
+    p.pushed(a, report_for(a.state), now=1)
+    assert p.set_desired({"n1": probes(1)}, {"n1": "http://new"}, now=2) == ["n1"]
+    (b,) = pushes(p.due(3))
+    assert b.endpoint == "http://new" and b.state.probes == a.state.probes
+
+
+def test_nodes_without_agents_are_never_pushed() -> None:
+    p = planner()
+    p.set_desired({"n1": probes(1)}, {}, now=0)
+    assert p.due(10) == [] and p.next_wakeup() is None
+    assert p.views()["n1"].endpoint is None
+
+
+def test_holding_nodes_until_every_agent_confirms() -> None:
+    p = planner()
+    p.set_desired({"n1": probes(1), "n2": ()}, ENDPOINTS, now=0)
+    assert holding_nodes("team-a/opens", p.views()) == ["n1", "n2"]  # no reports yet
+    acts = pushes(p.due(1))
+    assert holding_nodes("team-a/opens", p.views()) == ["n1", "n2"]
+    for a in acts:
+        p.pushed(a, report_for(a.state), now=1)
+    assert holding_nodes("team-a/opens", p.views()) == ["n1"]
+    p.set_desired({"n1": (), "n2": ()}, ENDPOINTS, now=2)
+    assert holding_nodes("team-a/opens", p.views()) == ["n1"]  # desired gone, not confirmed
+    (a,) = pushes(p.due(3))
+    p.pushed(a, report_for(a.state), now=3)
+    assert holding_nodes("team-a/opens", p.views()) == []
+
+
+class FakeAgents:
+    """An AgentClient that answers like an agent, optionally failing first."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.puts: list[tuple[str, NodeState]] = []
+        self.gets: list[str] = []
+        self.failures = failures
+        self.boot_id = "boot-1"
+        self.held: dict[str, NodeState] = {}
+        self.answered = asyncio.Event()
+        """Set after every call: waiters re-check what they wait for."""
+
+    async def put_state(self, endpoint: str, state: NodeState) -> NodeReport:
+        await asyncio.sleep(0.001)
+        self.answered.set()
+        if self.failures:
+            self.failures -= 1
+            raise AgentError("connection refused")
+        self.puts.append((endpoint, state))
+        self.held[endpoint] = state
+        return report_for(state, self.boot_id)
+
+    async def get_state(self, endpoint: str) -> NodeReport:
+        self.gets.append(endpoint)
+        self.answered.set()
+        return report_for(self.held[endpoint], self.boot_id)
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        """Wait (5 s at most) until `predicate` holds, re-checked after each agent call."""
+        async with asyncio.timeout(5):
+            while not predicate():
+                self.answered.clear()
+                await self.answered.wait()
+
+
+async def test_pusher_coalesces_100_triggers_into_one_push_per_node() -> None:
+    agents = FakeAgents()
+    metrics = OperatorMetrics()
+    changes = []
+    pusher = Pusher(
+        planner(debounce=0.05), agents, metrics=metrics, on_change=lambda: changes.append(1)
+    )
+    task = asyncio.create_task(pusher.run())
+    try:
+        for i in range(100):
+            pusher.update({"n1": probes(i), "n2": probes(i)}, ENDPOINTS)
+            await asyncio.sleep(0)
+        await agents.until(pusher.planner.settled)
+        assert sorted(e for e, _ in agents.puts) == ["http://n1", "http://n2"]
+        assert all(len(s.probes[0].targets.pods) == 99 for _, s in agents.puts)
+        assert len(changes) == 2
+        assert metrics.pushes.labels("ok")._value.get() == 2
+    finally:
+        task.cancel()
+
+
+async def test_pusher_retries_until_the_agent_answers() -> None:
+    agents = FakeAgents(failures=3)
+    p = planner(debounce=0.0, backoff_base=0.01, backoff_max=0.02)
+    pusher = Pusher(p, agents)
+    task = asyncio.create_task(pusher.run())
+    try:
+        pusher.update({"n1": probes(1)}, {"n1": "http://n1"})
+        await agents.until(pusher.planner.settled)
+        assert len(agents.puts) == 1 and agents.failures == 0
+    finally:
+        task.cancel()
+
+
+async def test_pusher_resyncs_and_repushes_after_a_restart() -> None:
+    agents = FakeAgents()
+    pusher = Pusher(planner(debounce=0.0, resync_interval=0.02), agents)
+    task = asyncio.create_task(pusher.run())
+    try:
+        pusher.update({"n1": probes(2)}, {"n1": "http://n1"})
+        await agents.until(pusher.planner.settled)
+        await agents.until(lambda: len(agents.gets) >= 2)
+        assert len(agents.puts) == 1
+        agents.boot_id = "boot-2"
+        await agents.until(lambda: len(agents.puts) >= 2)
+        first, second = agents.puts[0][1], agents.puts[1][1]
+        assert second.probes == first.probes and second.revision > first.revision
+    finally:
+        task.cancel()
