@@ -1,0 +1,304 @@
+"""Per-node agent outcomes folded into TraceProbe / TraceFilter status, and the Events that
+status transitions deserve.
+
+Pure: the same inputs give the same status, and a condition's lastTransitionTime is carried
+over from the previous status unless the condition's status changed, so that a steady state
+folds to exactly the status already stored and nothing is written.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from tracekeeper_api.protocol import truncate_message
+from tracekeeper_api.status import (
+    MAX_FAILURES,
+    MAX_MESSAGE,
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    NodeCounts,
+    NodeFailure,
+    TargetCounts,
+    TraceFilterStatus,
+    TraceProbeStatus,
+)
+from tracekeeper_operator.pushes import AgentView
+from tracekeeper_operator.records import FilterRecord, ProbeRecord
+from tracekeeper_operator.selection import Refusal, Selection
+
+MAX_NODES_NAMED = 5
+"""Nodes named in a condition message; the rest are counted."""
+
+NodeState = Literal["Loaded", "Failed", "Pending"]
+
+
+@dataclass(frozen=True)
+class NodeOutcome:
+    """How one targeted node is doing with one probe."""
+
+    node: str
+    state: NodeState
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+def rfc3339(when: datetime | None = None) -> str:
+    return (when or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
+def _named(nodes: Sequence[str]) -> str:
+    more = len(nodes) - MAX_NODES_NAMED
+    return ", ".join(nodes[:MAX_NODES_NAMED]) + (f" and {more} more" if more > 0 else "")
+
+
+def node_outcome(
+    probe_id: str, spec_hash: str, node: str, view: AgentView | None, overflow: bool = False
+) -> NodeOutcome:
+    """What one node's agent says of the probe, from its latest report."""
+    if overflow:
+        return NodeOutcome(
+            node, "Failed", "Failed", "the node already runs the maximum number of probes"
+        )
+    if view is None or view.endpoint is None:
+        return NodeOutcome(
+            node, "Failed", "AgentUnreachable", "no tracekeeper agent runs on this node"
+        )
+    if view.error is not None:
+        # The last contact failed: whatever the last report said is not known to hold.
+        return NodeOutcome(node, "Failed", "AgentUnreachable", view.error)
+    outcome = None
+    if view.report is not None:
+        outcome = next((p for p in view.report.probes if p.id == probe_id), None)
+    if outcome is None or outcome.spec_hash != spec_hash:
+        return NodeOutcome(node, "Pending", "NodesPending", "waiting for the agent")
+    if outcome.state == "Loaded":
+        return NodeOutcome(node, "Loaded", "Loaded", outcome.message)
+    if outcome.state == "Suspended":
+        return NodeOutcome(node, "Pending", "NodesPending", "suspended on the agent")
+    return NodeOutcome(node, "Failed", outcome.reason or outcome.state, outcome.message)
+
+
+def node_outcomes(
+    probe_id: str,
+    spec_hash: str,
+    nodes: Iterable[str],
+    views: Mapping[str, AgentView],
+    overflow: Mapping[str, Sequence[str]] | None = None,
+) -> list[NodeOutcome]:
+    overflow = overflow or {}
+    return [
+        node_outcome(probe_id, spec_hash, node, views.get(node), probe_id in overflow.get(node, ()))
+        for node in sorted(nodes)
+    ]
+
+
+def _condition(
+    type_: ConditionType,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    *,
+    generation: int,
+    previous: Condition | None,
+    now: str,
+) -> Condition:
+    kept = previous is not None and previous.status == status and previous.last_transition_time
+    return Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=_clip(message),
+        observed_generation=generation,
+        last_transition_time=previous.last_transition_time if kept and previous else now,
+    )
+
+
+def _dominant(failures: Sequence[NodeOutcome]) -> str:
+    counts = Counter(f.reason for f in failures)
+    best = max(counts.values())
+    return next(f.reason for f in failures if counts[f.reason] == best)
+
+
+def fold_probe_status(
+    probe: ProbeRecord,
+    selection: Selection,
+    outcomes: Sequence[NodeOutcome],
+    *,
+    previous: TraceProbeStatus | None,
+    now: str,
+    max_failures: int = MAX_FAILURES,
+) -> TraceProbeStatus:
+    gen = probe.generation
+
+    def cond(type_: ConditionType, status: ConditionStatus, reason: str, msg: str) -> Condition:
+        before = previous.condition(type_) if previous is not None else None
+        return _condition(type_, status, reason, msg, generation=gen, previous=before, now=now)
+
+    no_failures = cond("Degraded", "False", "NoFailures", "")
+    if isinstance(selection, Refusal):
+        why, msg = selection.reason, selection.message
+        return TraceProbeStatus(
+            observed_generation=gen,
+            conditions=[
+                cond("Ready", "False", why, msg),
+                cond("Accepted", "False", why, msg),
+                cond("Loaded", "False", why, "not loaded on any node"),
+                no_failures,
+            ],
+        )
+    accepted = cond("Accepted", "True", "Accepted", "")
+    targets = TargetCounts(pods=selection.pods, containers=selection.containers)
+    note = f" ({selection.note})" if selection.note else ""
+    if probe.spec is not None and probe.spec.suspend:
+        msg = "suspended: unloaded from every node"
+        return TraceProbeStatus(
+            observed_generation=gen,
+            conditions=[
+                cond("Ready", "False", "Suspended", msg),
+                accepted,
+                cond("Loaded", "False", "Suspended", msg),
+                no_failures,
+            ],
+            targets=targets,
+        )
+    if not outcomes:
+        msg = f"the filter selects no running pod in namespace {probe.ref.namespace}{note}"
+        if selection.note and not selection.pods:
+            msg = selection.note
+        return TraceProbeStatus(
+            observed_generation=gen,
+            conditions=[
+                cond("Ready", "False", "NoMatchingPods", msg),
+                accepted,
+                cond("Loaded", "False", "NoMatchingPods", msg),
+                no_failures,
+            ],
+            targets=targets,
+        )
+
+    total = len(outcomes)
+    loaded = [o for o in outcomes if o.state == "Loaded"]
+    failed = [o for o in outcomes if o.state == "Failed"]
+    pending = [o.node for o in outcomes if o.state == "Pending"]
+    counts = NodeCounts(targeted=total, loaded=len(loaded), failed=len(failed))
+    summary = f"loaded on {len(loaded)} of {total} node{'s' if total != 1 else ''}"
+    failures = [
+        NodeFailure(node=f.node, reason=f.reason[:64], message=truncate_message(f.message))
+        for f in failed[:max_failures]
+    ]
+    if failed:
+        reason = _dominant(failed)
+        detail = "; ".join(f"{f.node}: {f.reason}: {f.message}" for f in failed[:MAX_NODES_NAMED])
+        more = len(failed) - MAX_NODES_NAMED
+        detail += f"; and {more} more" if more > 0 else ""
+        degraded = cond("Degraded", "True", reason, f"failed on {len(failed)} of {total}: {detail}")
+        short = f"{summary}; {reason} on {len(failed)}: {detail}"
+    else:
+        degraded = no_failures
+        reason = "NodesPending"
+        short = f"{summary}; waiting for {_named(pending)}"
+    if len(loaded) == total:
+        ready_msg = f"{summary} ({targets.pods} pods, {targets.containers} containers){note}"
+        ready = cond("Ready", "True", "Loaded", ready_msg)
+        loaded_cond = cond("Loaded", "True", "Loaded", ready_msg)
+    else:
+        ready = cond("Ready", "False", reason, short + note)
+        loaded_cond = cond("Loaded", "False", reason, short + note)
+    return TraceProbeStatus(
+        observed_generation=gen,
+        conditions=[ready, accepted, loaded_cond, degraded],
+        nodes=counts,
+        targets=targets,
+        failures=failures,
+    )
+
+
+def probe_events(previous: TraceProbeStatus | None, new: TraceProbeStatus) -> list[EventSpec]:
+    """Events for what changed between two statuses (none for a status folded again)."""
+
+    def get(status: TraceProbeStatus | None, type_: ConditionType) -> Condition | None:
+        return status.condition(type_) if status is not None else None
+
+    events: list[EventSpec] = []
+    acc, acc0 = get(new, "Accepted"), get(previous, "Accepted")
+    if (
+        acc is not None
+        and acc.status == "False"
+        and acc.reason == "NotPermitted"
+        and (
+            acc0 is None
+            or (acc0.status, acc0.reason, acc0.message) != ("False", acc.reason, acc.message)
+        )
+    ):
+        events.append(EventSpec("Warning", "NotPermitted", acc.message))
+    ld, ld0 = get(new, "Loaded"), get(previous, "Loaded")
+    was_loaded = ld0 is not None and ld0.status == "True"
+    if ld is not None and ld.status == "True" and not was_loaded:
+        events.append(EventSpec("Normal", "ProbeLoaded", ld.message))
+    before = {(f.node, f.reason) for f in previous.failures} if previous else set()
+    for f in new.failures:
+        if (f.node, f.reason) not in before:
+            events.append(
+                EventSpec("Warning", "ProbeLoadFailed", _clip(f"{f.node}: {f.reason}: {f.message}"))
+            )
+    if was_loaded and ld is not None and ld.status == "False" and ld.reason == "Suspended":
+        events.append(EventSpec("Normal", "ProbeUnloaded", ld.message))
+    return events
+
+
+def status_differs(
+    stored: TraceProbeStatus | TraceFilterStatus | None,
+    folded: TraceProbeStatus | TraceFilterStatus,
+) -> bool:
+    """Whether `folded` must be written (compared as on the wire, defaults included)."""
+    return stored is None or stored.to_wire() != folded.to_wire()
+
+
+def fold_filter_status(
+    filt: FilterRecord,
+    *,
+    matched_pods: int,
+    used_by: Sequence[str],
+    refusal: Refusal | None,
+    previous: TraceFilterStatus | None,
+    now: str,
+) -> TraceFilterStatus:
+    before = (
+        next((c for c in previous.conditions if c.type == "Accepted"), None) if previous else None
+    )
+    if refusal is not None:
+        accepted = _condition(
+            "Accepted",
+            "False",
+            refusal.reason,
+            refusal.message,
+            generation=filt.generation,
+            previous=before,
+            now=now,
+        )
+    else:
+        accepted = _condition(
+            "Accepted", "True", "Accepted", "", generation=filt.generation, previous=before, now=now
+        )
+    return TraceFilterStatus(
+        observed_generation=filt.generation,
+        conditions=[accepted],
+        matched_pods=matched_pods,
+        used_by=sorted(used_by)[:50],
+    )
