@@ -1,0 +1,160 @@
+"""The control loop against fakes: statuses written once per change, never in a storm."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from tests.unit.test_operator_pushes import FakeAgents
+from tracekeeper_api.filters import TraceFilterSpec
+from tracekeeper_api.probes import TraceProbeSpec
+from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
+from tracekeeper_operator.cluster_view import ClusterView
+from tracekeeper_operator.control_loop import ControlLoop
+from tracekeeper_operator.pushes import Pusher, PushPlanner
+from tracekeeper_operator.records import (
+    AgentRecord,
+    ContainerRecord,
+    FilterRecord,
+    ObjectRef,
+    PodRecord,
+    ProbeRecord,
+)
+from tracekeeper_operator.settings import OperatorSettings
+from tracekeeper_operator.status_folding import EventSpec
+
+SETTINGS = OperatorSettings(namespace="tk", render_debounce=0.0)
+
+
+class FakeWrites:
+    def __init__(self) -> None:
+        self.patches: list[tuple[str, dict[str, Any]]] = []
+        self.events: list[tuple[str, EventSpec]] = []
+
+    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> bool:
+        self.patches.append((ref.key, status))
+        return True
+
+    async def post_event(self, ref: ObjectRef, event: EventSpec) -> None:
+        self.events.append((ref.key, event))
+
+
+def pod(name: str, **labels: str) -> PodRecord:
+    return PodRecord(
+        "team-a",
+        name,
+        f"00000000-0000-4000-8000-{abs(hash(name)) % 10**12:012d}",
+        "n1",
+        labels,
+        "Running",
+        (ContainerRecord("app", "containerd://ab"),),
+    )
+
+
+PROBE = ProbeRecord(
+    ObjectRef("TraceProbe", "team-a", "opens", "uid-p"),
+    1,
+    TraceProbeSpec.model_validate({"tracepoint": "syscalls:sys_enter_openat", "filterRef": "web"}),
+)
+FILTER = FilterRecord(
+    ObjectRef("TraceFilter", "team-a", "web", "uid-f"),
+    2,
+    TraceFilterSpec.model_validate({"podSelector": {"matchLabels": {"app": "web"}}}),
+)
+
+
+def cluster(probe: ProbeRecord, filt: FilterRecord, *pods: PodRecord) -> ClusterView:
+    return ClusterView.build(
+        pods=pods, agents=[AgentRecord("n1", "tk/a", "http://n1")], probes=[probe], filters=[filt]
+    )
+
+
+async def test_statuses_follow_agents_and_are_not_rewritten_when_unchanged() -> None:
+    agents = FakeAgents()
+    writes = FakeWrites()
+    pusher = Pusher(PushPlanner(debounce=0.0), agents)
+    loop = ControlLoop(SETTINGS, pusher, writes)
+    state = {"view": cluster(PROBE, FILTER, pod("web-0", app="web"), pod("db-0", app="db"))}
+    loop.attach(lambda: state["view"])
+    task = asyncio.create_task(pusher.run())
+    try:
+        await loop.reconcile_once()
+        first = {key: st for key, st in writes.patches}
+        probe_status = TraceProbeStatus.model_validate(first["team-a/opens"])
+        ready = probe_status.condition("Ready")
+        assert ready is not None and ready.reason == "NodesPending"
+        filter_status = TraceFilterStatus.model_validate(first["team-a/web"])
+        assert filter_status.matched_pods == 1 and filter_status.used_by == ["opens"]
+
+        await loop.reconcile_once()  # the watch has not shown our write yet: no second write
+        assert len(writes.patches) == 2
+
+        await agents.until(pusher.planner.settled)
+        await loop.reconcile_once()
+        written = TraceProbeStatus.model_validate(writes.patches[-1][1])
+        assert written.condition("Ready").reason == "Loaded"  # type: ignore[union-attr]
+        assert [e.reason for _, e in writes.events] == ["ProbeLoaded"]
+        ((_, sent),) = agents.puts
+        assert [p.name for p in sent.probes[0].targets.pods] == ["web-0"]
+
+        # The watch shows our writes: folding again writes nothing.
+        patched = len(writes.patches)
+        state["view"] = cluster(
+            dataclasses.replace(PROBE, status=written),
+            dataclasses.replace(FILTER, status=filter_status),
+            pod("web-0", app="web"),
+            pod("db-0", app="db"),
+        )
+        for _ in range(5):
+            await loop.reconcile_once()
+        assert len(writes.patches) == patched
+        assert len(agents.puts) == 1
+    finally:
+        task.cancel()
+
+
+async def test_filter_edit_changes_targets_not_the_program() -> None:
+    agents = FakeAgents()
+    pusher = Pusher(PushPlanner(debounce=0.0), agents)
+    loop = ControlLoop(SETTINGS, pusher, FakeWrites())
+    pods = (pod("web-0", app="web"), pod("db-0", app="db"))
+    state = {"view": cluster(PROBE, FILTER, *pods)}
+    loop.attach(lambda: state["view"])
+    task = asyncio.create_task(pusher.run())
+    try:
+        await loop.reconcile_once()
+        edited = dataclasses.replace(
+            FILTER,
+            spec=TraceFilterSpec.model_validate({"podSelector": {"matchLabels": {"app": "db"}}}),
+        )
+        await agents.until(pusher.planner.settled)
+        state["view"] = cluster(PROBE, edited, *pods)
+        await loop.reconcile_once()
+        await agents.until(lambda: len(agents.puts) >= 2 and pusher.planner.settled())
+        (_, before), (_, after) = agents.puts
+        assert before.probes[0].spec_hash == after.probes[0].spec_hash
+        assert [p.name for p in after.probes[0].targets.pods] == ["db-0"]
+    finally:
+        task.cancel()
+
+
+async def test_deleting_probe_leaves_every_node_and_is_held_until_confirmed() -> None:
+    agents = FakeAgents()
+    pusher = Pusher(PushPlanner(debounce=0.0), agents)
+    loop = ControlLoop(SETTINGS, pusher, FakeWrites())
+    state = {"view": cluster(PROBE, FILTER, pod("web-0", app="web"))}
+    loop.attach(lambda: state["view"])
+    task = asyncio.create_task(pusher.run())
+    try:
+        await loop.reconcile_once()
+        await agents.until(pusher.planner.settled)
+        assert loop.holding_nodes(PROBE.id) == ["n1"]
+        state["view"] = cluster(
+            dataclasses.replace(PROBE, deleting=True), FILTER, pod("web-0", app="web")
+        )
+        await loop.reconcile_once()
+        await agents.until(lambda: not loop.holding_nodes(PROBE.id))
+        assert agents.puts[-1][1].probes == []
+    finally:
+        task.cancel()
