@@ -18,7 +18,7 @@ from typing import TypeVar
 from tracekeeper_api.protocol import spec_hash
 from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
 from tracekeeper_operator.cluster_view import ClusterView
-from tracekeeper_operator.kube_writes import KubeWrites
+from tracekeeper_operator.kube_api import KubeWrites
 from tracekeeper_operator.metrics import OperatorMetrics
 from tracekeeper_operator.node_state import Rendered, render_nodes
 from tracekeeper_operator.pushes import AgentView, Pusher, holding_nodes

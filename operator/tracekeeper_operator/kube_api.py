@@ -1,8 +1,9 @@
-"""The operator's own writes to the Kubernetes API: status patches and Events.
+"""The operator's own use of the Kubernetes API: credentials (for kopf too), status
+patches and Events.
 
-kopf watches and manages the finalizer; these writes happen outside kopf's handlers (agent
-reports arrive on their own schedule), so they go through the kubernetes client, in a
-worker thread each since that client is synchronous.
+kopf watches and manages the finalizer; status and Event writes happen outside kopf's
+handlers (agent reports arrive on their own schedule), so they go through the kubernetes
+client, in a worker thread each since that client is synchronous.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import socket
 from typing import Any, Protocol
 
+import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -38,7 +40,32 @@ def load_config(kubeconfig: str | None = None) -> None:
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     else:
-        config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        # Read $KUBECONFIG now: the client library only reads it when first imported.
+        path = kubeconfig or os.environ.get("KUBECONFIG")
+        config.load_kube_config(config_file=path)  # type: ignore[no-untyped-call]
+
+
+def connection_info(kubeconfig: str | None = None) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same source as ours (kopf's own login_via_client only
+    knows $KUBECONFIG as it was when the client library was imported)."""
+    load_config(kubeconfig)
+    cfg = client.Configuration.get_default_copy()
+    # kubernetes >= 36 keeps the token under BearerToken, older ones under authorization.
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix(
+        "authorization"
+    )
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
 
 
 def can_list_nodes() -> tuple[bool, str]:

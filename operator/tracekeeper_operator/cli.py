@@ -1,0 +1,151 @@
+"""tracekeeper-operator run: the kopf operator, cluster-wide, standalone (no peering).
+
+tracekeeper-operator run [--namespace N] [--privileged-namespace N ...]
+    [--allow-raw-programs] [--token-file F] [--metrics-port P] [--kubeconfig K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import kopf
+from prometheus_client import start_http_server
+
+from tracekeeper_operator.handlers import Runtime, configure_kopf, register_handlers
+from tracekeeper_operator.kube_api import KubernetesWrites, can_list_nodes, load_config
+from tracekeeper_operator.metrics import OperatorMetrics
+from tracekeeper_operator.settings import (
+    DEFAULT_AGENT_PORT_NAME,
+    DEFAULT_AGENT_SELECTOR,
+    DEFAULT_TOKEN_FILE,
+    OperatorSettings,
+    own_namespace,
+    parse_label_selector,
+)
+
+log = logging.getLogger("tracekeeper_operator")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tracekeeper-operator", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator until SIGINT/SIGTERM")
+    run.add_argument("--namespace", help="the operator's namespace (default: $POD_NAMESPACE)")
+    run.add_argument(
+        "--privileged-namespace",
+        action="append",
+        default=[],
+        metavar="N",
+        help="namespace whose objects may use privileged fields (repeatable; "
+        "default: the operator's namespace)",
+    )
+    run.add_argument(
+        "--allow-raw-programs",
+        action="store_true",
+        help="allow spec.program (raw BCC C) in privileged namespaces",
+    )
+    run.add_argument(
+        "--token-file",
+        type=Path,
+        default=DEFAULT_TOKEN_FILE,
+        help="the agents' API bearer token (else $TRACEKEEPER_TOKEN)",
+    )
+    run.add_argument("--metrics-port", type=int, default=8080, help="/metrics port (0: off)")
+    run.add_argument("--metrics-address", default="0.0.0.0")
+    run.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="kopf's liveness endpoint, e.g. http://0.0.0.0:8081/healthz",
+    )
+    run.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, else $KUBECONFIG)")
+    run.add_argument(
+        "--agent-selector",
+        default=DEFAULT_AGENT_SELECTOR,
+        help="labels of the agent pods (k=v[,k=v])",
+    )
+    run.add_argument("--agent-port-name", default=DEFAULT_AGENT_PORT_NAME)
+    run.add_argument(
+        "--no-node-labels",
+        action="store_true",
+        help="do not watch Nodes (a nodeSelector then selects no node)",
+    )
+    run.add_argument("--push-debounce", type=float, default=0.2, metavar="SECONDS")
+    run.add_argument("--resync-interval", type=float, default=30.0, metavar="SECONDS")
+    run.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS")
+    run.add_argument("--unload-timeout", type=float, default=120.0, metavar="SECONDS")
+    run.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> OperatorSettings:
+    return OperatorSettings(
+        namespace=own_namespace(args.namespace),
+        privileged_namespaces=frozenset(args.privileged_namespace),
+        allow_raw_programs=args.allow_raw_programs,
+        agent_labels=parse_label_selector(args.agent_selector),
+        agent_port_name=args.agent_port_name,
+        token_file=args.token_file,
+        read_nodes=not args.no_node_labels,
+        push_debounce=args.push_debounce,
+        push_max_delay=max(1.0, args.push_debounce * 5),
+        resync_interval=args.resync_interval,
+        backoff_max=args.backoff_max,
+        unload_timeout=args.unload_timeout,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:  # kopf logs every event handler call (every pod change) at INFO
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # liveness probes
+    settings = settings_from(args)
+    load_config(args.kubeconfig)
+    if settings.read_nodes:
+        allowed, why = can_list_nodes()
+        if not allowed:
+            log.warning("not watching Node objects (%s): nodeSelector selects no node", why)
+            settings = dataclasses.replace(settings, read_nodes=False)
+    metrics = OperatorMetrics()
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.metrics_address, registry=metrics.registry)
+    registry = kopf.OperatorRegistry()
+    runtime = Runtime.build(settings, KubernetesWrites(), metrics, args.kubeconfig)
+    register_handlers(registry, runtime)
+    kopf_settings = kopf.OperatorSettings()
+    configure_kopf(kopf_settings)
+    log.info(
+        "starting: privileged namespaces %s, raw programs %s, agents %s",
+        ", ".join(sorted(settings.privileged)),
+        "allowed" if settings.allow_raw_programs else "refused",
+        ",".join(f"{k}={v}" for k, v in settings.agent_labels.items()),
+    )
+    kopf.run(
+        registry=registry,
+        settings=kopf_settings,
+        clusterwide=True,
+        standalone=True,
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

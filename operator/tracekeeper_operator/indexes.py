@@ -1,0 +1,90 @@
+"""kopf indexes of everything a render pass reads, and the snapshot taken from them.
+
+kopf fills every index from a full listing before any other handler runs, so the first
+handler call means the indexes are complete: a restarted operator never pushes a state
+rendered from half a cluster (which would unload probes on agents).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import kopf
+
+from tracekeeper_api import GROUP, VERSION
+from tracekeeper_operator.cluster_view import ClusterView
+from tracekeeper_operator.records import (
+    AgentRecord,
+    FilterRecord,
+    LabelledRecord,
+    PodRecord,
+    ProbeRecord,
+    agent_record,
+    filter_record,
+    labelled_record,
+    pod_record,
+    probe_record,
+)
+from tracekeeper_operator.settings import OperatorSettings
+
+PODS = "tk_pods"
+AGENTS = "tk_agents"
+NODES = "tk_nodes"
+NAMESPACES = "tk_namespaces"
+PROBES = "tk_probes"
+FILTERS = "tk_filters"
+INDEX_IDS = (PODS, AGENTS, NODES, NAMESPACES, PROBES, FILTERS)
+
+
+def register_indexes(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
+    @kopf.index("pods", id=PODS, registry=registry)
+    def tk_pods(*, body: kopf.Body, **_: Any) -> dict[str, PodRecord] | None:
+        record = pod_record(body)
+        return {record.namespace: record} if record else None
+
+    @kopf.index("pods", id=AGENTS, labels=dict(settings.agent_labels), registry=registry)
+    def tk_agents(*, body: kopf.Body, **_: Any) -> dict[str, AgentRecord] | None:
+        record = agent_record(body, settings.agent_port_name)
+        return {record.node: record} if record else None
+
+    if settings.read_nodes:
+
+        @kopf.index("nodes", id=NODES, registry=registry)
+        def tk_nodes(*, body: kopf.Body, **_: Any) -> dict[str, LabelledRecord] | None:
+            record = labelled_record(body)
+            return {record.name: record} if record else None
+
+    @kopf.index("namespaces", id=NAMESPACES, registry=registry)
+    def tk_namespaces(*, body: kopf.Body, **_: Any) -> dict[str, LabelledRecord] | None:
+        record = labelled_record(body)
+        return {record.name: record} if record else None
+
+    @kopf.index(GROUP, VERSION, "traceprobes", id=PROBES, registry=registry)
+    def tk_probes(*, body: kopf.Body, **_: Any) -> dict[str, ProbeRecord] | None:
+        record = probe_record(body)
+        return {record.id: record} if record else None
+
+    @kopf.index(GROUP, VERSION, "tracefilters", id=FILTERS, registry=registry)
+    def tk_filters(*, body: kopf.Body, **_: Any) -> dict[str, FilterRecord] | None:
+        record = filter_record(body)
+        return {record.ref.key: record} if record else None
+
+
+def _values(index: Any) -> Iterator[Any]:
+    # kopf.Index: key -> Store (a collection of the values objects contributed under it).
+    for store in list(index.values()):
+        yield from list(store)
+
+
+def snapshot(indices: Mapping[str, Any]) -> ClusterView:
+    """The indexes as they are now (kopf passes them to handlers under their ids)."""
+    nodes = indices.get(NODES)
+    return ClusterView.build(
+        pods=_values(indices[PODS]),
+        agents=_values(indices[AGENTS]),
+        nodes=None if nodes is None else _values(nodes),
+        namespaces=_values(indices[NAMESPACES]),
+        probes=_values(indices[PROBES]),
+        filters=_values(indices[FILTERS]),
+    )
