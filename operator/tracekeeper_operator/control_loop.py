@@ -76,12 +76,17 @@ def probe_status(
     previous: TraceProbeStatus | None,
     now: str,
     max_failures: int,
-) -> TraceProbeStatus:
+) -> TraceProbeStatus | None:
+    """The probe's status now; None to keep the stored one for now: a restarted operator has
+    not heard from some agent yet, and the stored status is better than a NodesPending flap
+    (and its Events) on every operator restart."""
     outcomes = []
     if isinstance(selection, Selected) and probe.spec is not None and not probe.spec.suspend:
         outcomes = node_outcomes(
             probe.id, spec_hash(probe.spec), selection.nodes, views, plan.rendered.overflow
         )
+        if previous is not None and not all(o.known for o in outcomes):
+            return None
     return fold_probe_status(
         probe, selection, outcomes, previous=previous, now=now, max_failures=max_failures
     )
@@ -212,7 +217,7 @@ class ControlLoop:
                 now=now,
                 max_failures=self.settings.max_failures,
             )
-            if status_differs(previous, folded):
+            if folded is not None and status_differs(previous, folded):
                 events = probe_events(previous, folded)
                 jobs.append(self._write(probe.ref, folded, self._written.probes, events))
         for filt in view.filters.values():

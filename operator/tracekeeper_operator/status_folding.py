@@ -45,6 +45,8 @@ class NodeOutcome:
     state: NodeState
     reason: str
     message: str = ""
+    known: bool = True
+    """False until this operator has heard from the node's agent at all (just started)."""
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,9 @@ def node_outcome(
     if view.error is not None:
         # The last contact failed: whatever the last report said is not known to hold.
         return NodeOutcome(node, "Failed", "AgentUnreachable", view.error)
-    outcome = None
-    if view.report is not None:
-        outcome = next((p for p in view.report.probes if p.id == probe_id), None)
+    if view.report is None:
+        return NodeOutcome(node, "Pending", "NodesPending", "waiting for the agent", known=False)
+    outcome = next((p for p in view.report.probes if p.id == probe_id), None)
     if outcome is None or outcome.spec_hash != spec_hash:
         return NodeOutcome(node, "Pending", "NodesPending", "waiting for the agent")
     if outcome.state == "Loaded":

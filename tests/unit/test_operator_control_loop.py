@@ -158,3 +158,41 @@ async def test_deleting_probe_leaves_every_node_and_is_held_until_confirmed() ->
         assert agents.puts[-1][1].probes == []
     finally:
         task.cancel()
+
+
+async def test_a_restarted_operator_keeps_stored_statuses_until_agents_answer() -> None:
+    """No NodesPending flap (nor ProbeLoaded Events again) on every operator restart."""
+    agents = FakeAgents()
+    writes = FakeWrites()
+    first = ControlLoop(SETTINGS, Pusher(PushPlanner(debounce=0.0), agents), writes)
+    state = {"view": cluster(PROBE, FILTER, pod("web-0", app="web"))}
+    first.attach(lambda: state["view"])
+    task = asyncio.create_task(first.pusher.run())
+    try:
+        await first.reconcile_once()
+        await agents.until(first.pusher.planner.settled)
+        await first.reconcile_once()
+    finally:
+        task.cancel()
+    last = {key: status for key, status in writes.patches}
+    stored = TraceProbeStatus.model_validate(last["team-a/opens"])
+    assert stored.condition("Ready").reason == "Loaded"  # type: ignore[union-attr]
+    stored_filter = TraceFilterStatus.model_validate(last["team-a/web"])
+    state["view"] = cluster(
+        dataclasses.replace(PROBE, status=stored),
+        dataclasses.replace(FILTER, status=stored_filter),
+        pod("web-0", app="web"),
+    )
+    writes.patches.clear()
+    writes.events.clear()
+    restarted = ControlLoop(SETTINGS, Pusher(PushPlanner(debounce=0.0), agents), writes)
+    restarted.attach(lambda: state["view"])
+    await restarted.reconcile_once()  # no report from n1 yet: nothing written
+    assert writes.patches == []
+    task = asyncio.create_task(restarted.pusher.run())
+    try:
+        await agents.until(restarted.pusher.planner.settled)
+        await restarted.reconcile_once()
+    finally:
+        task.cancel()
+    assert writes.patches == [] and writes.events == []
