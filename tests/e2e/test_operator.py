@@ -1,0 +1,502 @@
+"""The operator end to end: real apiserver, the operator and one agent per simulated node as
+processes, real BPF programs counting real processes in cgroups laid out as kubelet does.
+
+The tests share one world (two nodes, their agents, the operator) and run in order; each
+uses namespaces of its own. Times are printed (run with -s to see them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.controlplane.local_cluster import LocalCluster
+from tests.e2e.agents import (
+    EXAMPLES_DIR,
+    SimNode,
+    World,
+    bpf_prog_ids,
+    condition,
+    hits_by_pod,
+    samples,
+    wait_until,
+)
+from tracekeeper_agent.cgroups import detect_root
+
+pytestmark = pytest.mark.e2e
+
+TIMINGS: dict[str, float] = {}
+
+
+def report(name: str, value: str) -> None:
+    print(f"\n[e2e operator] {name}: {value}", file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def world(
+    cluster: LocalCluster,
+    crds: list[str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[World]:
+    if os.geteuid() != 0:
+        pytest.skip("the operator e2e tier runs real agents: needs root to load BPF programs")
+    w = World(cluster, tmp_path_factory.mktemp("operator-e2e"), detect_root())
+    try:
+        w.add_node("node-a", {"zone": "z1"})
+        w.add_node("node-b", {"zone": "z2"})
+        w.start_operator()
+        yield w
+    finally:
+        w.close()
+
+
+def apply(world: World, namespace: str, source: Path | dict[str, Any]) -> None:
+    args = ["apply", "-n", namespace, "-f"]
+    if isinstance(source, Path):
+        res = world.cluster.kubectl(*args, str(source))
+    else:
+        res = world.cluster.kubectl(*args, "-", input=json.dumps(source))
+    assert res.returncode == 0, res.stderr
+
+
+def probe_obj(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "tracekeeper.dev/v1alpha1",
+        "kind": "TraceProbe",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def wait_condition(
+    world: World,
+    ns: str,
+    name: str,
+    type_: str,
+    status: str,
+    reason: str | None = None,
+    *,
+    generation: int | None = None,
+    timeout: float = 90,
+) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        obj = world.probe(ns, name)
+        c = condition(obj, type_)
+        if c is None or c["status"] != status or (reason is not None and c["reason"] != reason):
+            return None
+        if generation is not None and obj["status"].get("observedGeneration") != generation:
+            return None
+        return obj  # type: ignore[no-any-return]
+
+    def describe() -> str:
+        obj = world.probe(ns, name)
+        return (
+            f"status: {json.dumps((obj or {}).get('status'), indent=1)}\n"
+            f"operator log:\n{world.operator_log_tail()}"
+        )
+
+    want = f"{ns}/{name} {type_}={status}" + (f" ({reason})" if reason else "")
+    return wait_until(want, check, timeout=timeout, describe=describe)
+
+
+def loaded_outcome(node: SimNode, probe_id: str) -> dict[str, Any] | None:
+    out = node.agent.outcome(probe_id)
+    return out if out is not None and out["state"] == "Loaded" else None
+
+
+# --- 1. apply an example -> Ready, counts only from the selected pods ------------------------
+
+
+@pytest.fixture(scope="module")
+def web(world: World) -> dict[str, Any]:
+    """examples/file-opens-by-pod.yaml applied in a namespace with app=web pods on both nodes
+    and an app=db pod that it must not count."""
+    ns = world.namespace("opens")
+    a, b = world.nodes["node-a"], world.nodes["node-b"]
+    pods = {
+        "web-0": world.create_pod(ns, "web-0", a, {"app": "web"}),
+        "web-1": world.create_pod(ns, "web-1", b, {"app": "web"}),
+        "db-0": world.create_pod(ns, "db-0", a, {"app": "db"}),
+    }
+    started = time.monotonic()
+    apply(world, ns, EXAMPLES_DIR / "file-opens-by-pod.yaml")
+    obj = wait_condition(world, ns, "web-file-opens", "Ready", "True")
+    TIMINGS["apply-to-Ready"] = time.monotonic() - started
+    report("apply-to-Ready (2 nodes, first compile)", f"{TIMINGS['apply-to-Ready']:.2f}s")
+    return {"ns": ns, "pods": pods, "ready": obj, "id": f"{ns}/web-file-opens"}
+
+
+def test_example_becomes_ready_and_counts_only_selected_pods(
+    world: World, web: dict[str, Any]
+) -> None:
+    ns, probe_id = web["ns"], web["id"]
+    status = web["ready"]["status"]
+    assert status["nodes"] == {"targeted": 2, "loaded": 2, "failed": 0}
+    assert status["targets"] == {"pods": 2, "containers": 2}
+    assert condition(web["ready"], "Accepted")["status"] == "True"  # type: ignore[index]
+    assert condition(web["ready"], "Degraded")["status"] == "False"  # type: ignore[index]
+    events = [e["reason"] for e in world.events(ns, "web-file-opens")]
+    assert "ProbeLoaded" in events
+
+    a, b = world.nodes["node-a"], world.nodes["node-b"]
+
+    def counted() -> bool:
+        on_a = hits_by_pod(a.agent.metrics(), ns, "web-file-opens")
+        on_b = hits_by_pod(b.agent.metrics(), ns, "web-file-opens")
+        return on_a.get("web-0", 0) >= 5 and on_b.get("web-1", 0) >= 5
+
+    wait_until("openat hits from web-0 (node-a) and web-1 (node-b)", counted, timeout=30)
+    on_a = hits_by_pod(a.agent.metrics(), ns, "web-file-opens")
+    on_b = hits_by_pod(b.agent.metrics(), ns, "web-file-opens")
+    assert set(on_a) == {"web-0"}, on_a  # db-0 runs the same loop on the same node
+    assert set(on_b) == {"web-1"}, on_b
+    for node in (a, b):
+        outcome = node.agent.outcome(probe_id)
+        assert outcome is not None and outcome["pods"] == 1 and outcome["filterEntries"] == 1
+
+
+# --- 2-3. pods come and go: filter entries follow, the program stays -------------------------
+
+
+def test_new_matching_pod_is_added_with_the_program_unchanged(
+    world: World, web: dict[str, Any]
+) -> None:
+    ns, probe_id = web["ns"], web["id"]
+    a = world.nodes["node-a"]
+    before = loaded_outcome(a, probe_id)
+    assert before is not None
+    started = time.monotonic()
+    web2 = world.create_pod(ns, "web-2", a, {"app": "web"})
+    web["pods"]["web-2"] = web2
+
+    def entered() -> dict[str, Any] | None:
+        out = loaded_outcome(a, probe_id)
+        return out if out and out["pods"] == 2 and out["filterEntries"] == 2 else None
+
+    after = wait_until("web-2's entry on node-a", entered, timeout=30)
+    report("pod created -> filter entry on its node", f"{time.monotonic() - started:.2f}s")
+    report("program ids before/after a new pod", f"{before['programIds']} -> {after['programIds']}")
+    assert after["programIds"] == before["programIds"]
+
+    def counted() -> bool:
+        return hits_by_pod(a.agent.metrics(), ns, "web-file-opens").get("web-2", 0) >= 3
+
+    wait_until("web-2's openat hits", counted, timeout=30)
+    obj = wait_until(
+        "status targets.pods == 3",
+        lambda: (o := world.probe(ns, "web-file-opens"))["status"]["targets"]["pods"] == 3 and o,
+    )
+    assert obj["status"]["nodes"] == {"targeted": 2, "loaded": 2, "failed": 0}
+
+
+def test_deleted_pod_is_removed_with_the_program_unchanged(
+    world: World, web: dict[str, Any]
+) -> None:
+    ns, probe_id = web["ns"], web["id"]
+    a = world.nodes["node-a"]
+    before = loaded_outcome(a, probe_id)
+    assert before is not None and before["pods"] == 2
+    world.delete_pod(web["pods"].pop("web-2"))
+
+    def removed() -> dict[str, Any] | None:
+        out = loaded_outcome(a, probe_id)
+        return out if out and out["pods"] == 1 and out["filterEntries"] == 1 else None
+
+    after = wait_until("web-2's entry removed on node-a", removed, timeout=30)
+    assert after["programIds"] == before["programIds"]
+    wait_until(
+        "status targets.pods back to 2",
+        lambda: world.probe(ns, "web-file-opens")["status"]["targets"]["pods"] == 2,
+    )
+
+
+# --- 4. a TraceFilter edit updates maps, never reloads ------------------------------------------
+
+
+def test_trace_filter_edit_updates_maps_without_reload(world: World) -> None:
+    ns = world.namespace("checkout")
+    a, b = world.nodes["node-a"], world.nodes["node-b"]
+    world.create_pod(ns, "checkout-0", a, {"app": "checkout"})
+    world.create_pod(ns, "checkout-1", b, {"app": "checkout"})
+    world.create_pod(ns, "checkout-canary", a, {"app": "checkout", "track": "canary"})
+    apply(world, ns, EXAMPLES_DIR / "shared-filter.yaml")
+    for name in ("checkout-connects", "checkout-write-latency"):
+        obj = wait_condition(world, ns, name, "Ready", "True")
+        assert obj["status"]["targets"]["pods"] == 2, obj["status"]
+    ids = {
+        (node.name, name): loaded_outcome(node, f"{ns}/{name}")["programIds"]  # type: ignore[index]
+        for node in (a, b)
+        for name in ("checkout-connects", "checkout-write-latency")
+    }
+    filt = world.kube.get(
+        f"/apis/tracekeeper.dev/v1alpha1/namespaces/{ns}/tracefilters/checkout-pods"
+    )
+    assert filt["status"]["matchedPods"] == 2
+    assert filt["status"]["usedBy"] == ["checkout-connects", "checkout-write-latency"]
+
+    # Let the canary in: both probes follow, on node-a, with map updates only.
+    world.kube.merge(
+        f"/apis/tracekeeper.dev/v1alpha1/namespaces/{ns}/tracefilters/checkout-pods",
+        {"spec": {"podSelector": {"matchLabels": {"app": "checkout"}, "matchExpressions": None}}},
+    )
+    for name in ("checkout-connects", "checkout-write-latency"):
+
+        def widened(name: str = name) -> dict[str, Any] | None:
+            out = loaded_outcome(a, f"{ns}/{name}")
+            return out if out and out["pods"] == 2 else None
+
+        after = wait_until(f"{name}: the canary's entry on node-a", widened, timeout=30)
+        report(
+            f"program ids before/after a TraceFilter edit ({name}, node-a)",
+            f"{ids[('node-a', name)]} -> {after['programIds']}",
+        )
+        assert after["programIds"] == ids[("node-a", name)]
+        on_b = loaded_outcome(b, f"{ns}/{name}")
+        assert on_b is not None and on_b["programIds"] == ids[("node-b", name)]
+    wait_until(
+        "TraceFilter status matchedPods == 3",
+        lambda: (
+            world.kube.get(
+                f"/apis/tracekeeper.dev/v1alpha1/namespaces/{ns}/tracefilters/checkout-pods"
+            )["status"]["matchedPods"]
+            == 3
+        ),
+    )
+
+
+# --- 5-6. tenancy: isolation whatever the selector, privileged fields refused ------------------
+
+
+def test_tenant_probe_never_sees_another_namespace(world: World) -> None:
+    team_a, team_b = world.namespace("team-a"), world.namespace("team-b")
+    a = world.nodes["node-a"]
+    world.create_pod(team_a, "mine", a, {"app": "shared"})
+    world.create_pod(team_b, "theirs", a, {"app": "shared"})  # same node, same labels
+    everything = {
+        "tracepoint": "syscalls:sys_enter_openat",
+        "filter": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}},
+        "output": {"kind": "count", "by": ["pod"]},
+    }
+    apply(world, team_a, probe_obj("everything", everything))
+    obj = wait_condition(world, team_a, "everything", "Ready", "True")
+    assert obj["status"]["targets"]["pods"] == 1 and obj["status"]["nodes"]["targeted"] == 1
+
+    def counted() -> dict[str, float] | None:
+        hits = hits_by_pod(a.agent.metrics(), team_a, "everything")
+        return hits if hits.get("mine", 0) >= 5 else None
+
+    hits = wait_until("hits from team-a's pod", counted, timeout=30)
+    assert set(hits) == {"mine"}, hits  # team-b's identical pod on the same node: never
+    outcome = loaded_outcome(a, f"{team_a}/everything")
+    assert outcome is not None and outcome["pods"] == 1 and outcome["filterEntries"] == 1
+
+
+@pytest.mark.parametrize(
+    "privileged",
+    [
+        {"hostWide": True},
+        {"pids": [1]},
+        {"cgroupPaths": ["/system.slice"]},
+        {"namespaceSelector": {}},
+    ],
+    ids=["hostWide", "pids", "cgroupPaths", "namespaceSelector"],
+)
+def test_privileged_fields_are_refused_outside_privileged_namespaces(
+    world: World, privileged: dict[str, Any]
+) -> None:
+    ns = world.namespace("tenant")
+    world.create_pod(ns, "app-0", world.nodes["node-a"], {"app": "x"})
+    spec = {"tracepoint": "syscalls:sys_enter_openat", "filter": privileged}
+    apply(world, ns, probe_obj("sneaky", spec))
+    obj = wait_condition(world, ns, "sneaky", "Accepted", "False", "NotPermitted", timeout=30)
+    field = next(iter(privileged))
+    assert field in condition(obj, "Accepted")["message"]  # type: ignore[index]
+    assert condition(obj, "Ready")["reason"] == "NotPermitted"  # type: ignore[index]
+    wait_until(
+        "a NotPermitted Event",
+        lambda: [e for e in world.events(ns, "sneaky") if e["reason"] == "NotPermitted"],
+        timeout=30,
+    )
+    for node in world.nodes.values():
+        assert node.agent.outcome(f"{ns}/sneaky") is None
+
+
+# --- 7. a kernel without kprobes: Unsupported from each node --------------------------------
+
+
+def test_kprobe_probe_is_degraded_unsupported_on_each_node(world: World) -> None:
+    ns = world.namespace("kprobe")
+    world.create_pod(ns, "a-0", world.nodes["node-a"], {"app": "x"}, run=False)
+    world.create_pod(ns, "b-0", world.nodes["node-b"], {"app": "x"}, run=False)
+    apply(world, ns, EXAMPLES_DIR / "kprobe-tcp-connect.yaml")
+    obj = wait_condition(world, ns, "tcp-connects", "Degraded", "True", "Unsupported")
+    status = obj["status"]
+    assert status["nodes"] == {"targeted": 2, "loaded": 0, "failed": 2}
+    assert [(f["node"], f["reason"]) for f in status["failures"]] == [
+        ("node-a", "Unsupported"),
+        ("node-b", "Unsupported"),
+    ]
+    assert all(f["message"] for f in status["failures"])
+    assert condition(obj, "Ready")["reason"] == "Unsupported"  # type: ignore[index]
+    report("kprobe failure message", status["failures"][0]["message"])
+    wait_until(
+        "ProbeLoadFailed Events",
+        lambda: (
+            len([e for e in world.events(ns, "tcp-connects") if e["reason"] == "ProbeLoadFailed"])
+            >= 2
+        ),
+    )
+
+
+# --- 8. an agent dies and comes back empty: the operator restores it --------------------------
+
+
+def test_killed_agent_is_restored_without_an_operator_restart(
+    world: World, web: dict[str, Any]
+) -> None:
+    ns, probe_id = web["ns"], web["id"]
+    b = world.nodes["node-b"]
+    before = loaded_outcome(b, probe_id)
+    assert before is not None
+    boot_id = b.agent.report()["bootId"]
+    b.agent.kill()  # SIGKILL: its programs go with its file descriptors
+    assert not set(before["programIds"]) & bpf_prog_ids()
+    obj = wait_condition(world, ns, "web-file-opens", "Degraded", "True", "AgentUnreachable")
+    assert [f["node"] for f in obj["status"]["failures"]] == ["node-b"]
+    # Back with an empty state dir: only the operator can tell it what to run.
+    world.restart_agent(b, wipe_state=True)
+    started = time.monotonic()
+    obj = wait_condition(world, ns, "web-file-opens", "Ready", "True")
+    report("agent restarted (empty) -> Ready again", f"{time.monotonic() - started:.2f}s")
+    assert obj["status"]["nodes"] == {"targeted": 2, "loaded": 2, "failed": 0}
+    after = loaded_outcome(b, probe_id)
+    assert after is not None and after["pods"] == 1
+    assert b.agent.report()["bootId"] != boot_id
+    report(
+        "program ids on node-b before/after the agent restart",
+        f"{before['programIds']} -> {after['programIds']}",
+    )
+
+    def counted() -> bool:
+        return hits_by_pod(b.agent.metrics(), ns, "web-file-opens").get("web-1", 0) >= 3
+
+    wait_until("web-1 counted again on the restarted agent", counted, timeout=30)
+
+
+# --- 9. the operator restarts: nothing reloaded, nothing duplicated, no status churn ----------
+
+
+def _programs(world: World) -> dict[tuple[str, str], list[int]]:
+    return {
+        (node.name, p["id"]): p["programIds"]
+        for node in world.nodes.values()
+        for p in node.agent.report()["probes"]
+    }
+
+
+def test_operator_restart_loads_no_duplicate_programs(world: World, web: dict[str, Any]) -> None:
+    wait_condition(world, web["ns"], "web-file-opens", "Ready", "True")
+    before = _programs(world)
+    loaded_before = {
+        n.name: _gauge(n, "tracekeeper_agent_programs_loaded") for n in world.nodes.values()
+    }
+    statuses_before = world.probe(web["ns"], "web-file-opens")["status"]
+    world.stop_operator()
+    world.start_operator()
+    wait_until(
+        "the restarted operator's first push to each node",
+        lambda: (
+            world.operator_metric("tracekeeper_operator_pushes_total", outcome="ok")
+            >= len(world.nodes)
+        ),
+    )
+    revisions = {n.name: n.agent.report()["revision"] for n in world.nodes.values()}
+    assert _programs(world) == before  # same probes, same BPF program ids: nothing reloaded
+    assert {
+        n.name: _gauge(n, "tracekeeper_agent_programs_loaded") for n in world.nodes.values()
+    } == loaded_before
+    assert world.probe(web["ns"], "web-file-opens")["status"] == statuses_before
+    # Each agent is read back every second: still nothing to write, nothing to push.
+    wait_until(
+        "two resyncs of each agent",
+        lambda: (
+            world.operator_metric("tracekeeper_operator_resyncs_total", outcome="ok")
+            >= 2 * len(world.nodes)
+        ),
+    )
+    assert world.operator_metric("tracekeeper_operator_status_patches_total") == 0
+    assert world.operator_metric("tracekeeper_operator_pushes_total") == len(world.nodes)
+    report("agent revisions after the operator restart", str(revisions))
+
+
+def _gauge(node: SimNode, name: str) -> float:
+    return sum(v for _, v in samples(node.agent.metrics(), name))
+
+
+# --- 10. a spec edit replaces the program -------------------------------------------------------
+
+
+def test_spec_edit_replaces_the_program(world: World, web: dict[str, Any]) -> None:
+    ns, probe_id = web["ns"], web["id"]
+    before = {n.name: loaded_outcome(n, probe_id) for n in world.nodes.values()}
+    assert all(before.values())
+    path = f"/apis/tracekeeper.dev/v1alpha1/namespaces/{ns}/traceprobes/web-file-opens"
+    edited = world.kube.merge(path, {"spec": {"sampling": 2}})
+    generation = edited["metadata"]["generation"]
+    started = time.monotonic()
+    wait_condition(world, ns, "web-file-opens", "Ready", "True", generation=generation)
+
+    def replaced() -> dict[str, dict[str, Any]] | None:
+        now = {n.name: loaded_outcome(n, probe_id) for n in world.nodes.values()}
+        if all(
+            o and o["programIds"] and o["specHash"] != before[k]["specHash"]  # type: ignore[index]
+            for k, o in now.items()
+        ):
+            return now  # type: ignore[return-value]
+        return None
+
+    after = wait_until("the new program on both nodes", replaced, timeout=30)
+    report("spec edit -> Ready (new program on 2 nodes)", f"{time.monotonic() - started:.2f}s")
+    for node, outcome in after.items():
+        old = before[node]["programIds"]  # type: ignore[index]
+        report(
+            f"program ids on {node} before/after a spec edit", f"{old} -> {outcome['programIds']}"
+        )
+        assert set(outcome["programIds"]).isdisjoint(old)
+        assert not set(old) & bpf_prog_ids()  # the old program is gone from the kernel
+
+
+# --- 11. delete: unloaded everywhere, then the finalizer goes ---------------------------------
+
+
+def test_delete_unloads_on_every_node_then_releases_the_finalizer(
+    world: World, web: dict[str, Any]
+) -> None:
+    ns, probe_id = web["ns"], web["id"]
+    obj = world.probe(ns, "web-file-opens")
+    assert "tracekeeper.dev/unload" in obj["metadata"]["finalizers"]
+    ids = {
+        n.name: loaded_outcome(n, probe_id)["programIds"]  # type: ignore[index]
+        for n in world.nodes.values()
+    }
+    started = time.monotonic()
+    res = world.cluster.kubectl("delete", "tp", "web-file-opens", "-n", ns, "--timeout=60s")
+    assert res.returncode == 0, res.stderr
+    report("delete -> finalizer released", f"{time.monotonic() - started:.2f}s")
+    assert world.probe(ns, "web-file-opens") is None
+    live = bpf_prog_ids()
+    for node in world.nodes.values():
+        assert node.agent.outcome(probe_id) is None
+        assert not set(ids[node.name]) & live, f"{node.name} still runs {ids[node.name]}"
+    wait_until(
+        "a ProbeUnloaded Event",
+        lambda: [e for e in world.events(ns, "web-file-opens") if e["reason"] == "ProbeUnloaded"],
+        timeout=30,
+    )
