@@ -46,6 +46,7 @@ from tracekeeper_operator.status_folding import (
 log = logging.getLogger(__name__)
 
 WRITE_CONCURRENCY = 16
+WRITE_RETRY_SECONDS = 2.0
 
 _S = TypeVar("_S", TraceProbeStatus, TraceFilterStatus)
 
@@ -254,7 +255,8 @@ class ControlLoop:
             except Exception as exc:
                 log.warning("writing the status of %s %s failed: %s", ref.kind, ref.key, exc)
                 self._metrics.status_patches.labels(ref.kind, "error").inc()
-                self._dirty.set()  # try again on the next pass
+                # Again later, not in a hot loop while the apiserver is unhappy.
+                asyncio.get_running_loop().call_later(WRITE_RETRY_SECONDS, self.poke)
                 return
             self._metrics.status_patches.labels(ref.kind, "ok").inc()
             if not found:

@@ -282,6 +282,16 @@ class PushPlanner:
         )
 
 
+def status_inputs(view: AgentView) -> tuple[object, ...]:
+    """What status folding and unloading read of a view (not the agents' live counters)."""
+    probes: tuple[tuple[str, ...], ...] = ()
+    if view.report is not None:
+        probes = tuple(
+            (p.id, p.spec_hash, p.state, p.reason, p.message) for p in view.report.probes
+        )
+    return (view.endpoint, view.error, view.report is None, probes, view.in_flight)
+
+
 def holding_nodes(probe_id: str, views: Mapping[str, AgentView]) -> list[str]:
     """Nodes whose agent may still run `probe_id`: it is still desired there, its last report
     lists it, a push with it is on its way, or the agent has not reported since this operator
@@ -347,13 +357,18 @@ class Pusher:
 
     async def _run_action(self, action: Action) -> None:
         async with self._limit:
+            before = self.planner.views().get(action.node)
             started = time.perf_counter()
             if isinstance(action, PushAction):
                 await self._push(action, started)
             else:
                 await self._resync(action)
         self._wake.set()
-        self.on_change()
+        after = self.planner.views().get(action.node)
+        # A resync that found the agent as it was (the common case, every node every
+        # interval) must not cost a render pass.
+        if before is None or after is None or status_inputs(before) != status_inputs(after):
+            self.on_change()
 
     async def _push(self, action: PushAction, started: float) -> None:
         outcome = "ok"

@@ -298,13 +298,17 @@ async def test_pusher_retries_until_the_agent_answers() -> None:
 
 async def test_pusher_resyncs_and_repushes_after_a_restart() -> None:
     agents = FakeAgents()
-    pusher = Pusher(planner(debounce=0.0, resync_interval=0.02), agents)
+    changes: list[int] = []
+    pusher = Pusher(
+        planner(debounce=0.0, resync_interval=0.02), agents, on_change=lambda: changes.append(1)
+    )
     task = asyncio.create_task(pusher.run())
     try:
         pusher.update({"n1": probes(2)}, {"n1": "http://n1"})
         await agents.until(pusher.planner.settled)
-        await agents.until(lambda: len(agents.gets) >= 2)
+        await agents.until(lambda: len(agents.gets) >= 3)
         assert len(agents.puts) == 1
+        assert len(changes) == 1  # resyncs that find nothing new cost no render
         agents.boot_id = "boot-2"
         await agents.until(lambda: len(agents.puts) >= 2)
         first, second = agents.puts[0][1], agents.puts[1][1]
