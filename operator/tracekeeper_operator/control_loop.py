@@ -35,6 +35,7 @@ from tracekeeper_operator.selection import (
 from tracekeeper_operator.settings import OperatorSettings
 from tracekeeper_operator.status_folding import (
     EventSpec,
+    filter_events,
     fold_filter_status,
     fold_probe_status,
     node_outcomes,
@@ -227,7 +228,8 @@ class ControlLoop:
             previous_f = self._previous(self._written.filters, filt.ref.uid, filt.status)
             folded_f = filter_status(filt, view, self.settings, previous=previous_f, now=now)
             if status_differs(previous_f, folded_f):
-                jobs.append(self._write(filt.ref, folded_f, self._written.filters, []))
+                events_f = filter_events(previous_f, folded_f)
+                jobs.append(self._write(filt.ref, folded_f, self._written.filters, events_f))
         live = {p.ref.uid for p in view.probes.values()} | {
             f.ref.uid for f in view.filters.values()
         }

@@ -264,6 +264,26 @@ def probe_events(previous: TraceProbeStatus | None, new: TraceProbeStatus) -> li
     return events
 
 
+def filter_events(previous: TraceFilterStatus | None, new: TraceFilterStatus) -> list[EventSpec]:
+    """A filter refused for privileged fields says so once, like a probe."""
+
+    def accepted(status: TraceFilterStatus | None) -> Condition | None:
+        if status is None:
+            return None
+        return next((c for c in status.conditions if c.type == "Accepted"), None)
+
+    now, before = accepted(new), accepted(previous)
+    if now is None or (now.status, now.reason) != ("False", "NotPermitted"):
+        return []
+    if before is not None and (before.status, before.reason, before.message) == (
+        now.status,
+        now.reason,
+        now.message,
+    ):
+        return []
+    return [EventSpec("Warning", "NotPermitted", now.message)]
+
+
 def status_differs(
     stored: TraceProbeStatus | TraceFilterStatus | None,
     folded: TraceProbeStatus | TraceFilterStatus,

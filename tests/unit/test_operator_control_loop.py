@@ -196,3 +196,29 @@ async def test_a_restarted_operator_keeps_stored_statuses_until_agents_answer() 
     finally:
         task.cancel()
     assert writes.patches == [] and writes.events == []
+
+
+async def test_a_privileged_filter_in_a_tenant_namespace_is_refused_once() -> None:
+    writes = FakeWrites()
+    loop = ControlLoop(SETTINGS, Pusher(PushPlanner(debounce=0.0), FakeAgents()), writes)
+    sneaky = dataclasses.replace(FILTER, spec=TraceFilterSpec.model_validate({"hostWide": True}))
+    state = {"view": cluster(PROBE, sneaky, pod("web-0", app="web"))}
+    loop.attach(lambda: state["view"])
+    await loop.reconcile_once()
+    last = {key: status for key, status in writes.patches}
+    filter_status = TraceFilterStatus.model_validate(last["team-a/web"])
+    (accepted,) = filter_status.conditions
+    assert (accepted.status, accepted.reason) == ("False", "NotPermitted")
+    probe_status = TraceProbeStatus.model_validate(last["team-a/opens"])
+    assert probe_status.condition("Accepted").reason == "NotPermitted"  # type: ignore[union-attr]
+    assert sorted((k, e.reason) for k, e in writes.events) == [
+        ("team-a/opens", "NotPermitted"),
+        ("team-a/web", "NotPermitted"),
+    ]
+    state["view"] = cluster(
+        dataclasses.replace(PROBE, status=probe_status),
+        dataclasses.replace(sneaky, status=filter_status),
+        pod("web-0", app="web"),
+    )
+    await loop.reconcile_once()
+    assert len(writes.events) == 2
