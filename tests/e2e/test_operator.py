@@ -106,6 +106,16 @@ def wait_condition(
     return wait_until(want, check, timeout=timeout, describe=describe)
 
 
+def wait_programs_gone(ids: list[int]) -> None:
+    """The kernel frees a closed program after an RCU grace period, a moment after the agent
+    reported it gone."""
+    wait_until(
+        f"BPF programs {ids} gone from the kernel",
+        lambda: not set(ids) & bpf_prog_ids(),
+        timeout=15,
+    )
+
+
 def loaded_outcome(node: SimNode, probe_id: str) -> dict[str, Any] | None:
     out = node.agent.outcome(probe_id)
     return out if out is not None and out["state"] == "Loaded" else None
@@ -355,6 +365,86 @@ def test_kprobe_probe_is_degraded_unsupported_on_each_node(world: World) -> None
     )
 
 
+# --- nodeSelector, suspend, and a pod churn burst ---------------------------------------------
+
+
+def test_node_selector_picks_nodes_by_their_labels(world: World) -> None:
+    ns = world.namespace("zoned")
+    world.create_pod(ns, "a-0", world.nodes["node-a"], {"app": "x"}, run=False)
+    world.create_pod(ns, "b-0", world.nodes["node-b"], {"app": "x"}, run=False)
+    spec = {"syscall": {"name": "openat"}, "nodeSelector": {"zone": "z2"}}
+    apply(world, ns, probe_obj("zoned", spec))
+    obj = wait_condition(world, ns, "zoned", "Ready", "True")
+    assert obj["status"]["nodes"] == {"targeted": 1, "loaded": 1, "failed": 0}
+    assert world.nodes["node-a"].agent.outcome(f"{ns}/zoned") is None
+    assert loaded_outcome(world.nodes["node-b"], f"{ns}/zoned") is not None
+
+
+def test_suspend_unloads_everywhere_and_resume_loads_again(world: World) -> None:
+    ns = world.namespace("suspend")
+    world.create_pod(ns, "a-0", world.nodes["node-a"], {"app": "x"}, run=False)
+    world.create_pod(ns, "b-0", world.nodes["node-b"], {"app": "x"}, run=False)
+    apply(world, ns, EXAMPLES_DIR / "sched-switch-raw.yaml")
+    probe_id = f"{ns}/context-switches"
+    wait_condition(world, ns, "context-switches", "Ready", "True")
+    ids = {
+        n.name: loaded_outcome(n, probe_id)["programIds"]  # type: ignore[index]
+        for n in world.nodes.values()
+    }
+    path = f"/apis/tracekeeper.dev/v1alpha1/namespaces/{ns}/traceprobes/context-switches"
+    world.kube.merge(path, {"spec": {"suspend": True}})
+    wait_condition(world, ns, "context-switches", "Ready", "False", "Suspended")
+    wait_until(
+        "every agent to drop the suspended probe",
+        lambda: all(n.agent.outcome(probe_id) is None for n in world.nodes.values()),
+        timeout=30,
+    )
+    wait_programs_gone([i for v in ids.values() for i in v])
+    wait_until(
+        "a ProbeUnloaded Event",
+        lambda: [e for e in world.events(ns, "context-switches") if e["reason"] == "ProbeUnloaded"],
+        timeout=30,
+    )
+    world.kube.merge(path, {"spec": {"suspend": False}})
+    obj = wait_condition(world, ns, "context-switches", "Ready", "True")
+    assert obj["status"]["nodes"] == {"targeted": 2, "loaded": 2, "failed": 0}
+
+
+def test_a_pod_burst_is_coalesced_into_few_pushes(world: World) -> None:
+    ns = world.namespace("burst")
+    a = world.nodes["node-a"]
+    world.create_pod(ns, "seed", a, {"app": "burst"}, run=False)
+    apply(
+        world,
+        ns,
+        probe_obj(
+            "burst",
+            {
+                "syscall": {"name": "openat"},
+                "filter": {"podSelector": {"matchLabels": {"app": "burst"}}},
+            },
+        ),
+    )
+    wait_condition(world, ns, "burst", "Ready", "True")
+    pushes_before = world.operator_metric("tracekeeper_operator_pushes_total")
+    started = time.monotonic()
+    count = 20
+    for i in range(count):
+        world.create_pod(ns, f"burst-{i}", a, {"app": "burst"}, run=False)
+
+    def all_in() -> dict[str, Any] | None:
+        out = loaded_outcome(a, f"{ns}/burst")
+        return out if out and out["pods"] == count + 1 else None
+
+    wait_until(f"{count} new pods in node-a's filter map", all_in, timeout=60)
+    pushes = world.operator_metric("tracekeeper_operator_pushes_total") - pushes_before
+    report(
+        f"{count} pods created in a burst -> pushes to node-a",
+        f"{pushes:.0f} (all in the map {time.monotonic() - started:.2f}s after the first)",
+    )
+    assert pushes < count / 2
+
+
 # --- 8. an agent dies and comes back empty: the operator restores it --------------------------
 
 
@@ -367,7 +457,7 @@ def test_killed_agent_is_restored_without_an_operator_restart(
     assert before is not None
     boot_id = b.agent.report()["bootId"]
     b.agent.kill()  # SIGKILL: its programs go with its file descriptors
-    assert not set(before["programIds"]) & bpf_prog_ids()
+    wait_programs_gone(before["programIds"])
     obj = wait_condition(world, ns, "web-file-opens", "Degraded", "True", "AgentUnreachable")
     assert [f["node"] for f in obj["status"]["failures"]] == ["node-b"]
     # Back with an empty state dir: only the operator can tell it what to run.
@@ -470,7 +560,7 @@ def test_spec_edit_replaces_the_program(world: World, web: dict[str, Any]) -> No
             f"program ids on {node} before/after a spec edit", f"{old} -> {outcome['programIds']}"
         )
         assert set(outcome["programIds"]).isdisjoint(old)
-        assert not set(old) & bpf_prog_ids()  # the old program is gone from the kernel
+        wait_programs_gone(old)
 
 
 # --- 11. delete: unloaded everywhere, then the finalizer goes ---------------------------------
@@ -491,10 +581,9 @@ def test_delete_unloads_on_every_node_then_releases_the_finalizer(
     assert res.returncode == 0, res.stderr
     report("delete -> finalizer released", f"{time.monotonic() - started:.2f}s")
     assert world.probe(ns, "web-file-opens") is None
-    live = bpf_prog_ids()
     for node in world.nodes.values():
         assert node.agent.outcome(probe_id) is None
-        assert not set(ids[node.name]) & live, f"{node.name} still runs {ids[node.name]}"
+        wait_programs_gone(ids[node.name])
     wait_until(
         "a ProbeUnloaded Event",
         lambda: [e for e in world.events(ns, "web-file-opens") if e["reason"] == "ProbeUnloaded"],
