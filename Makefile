@@ -28,6 +28,9 @@ e2e:              ## real kube-apiserver + etcd (built from Go modules, cached)
 controlplane:     ## build kube-apiserver, etcd, kubectl from Go modules (cached by version)
 	bash tests/controlplane/build.sh
 
+bench:            ## agent benchmarks (root), a table each; bench/README.md has a recorded run
+	$(PY) -m bench.run
+
 # The README's test command: sets the machine up, lints, runs every tier.
 # pytest exits 5 when it collected nothing: that fails too.
 test: setup lint
