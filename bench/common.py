@@ -309,3 +309,28 @@ def profile_table(
         "Python-level calls, so read shares, not absolute times"
     )
     return table
+
+
+def perf_top(argv: Sequence[str], *, top: int = 15) -> list[tuple[float, str]] | None:
+    """Run argv under `perf record -e cpu-clock` (this machine has no hardware counters) and
+    return its top symbols by samples (kernel ones marked [k]); None without perf."""
+    perf = shutil.which("perf")
+    if perf is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="tk-bench-perf-") as tmp:
+        data = str(Path(tmp) / "perf.data")
+        record = [perf, "record", "-q", "-e", "cpu-clock", "-F", "20000", "-o", data, "--"]
+        done = subprocess.run([*record, *argv], capture_output=True, text=True)
+        if done.returncode != 0:
+            return None
+        report = subprocess.run(
+            [perf, "report", "-i", data, "--no-children", "--sort", "sym", "-q", "--stdio"],
+            capture_output=True,
+            text=True,
+        )
+    rows = []
+    for line in report.stdout.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+(\[.\])\s+(.+?)\s*$", line)
+        if m:
+            rows.append((float(m[1]), f"{m[2]} {m[3]}"))
+    return rows[:top]
