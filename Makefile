@@ -37,5 +37,8 @@ test: setup lint
 	$(PYTEST) tests -q -rs; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
 
+demo: setup       ## the local demo: control plane, operator, agent, a tenant's probes, live output
+	$(PY) scripts/demo.py
+
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
