@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import (
+    LoopRun,
     Spread,
     Table,
     bpf_run_time_stats,
@@ -145,10 +146,24 @@ class Layout:
         return len(self.container.relative_to(detect_root()).parts)
 
 
+@dataclass(frozen=True)
+class Sample:
+    """A scenario's runs: their mean ns/call (min, median, max over runs) and the median over
+    runs of each run's 10th-percentile 10 000-call chunk (robust to preemption)."""
+
+    runs: Spread
+    p10: float
+
+    @classmethod
+    def of(cls, runs: list[LoopRun]) -> Sample:
+        p10s = [r.chunk_p10 or r.ns_per_call for r in runs]
+        return cls(Spread.of([r.ns_per_call for r in runs]), statistics.median(p10s))
+
+
 @dataclass
 class Result:
     name: str
-    spread: Spread
+    sample: Sample
     prog_ns: float | None = None
     """The program's own ns per run (BPF run-time statistics)."""
     counted: str = ""
@@ -173,9 +188,9 @@ class Runner:
         self.foreign = 0
         """foreign_syscall_programs() around the last reps()."""
 
-    def one(self, calls: int | None = None, warmup: int | None = None) -> float:
+    def one(self, calls: int | None = None, warmup: int | None = None) -> LoopRun:
         c = self.config
-        run = run_loop(
+        return run_loop(
             "-c",
             self.layout.container,
             "-a",
@@ -185,15 +200,16 @@ class Runner:
             "-n",
             c.calls if calls is None else calls,
         )
-        return run.ns_per_call
 
-    def reps(self, one: Callable[[], float] | None = None) -> Spread:
+    def reps(self, one: Callable[[], LoopRun] | None = None) -> Sample:
         before = foreign_syscall_programs()
-        spread = Spread.of([(one or self.one)() for _ in range(self.config.reps)])
+        sample = Sample.of([(one or self.one)() for _ in range(self.config.reps)])
         self.foreign = max(before, foreign_syscall_programs())
-        return spread
+        return sample
 
-    def prog_ns(self, ids: tuple[int, ...], one: Callable[[], float] | None = None) -> float | None:
+    def prog_ns(
+        self, ids: tuple[int, ...], one: Callable[[], LoopRun] | None = None
+    ) -> float | None:
         """One more run with BPF run-time statistics on: the program's ns per run."""
         with bpf_run_time_stats():
             runs0, ns0 = prog_run_stats(ids)
@@ -310,9 +326,9 @@ class Consumer:
 def measure_program(
     runner: Runner, name: str, program: BccProgram, counted: Callable[[], str]
 ) -> Result:
-    spread = runner.reps()
+    sample = runner.reps()
     prog_ns = runner.prog_ns(program.program_ids)
-    return Result(name, spread, prog_ns, counted(), runner.foreign)
+    return Result(name, sample, prog_ns, counted(), runner.foreign)
 
 
 def _count_total(program: BccProgram) -> int:
@@ -366,7 +382,7 @@ def paired_miss(runner: Runner, layout: Layout) -> Paired:
         for name in order:
             with loaded(plans[name]) as program:
                 program.update_filter(other)
-                getattr(result, name).append(runner.one())
+                getattr(result, name).append(runner.one().chunk_p10)
     return result
 
 
@@ -376,7 +392,7 @@ def paired_table(paired: Paired, reps: int) -> Table:
     table = Table(
         "goal check: tracekeeper filter miss vs bare tracepoint + 1 hash lookup, paired runs "
         "(each program freshly loaded, ABBA order)",
-        ["pair", "bare + 1 lookup ns", "tracekeeper miss ns", "difference ns"],
+        ["pair", "bare + 1 lookup p10 ns", "tracekeeper miss p10 ns", "difference ns"],
     )
     for i, (r, m) in enumerate(zip(paired.reference, paired.miss, strict=True), 1):
         table.add(i, _fmt(r), _fmt(m), f"{m - r:+.1f}")
@@ -429,22 +445,22 @@ def tracekeeper_scenarios(runner: Runner, layout: Layout) -> list[Result]:
             # (irq_work); paused during the run, it is behind and no commit wakes it.
             for caught_up in (True, False):
 
-                def burst(caught_up: bool = caught_up) -> float:
+                def burst(caught_up: bool = caught_up) -> LoopRun:
                     if not caught_up:
                         consumer.pause()
-                    ns = runner.one(calls=c.burst, warmup=0)
+                    run = runner.one(calls=c.burst, warmup=0)
                     consumer.resume()
                     consumer.settled()
-                    return ns
+                    return run
 
-                spread = runner.reps(burst)
+                sample = runner.reps(burst)
                 prog_ns = runner.prog_ns(program.program_ids, burst)
                 counters = consumer.settled()
                 how = "consumer caught up" if caught_up else "consumer behind"
                 results.append(
                     Result(
                         f"tracekeeper: hit, event, {how} ({c.burst:,}-call runs)",
-                        spread,
+                        sample,
                         prog_ns,
                         f"{consumer.received}/{counters.matched} received, "
                         f"{counters.ring_full} ring_full",
@@ -452,7 +468,7 @@ def tracekeeper_scenarios(runner: Runner, layout: Layout) -> list[Result]:
                     )
                 )
             base_received, base = consumer.received, counters
-            spread = runner.reps()
+            sample = runner.reps()
             prog_ns = runner.prog_ns(program.program_ids)
             counters = consumer.settled()
             got = consumer.received - base_received
@@ -461,7 +477,7 @@ def tracekeeper_scenarios(runner: Runner, layout: Layout) -> list[Result]:
         results.append(
             Result(
                 "tracekeeper: hit, event, sustained (ring fills)",
-                spread,
+                sample,
                 prog_ns,
                 f"{got}/{matched} received, {full} ring_full ({got / matched:.0%} delivered)",
                 runner.foreign,
@@ -542,7 +558,7 @@ def bpftrace_scenario(runner: Runner, name: str, cgroup: Path, expect_hits: bool
             raise RuntimeError(f"bpftrace did not attach: {first!r} {err.strip()}")
         ids = _new_progs(before)
         OURS.update(ids)
-        spread = runner.reps()
+        sample = runner.reps()
         prog_ns = runner.prog_ns(ids) if ids else None
     finally:
         proc.send_signal(signal.SIGINT)
@@ -551,7 +567,7 @@ def bpftrace_scenario(runner: Runner, name: str, cgroup: Path, expect_hits: bool
     c = runner.config
     total = counts.get(LOOP_COMM, 0)
     counted = f"{total}/{(c.calls + c.warmup) * (c.reps + 1)}" if expect_hits else f"{total}"
-    return Result(name, spread, prog_ns, counted, runner.foreign)
+    return Result(name, sample, prog_ns, counted, runner.foreign)
 
 
 def _fmt(x: float) -> str:
@@ -575,7 +591,7 @@ def run(config: Config, quiet_timeout: float) -> list[Table]:
         )
         paired = paired_miss(runner, layout)
         end = Result("no probe (end)", runner.reps(), foreign=runner.foreign)
-    base = (start.spread.median + end.spread.median) / 2
+    base = (start.sample.p10 + end.sample.p10) / 2
     lookup = refs[1]
     tk_miss, tk_count = tk[0], tk[1]
     peers = {tk_miss.name: bt_miss, tk_count.name: bt_hit}
@@ -585,9 +601,10 @@ def run(config: Config, quiet_timeout: float) -> list[Table]:
         f"loop pinned to CPU {config.cpu})",
         [
             "scenario",
-            "min ns",
+            "runs: min ns",
             "median ns",
             "max ns",
+            "p10 chunk ns",
             "added ns",
             "prog ns/run",
             "vs bpftrace",
@@ -598,18 +615,19 @@ def run(config: Config, quiet_timeout: float) -> list[Table]:
         ],
     )
     for r in [start, *refs, *tk, bt_miss, bt_hit, end]:
-        added = r.spread.median - base
+        added = r.sample.p10 - base
         peer = peers.get(r.name)
-        ratio = f"{added / (peer.spread.median - base):.2f}x" if peer else ""
+        ratio = f"{added / (peer.sample.p10 - base):.2f}x" if peer else ""
         goal = ok = ""
         if r is tk_miss:
-            goal = f"<= {lookup.spread.median - base:.1f} (paired: {paired_median:+.1f})"
+            goal = f"<= {lookup.sample.p10 - base:.1f} (paired: {paired_median:+.1f})"
             ok = met(paired_median <= 1.0)
         table.add(
             r.name,
-            _fmt(r.spread.low),
-            _fmt(r.spread.median),
-            _fmt(r.spread.high),
+            _fmt(r.sample.runs.low),
+            _fmt(r.sample.runs.median),
+            _fmt(r.sample.runs.high),
+            _fmt(r.sample.p10),
             "" if r in (start, end) else _fmt(added),
             "" if r.prog_ns is None else _fmt(r.prog_ns),
             ratio,
@@ -619,12 +637,15 @@ def run(config: Config, quiet_timeout: float) -> list[Table]:
             ok,
         )
     table.notes += [
-        f"added = median - no-probe median ({base:.1f} ns, the mean of the start and end runs)",
+        "runs: each run's mean ns/call; p10 chunk: the median over runs of the 10th "
+        "percentile of 10,000-call chunks, robust to the loop being preempted on a machine "
+        "shared with other sessions (30,000-call runs: the fastest of 3 chunks)",
+        f"added = p10 chunk - no-probe p10 chunk ({base:.1f} ns, mean of the start and end)",
         "vs bpftrace: tracekeeper's added ns / bpftrace's added ns for the same predicate "
         "(miss: another cgroup targeted; hit: the loop's cgroup)",
         "goal: a miss adds no more than the bare tracepoint plus one hash lookup (the "
         "'bare + 1 hash lookup' row); decided on the paired runs of the next table (median "
-        "difference within 1 ns), which cancel the drift of a machine shared with others",
+        "p10-chunk difference within 1 ns), which also cancel drift over the run",
         "prog ns/run: the program's own run time from BPF_ENABLE_STATS (one extra run); the "
         "rest of 'added' is the tracepoint itself (syscall slow path, BPF dispatch) and, for "
         "events, the consumer's wakeup (irq_work) after the program",
