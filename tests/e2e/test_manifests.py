@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -426,7 +427,11 @@ def test_operator_runs_with_only_its_service_account(
     token = cluster.kubectl("create", "token", "tracekeeper-operator", "-n", SYSTEM_NS,
                             "--duration=1h", check=True).stdout.strip()  # fmt: skip
     (deployment,) = [d for d in installed.docs if d["kind"] == "Deployment"]
-    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    (entrypoint,) = re.findall(
+        r"^ENTRYPOINT (\[.*\])$", (REPO / "Dockerfile.operator").read_text(), re.M
+    )
+    command: list[str] = json.loads(entrypoint)
+    args = command[1:] + deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     metrics_port, health_port = find_free_ports(2)
     args = [a.replace("8080", str(metrics_port)).replace("8081", str(health_port))
             .replace("0.0.0.0", "127.0.0.1") for a in args]  # fmt: skip
@@ -437,7 +442,7 @@ def test_operator_runs_with_only_its_service_account(
     env["POD_NAMESPACE"] = SYSTEM_NS  # the downward API's value
     with log_path.open("wb") as log:
         operator = subprocess.Popen(
-            [str(Path(sys.executable).parent / "tracekeeper-operator"), *args,
+            [str(Path(sys.executable).parent / command[0]), *args,
              "--kubeconfig", str(_kubeconfig(cluster, token, tmp_path / "kubeconfig")),
              "--token-file", str(agent_token), "--metrics-address", "127.0.0.1"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

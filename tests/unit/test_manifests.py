@@ -111,6 +111,16 @@ def _mounts(container: Obj) -> dict[str, str]:
     return {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
 
 
+def _command_line(workload: Obj, dockerfile: str) -> list[str]:
+    """The image's ENTRYPOINT (no `command:` overrides it) followed by the container's args:
+    what the container runs, without the program name."""
+    container = _container(workload)
+    assert "command" not in container, "the image's ENTRYPOINT is the command"
+    (entrypoint,) = re.findall(r"^ENTRYPOINT (\[.*\])$", (ROOT / dockerfile).read_text(), re.M)
+    args: list[str] = json.loads(entrypoint)[1:] + container.get("args", [])
+    return args
+
+
 def _volumes(workload: Obj) -> dict[str, Obj]:
     return {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
 
@@ -233,7 +243,7 @@ def test_operator_deployment_runs_one_restricted_operator() -> None:
 def test_operator_args_match_its_cli_and_ports() -> None:
     deployment = _one("Deployment", "tracekeeper-operator")
     container = _container(deployment)
-    args = operator_parser().parse_args(container.get("args", []))
+    args = operator_parser().parse_args(_command_line(deployment, "Dockerfile.operator"))
     assert args.command == "run"
     assert args.metrics_port == _port(container, "metrics")
     liveness = urlsplit(args.liveness)
@@ -278,7 +288,7 @@ def test_agent_pods_are_what_the_operator_looks_for() -> None:
     labels = daemonset["spec"]["template"]["metadata"]["labels"]
     assert parse_label_selector(DEFAULT_AGENT_SELECTOR).items() <= labels.items()
     container = _container(daemonset)
-    args = agent_parser().parse_args(container["args"])
+    args = agent_parser().parse_args(_command_line(daemonset, "Dockerfile.agent"))
     assert args.command == "serve"
     assert int(args.listen.rpartition(":")[2]) == _port(container, DEFAULT_AGENT_PORT_NAME)
     assert args.token_file == DEFAULT_TOKEN_FILE
