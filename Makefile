@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 PYTEST  := .venv/bin/pytest
 
-.PHONY: setup crds lint unit kernel e2e test controlplane demo bench clean
+.PHONY: setup crds lint unit kernel e2e manifests-check test controlplane demo bench clean
 
 setup:            ## install Debian packages, kernel headers link, mounts, venv with bcc
 	bash scripts/setup.sh
@@ -24,6 +24,9 @@ kernel:           ## real BPF programs on this kernel (root)
 
 e2e:              ## real kube-apiserver + etcd (built from Go modules, cached)
 	$(PYTEST) tests/e2e -q
+
+manifests-check:  ## manifests/ and Dockerfiles: hadolint, promtool, yamllint, apply + admission + RBAC on the real apiserver
+	$(PYTEST) tests/unit/test_manifests.py tests/unit/test_dockerfiles.py tests/e2e/test_manifests.py -q
 
 controlplane:     ## build kube-apiserver, etcd, kubectl from Go modules (cached by version)
 	bash tests/controlplane/build.sh
