@@ -7,8 +7,11 @@ PYTEST  := .venv/bin/pytest
 setup:            ## install Debian packages, kernel headers link, mounts, venv with bcc
 	bash scripts/setup.sh
 
-crds:             ## regenerate crds/ from the pydantic models in api/
-	$(PY) -m tracekeeper_api.crdgen --out crds
+# crds/ and its copy for kustomize (which loads no file outside manifests/base/).
+CRD_DIRS := crds manifests/base/crds
+
+crds:             ## regenerate crds/ and manifests/base/crds/ from the pydantic models in api/
+	$(PY) -m tracekeeper_api.crdgen $(foreach d,$(CRD_DIRS),--out $(d))
 
 lint:
 	.venv/bin/ruff check .

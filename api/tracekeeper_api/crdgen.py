@@ -7,6 +7,9 @@ rules carried through as x-kubernetes-validations.
 
     python -m tracekeeper_api.crdgen --out crds      # write
     python -m tracekeeper_api.crdgen --check crds    # exit 1 when crds/ drifted
+
+Both options repeat: `make crds` writes crds/ and its copy in manifests/base/crds/
+(kustomize loads no file outside its root), and `--check` of both finds either stale.
 """
 
 from __future__ import annotations
@@ -191,17 +194,27 @@ def render(crd: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--out", type=Path, help="write the CRDs into this directory")
-    group.add_argument("--check", type=Path, help="fail when this directory has drifted")
+    group.add_argument(
+        "--out", type=Path, action="append", help="write the CRDs into this directory (repeatable)"
+    )
+    group.add_argument(
+        "--check",
+        type=Path,
+        action="append",
+        help="fail when this directory has drifted (repeatable)",
+    )
     args = parser.parse_args(argv)
     drifted = []
-    for name, crd in crds().items():
-        text = render(crd)
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / name).write_text(text)
-        elif not (args.check / name).exists() or (args.check / name).read_text() != text:
-            drifted.append(name)
+    rendered = {name: render(crd) for name, crd in crds().items()}
+    for directory in args.out or []:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in rendered.items():
+            (directory / name).write_text(text)
+    for directory in args.check or []:
+        for name, text in rendered.items():
+            path = directory / name
+            if not path.exists() or path.read_text() != text:
+                drifted.append(str(path))
     if drifted:
         print(f"out of date: {', '.join(drifted)}; run `make crds`", file=sys.stderr)
         return 1

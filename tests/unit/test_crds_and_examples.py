@@ -20,6 +20,20 @@ def test_crds_in_sync_with_models() -> None:
     assert crdgen.main(["--check", str(ROOT / "crds")]) == 0, "run `make crds`"
 
 
+def test_crdgen_writes_and_checks_several_directories(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = tmp_path / "crds", tmp_path / "copy"
+    assert crdgen.main(["--out", str(first), "--out", str(second)]) == 0
+    names = sorted(crdgen.crds())
+    assert sorted(p.name for p in second.iterdir()) == names
+    assert crdgen.main(["--check", str(first), "--check", str(second)]) == 0
+    stale = second / names[0]
+    stale.write_text(stale.read_text() + "# edited\n")
+    assert crdgen.main(["--check", str(first), "--check", str(second)]) == 1
+    assert f"out of date: {stale}; run `make crds`" in capsys.readouterr().err
+
+
 def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
     found: list[tuple[str, dict[str, Any]]] = []
     if isinstance(node, dict):

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tracekeeper_agent.cli import build_parser as agent_parser
 from tracekeeper_agent.identity import PodIdentity
 from tracekeeper_agent.metrics import AgentMetrics
+from tracekeeper_api import crdgen
 from tracekeeper_api.filters import PRIVILEGED_FILTER_FIELDS
 from tracekeeper_operator.cli import _parser as operator_parser
 from tracekeeper_operator.metrics import OperatorMetrics
@@ -152,14 +153,25 @@ def test_crd_copies_match_crds() -> None:
     generated = sorted((ROOT / "crds").glob("*.yaml"))
     assert generated
     copies = sorted((BASE / "crds").glob("*.yaml"))
-    assert [p.name for p in copies] == [p.name for p in generated], (
-        "cp crds/*.yaml manifests/base/crds/"
-    )
+    fix = "run `make crds` (it writes crds/ and this copy, which kustomize needs)"
+    assert [p.name for p in copies] == [p.name for p in generated], fix
     for copy, original in zip(copies, generated, strict=True):
         assert copy.read_bytes() == original.read_bytes(), (
-            f"{copy.relative_to(ROOT)} differs from crds/ (kustomize cannot load files outside "
-            "manifests/): cp crds/*.yaml manifests/base/crds/"
+            f"{copy.relative_to(ROOT)} differs from crds/: {fix}"
         )
+    assert crdgen.main(["--check", str(BASE / "crds")]) == 0, fix
+
+
+def test_make_crds_writes_the_copy() -> None:
+    """The fix the test above names does fix it: `make crds` writes both directories."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make not installed")
+    res = subprocess.run([make, "-n", "crds"], cwd=ROOT, capture_output=True, text=True, check=True)
+    (command,) = [line for line in res.stdout.splitlines() if "tracekeeper_api.crdgen" in line]
+    words = command.split()
+    outs = {words[i + 1] for i, word in enumerate(words) if word == "--out"}
+    assert outs == {"crds", str((BASE / "crds").relative_to(ROOT))}, command
 
 
 # -- admission policy -----------------------------------------------------------------------
