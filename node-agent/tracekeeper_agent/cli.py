@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from tracekeeper_agent.cgroup_watch import CgroupWatcher
 from tracekeeper_agent.cgroups import CgroupError, CgroupIndex, detect_root
 from tracekeeper_agent.events import EventHub, open_events_file
-from tracekeeper_agent.http_api import create_app, token_source
+from tracekeeper_agent.http_api import create_app, create_metrics_app, token_source
 from tracekeeper_agent.kernel import ProgramLoader
 from tracekeeper_agent.kernel_features import KernelFeatures
 from tracekeeper_agent.metrics import AgentMetrics
@@ -77,6 +77,21 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{text!r} is not host:port")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+_ANY_HOST = frozenset({"0.0.0.0", "::"})
+
+
+def check_listeners(api: tuple[str, int], metrics: tuple[str, int]) -> None:
+    """The metrics listener must not take the API's address (the second bind would fail
+    after the programs were restored, with a less helpful error)."""
+    (api_host, api_port), (metrics_host, metrics_port) = api, metrics
+    overlap = api_host == metrics_host or {api_host, metrics_host} & _ANY_HOST
+    if api_port == metrics_port and overlap:
+        raise ValueError(
+            f"--metrics-listen {metrics_host}:{metrics_port} takes the API's port "
+            f"(--listen {api_host}:{api_port}): give it a port of its own"
+        )
 
 
 def kernel_info(features: KernelFeatures) -> KernelInfo:
@@ -201,6 +216,9 @@ class Agent:
     hub: EventHub
     metrics: AgentMetrics
     app: web.Application
+    """The API: state, events, and /metrics, behind the token."""
+    metrics_app: web.Application
+    """GET /metrics only, no token (serve --metrics-listen)."""
     ready: asyncio.Event
     cgroups: NodeCgroups
 
@@ -251,6 +269,7 @@ async def running_agent(
     reconciler.readers.append(hub)
     ready = asyncio.Event()
     app = create_app(reconciler, token=token, registry=metrics.registry, events=hub, ready=ready)
+    metrics_app = create_metrics_app(reconciler, metrics.registry)
 
     async def restore() -> None:
         restored = await reconciler.restore()
@@ -264,7 +283,7 @@ async def running_agent(
         asyncio.create_task(restore()),
     ]
     try:
-        yield Agent(reconciler, hub, metrics, app, ready, cgroups)
+        yield Agent(reconciler, hub, metrics, app, metrics_app, ready, cgroups)
     finally:
         for task in background:
             task.cancel()
@@ -279,6 +298,9 @@ async def serve(args: argparse.Namespace) -> int:
     if not node:
         raise ValueError("--node-name (or $NODE_NAME) is required")
     host, port = parse_listen(args.listen)
+    metrics_at = parse_listen(args.metrics_listen) if args.metrics_listen else None
+    if metrics_at is not None:
+        check_listeners((host, port), metrics_at)
     token = token_source(args.token_file)
     stop = asyncio.Event()
     _stop_on_signals(stop)
@@ -289,14 +311,21 @@ async def serve(args: argparse.Namespace) -> int:
         cgroup_root=args.cgroup_root,
         events_file=args.events_file,
     ) as agent:
-        runner = web.AppRunner(agent.app, handler_cancellation=True)
-        await runner.setup()
+        listeners = [("API", agent.app, host, port)]
+        if metrics_at is not None:
+            listeners.append(("metrics", agent.metrics_app, *metrics_at))
+        runners: list[web.AppRunner] = []
         try:
-            await web.TCPSite(runner, host, port).start()
-            log.info("node %s: listening on %s:%d", node, host, port)
+            for what, app, at_host, at_port in listeners:
+                runner = web.AppRunner(app, handler_cancellation=True)
+                await runner.setup()
+                runners.append(runner)
+                await web.TCPSite(runner, at_host, at_port).start()
+                log.info("node %s: %s listening on %s:%d", node, what, at_host, at_port)
             await stop.wait()
         finally:
-            await runner.cleanup()  # no request outlives the programs
+            for runner in reversed(runners):
+                await runner.cleanup()  # no request outlives the programs
     return 0
 
 
@@ -374,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = commands.add_parser("serve", help="run the node agent (DaemonSet)")
     s.add_argument("--node-name", default=None, help="this node's name (default: $NODE_NAME)")
     s.add_argument("--listen", default=DEFAULT_LISTEN, help="host:port of the API")
+    s.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="also serve GET /metrics here, without the token, for Prometheus (default: "
+        "off; /metrics stays on the API port behind the token)",
+    )
     s.add_argument(
         "--token-file", type=Path, default=None, help="bearer token file (else $TRACEKEEPER_TOKEN)"
     )

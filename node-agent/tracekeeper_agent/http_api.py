@@ -2,6 +2,10 @@
 
 Every route but the probes (/healthz, /readyz) needs `Authorization: Bearer <token>`,
 compared in constant time; the check runs before any body is read.
+
+The metrics app (`serve --metrics-listen`) is the other listener: GET /metrics only,
+without a token, for Prometheus. The API token authorizes loading programs on every
+node and must never be handed to a scraper; this listener reads and changes nothing else.
 """
 
 from __future__ import annotations
@@ -114,6 +118,16 @@ def _auth_middleware(token: Callable[[], str]) -> Middleware:
     return auth
 
 
+async def _scrape(reconciler: Reconciler, registry: CollectorRegistry) -> web.Response:
+    def scrape() -> bytes:
+        # Collectors read kernel maps: off the loop, and never while a program closes.
+        with reconciler.programs_lock:
+            return generate_latest(registry)
+
+    body = await asyncio.to_thread(scrape)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 class _Routes:
     def __init__(
         self,
@@ -148,15 +162,7 @@ class _Routes:
     async def metrics(self, _: web.Request) -> web.Response:
         if self.registry is None:
             return _error(404, "no metrics registry")
-        registry = self.registry
-
-        def scrape() -> bytes:
-            # Collectors read kernel maps: off the loop, and never while a program closes.
-            with self.reconciler.programs_lock:
-                return generate_latest(registry)
-
-        body = await asyncio.to_thread(scrape)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return await _scrape(self.reconciler, self.registry)
 
     async def healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -188,4 +194,23 @@ def create_app(
     app.router.add_get("/metrics", routes.metrics)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/readyz", routes.readyz)
+    return app
+
+
+METRICS_MAX_BODY = 1024
+
+
+def create_metrics_app(reconciler: Reconciler, registry: CollectorRegistry) -> web.Application:
+    """The unauthenticated, read-only metrics listener: GET /metrics from the same
+    registry as the API's /metrics, and nothing else (404 for other paths, 405 for other
+    methods). Scrapes run one at a time: a peer that floods this port cannot pile kernel
+    map reads up on the lock that program changes wait for."""
+    one_at_a_time = asyncio.Lock()
+
+    async def metrics(_: web.Request) -> web.Response:
+        async with one_at_a_time:
+            return await _scrape(reconciler, registry)
+
+    app = web.Application(client_max_size=METRICS_MAX_BODY)
+    app.router.add_get("/metrics", metrics)
     return app

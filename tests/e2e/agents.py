@@ -145,6 +145,8 @@ class AgentProcess:
     token: str
     token_file: Path
     log_path: Path
+    metrics_port: int
+    """serve --metrics-listen, as the DaemonSet runs it: /metrics without the token."""
     popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -163,6 +165,8 @@ class AgentProcess:
                 self.node,
                 "--listen",
                 f"127.0.0.1:{self.port}",
+                "--metrics-listen",
+                f"127.0.0.1:{self.metrics_port}",
                 "--token-file",
                 str(self.token_file),
                 "--state-dir",
@@ -193,9 +197,10 @@ class AgentProcess:
         if self.popen is not None:
             _stop(self.popen)
 
-    def http(self, path: str) -> tuple[int, str]:
+    def http(self, path: str, *, port: int | None = None, token: bool = True) -> tuple[int, str]:
         req = urllib.request.Request(
-            self.endpoint + path, headers={"Authorization": f"Bearer {self.token}"}
+            f"http://127.0.0.1:{port or self.port}{path}",
+            headers={"Authorization": f"Bearer {self.token}"} if token else {},
         )
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
@@ -215,7 +220,8 @@ class AgentProcess:
         return next((p for p in self.report()["probes"] if p["id"] == probe_id), None)
 
     def metrics(self) -> str:
-        status, text = self.http("/metrics")
+        """What Prometheus scrapes: the metrics listener, no token."""
+        status, text = self.http("/metrics", port=self.metrics_port, token=False)
         assert status == 200, f"agent {self.node}: GET /metrics: {status}"
         return text
 
@@ -333,7 +339,7 @@ class World:
         sandbox = self.cgroup_root / f"tk-e2e-{self.run_id}-{name}"
         # Made before the agent starts: it looks for kubepods trees when it starts.
         create_cgroup(sandbox / "kubepods.slice" / "kubepods-besteffort.slice")
-        (port,) = find_free_ports(1)
+        port, metrics_port = find_free_ports(2)
         agent = AgentProcess(
             name,
             port,
@@ -341,6 +347,7 @@ class World:
             self.token,
             self.token_file,
             self.workdir / f"agent-{name}.log",
+            metrics_port,
         )
         agent.start()
         node = SimNode(name, agent, sandbox)

@@ -1,5 +1,6 @@
 """The real agent (BCC loader, cgroup watcher, API) in-process, driven over HTTP as the
-operator does, against cgroups this test creates the way kubelet lays them out."""
+operator does, against cgroups this test creates the way kubelet lays them out; and the
+`tracekeeper-agent serve` process with its token-free metrics listener."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import asyncio
 import contextlib
 import json
 import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -16,12 +21,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from tests.controlplane.local_cluster import find_free_ports
 from tests.kernel.conftest import run_in_cgroup
 from tracekeeper_agent.cgroups import create_cgroup
 from tracekeeper_agent.cli import Agent, running_agent
 
 pytestmark = pytest.mark.kernel
 
+AGENT = Path(sys.executable).parent / "tracekeeper-agent"
 TOKEN = "kernel-tier-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NODE = "node-k"
@@ -288,3 +295,84 @@ async def test_restart_resumes_the_persisted_state(
         return hits(await restarted.metrics(), "web-0") >= 3
 
     await wait_for("hits counted by the restarted agent", counted)
+
+
+# --- `tracekeeper-agent serve`, the process the DaemonSet runs --------------------------------
+
+
+def _http(
+    url: str, *, method: str = "GET", body: bytes | None = None, token: str | None = None
+) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except OSError as e:
+        return 0, str(e)
+
+
+def _poll(what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while not check():
+        assert proc.poll() is None, f"the agent exited ({proc.returncode}) waiting for {what}"
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(POLL_SECONDS)
+
+
+def test_serve_gives_prometheus_the_metrics_and_nothing_else(
+    cgroup_root: Path, kubepods: Path, tmp_path: Path
+) -> None:
+    web0 = fake_pod(kubepods, "web-0")
+    create_cgroup(web0.container_dir)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    api_port, metrics_port = find_free_ports(2)
+    api, open_metrics = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{metrics_port}"
+    with (tmp_path / "agent.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [str(AGENT), "serve", "--node-name", NODE,
+             "--listen", f"127.0.0.1:{api_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
+             "--token-file", str(token_file), "--state-dir", str(tmp_path / "state"),
+             "--cgroup-root", str(cgroup_root)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        _poll("/readyz", lambda: _http(f"{api}/readyz")[0] == 200, proc)
+        body = json.dumps({"node": NODE, "revision": 1, "probes": [opens_probe(web0)]}).encode()
+        status, text = _http(f"{api}/v1/state", method="PUT", body=body, token=TOKEN)
+        assert status == 200, text
+        (loaded,) = json.loads(text)["probes"]
+        assert loaded["state"] == "Loaded", loaded
+        for _ in range(3):
+            run_in_cgroup(web0.container_dir, "cat", "/etc/hostname")
+
+        # The metrics listener: the probe's series, without a token.
+        _poll("web-0's hits on the metrics port",
+              lambda: hits(_http(f"{open_metrics}/metrics")[1], "web-0") >= 3, proc)  # fmt: skip
+        # The API port keeps /metrics, behind the token.
+        assert _http(f"{api}/metrics")[0] == 401
+        status, text = _http(f"{api}/metrics", token=TOKEN)
+        assert status == 200 and hits(text, "web-0") >= 3
+        # Nothing but /metrics on the metrics listener, token or not.
+        for token in (None, TOKEN):
+            assert _http(f"{open_metrics}/v1/state", token=token)[0] == 404
+            empty = json.dumps({"node": NODE, "revision": 2, "probes": []}).encode()
+            put = _http(f"{open_metrics}/v1/state", method="PUT", body=empty, token=token)
+            assert put[0] == 404
+            assert _http(f"{open_metrics}/metrics", method="POST", body=b"", token=token)[0] == 405
+        status, text = _http(f"{api}/v1/state", token=TOKEN)
+        assert json.loads(text)["revision"] == 1  # still the state the operator pushed
+    finally:
+        proc.terminate()
+        try:
+            returncode = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    assert returncode == 0, (tmp_path / "agent.log").read_text(errors="replace")[-4000:]
+    assert not set(loaded["programIds"]) & set(bpf_prog_ids())  # detached on SIGTERM

@@ -9,6 +9,8 @@ import pytest
 from tracekeeper_agent.cli import (
     EXIT_USAGE,
     StandaloneError,
+    build_parser,
+    check_listeners,
     main,
     outcome_lines,
     parse_duration,
@@ -59,6 +61,31 @@ def test_parse_listen() -> None:
     for bad in ("9440", "host:", "host:99999", "host:x"):
         with pytest.raises(ValueError, match="host:port"):
             parse_listen(bad)
+
+
+def test_metrics_listener_is_off_unless_given_and_needs_its_own_port() -> None:
+    assert build_parser().parse_args(["serve"]).metrics_listen is None
+    check_listeners(("0.0.0.0", 9440), ("0.0.0.0", 9441))
+    check_listeners(("10.0.0.1", 9440), ("10.0.0.2", 9440))  # two addresses, one port each
+    for api, metrics in [
+        (("0.0.0.0", 9440), ("0.0.0.0", 9440)),
+        (("0.0.0.0", 9440), ("127.0.0.1", 9440)),
+        (("127.0.0.1", 9440), ("::", 9440)),
+    ]:
+        with pytest.raises(ValueError, match="takes the API's port"):
+            check_listeners(api, metrics)
+
+
+@pytest.mark.parametrize(
+    ("metrics_listen", "message"),
+    [("9441", "not host:port"), ("0.0.0.0:9440", "takes the API's port")],
+)
+def test_serve_refuses_a_bad_metrics_listener_before_starting(
+    metrics_listen: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["serve", "--node-name", "n1", "--listen", "0.0.0.0:9440"]
+    assert main([*argv, "--metrics-listen", metrics_listen]) == EXIT_USAGE
+    assert message in capsys.readouterr().err
 
 
 def test_inline_host_filter_becomes_targets() -> None:

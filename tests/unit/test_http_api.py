@@ -1,21 +1,30 @@
 """The agent's HTTP API in-process over a fake loader: auth, validation errors, revisions,
-reports, metrics and the event stream."""
+reports, metrics (also on the token-free metrics listener) and the event stream."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
 from tests.unit.agent_fakes import CID_A, UID_A, FakeCgroups, FakeLoader, fake_build_plan, probe
 from tracekeeper_agent.events import EventHub
-from tracekeeper_agent.http_api import TOKEN_ENV, TokenFile, create_app, read_token, token_source
+from tracekeeper_agent.http_api import (
+    TOKEN_ENV,
+    TokenFile,
+    create_app,
+    create_metrics_app,
+    read_token,
+    token_source,
+)
 from tracekeeper_agent.kernel import CountSample, RawEvent, SampleKey
 from tracekeeper_agent.metrics import AgentMetrics
 from tracekeeper_agent.reconciler import Reconciler
@@ -28,6 +37,8 @@ MAX_BODY = 64 * 1024
 @dataclass
 class Api:
     client: TestClient[Any, Any]
+    metrics_client: TestClient[Any, Any]
+    """The metrics listener (serve --metrics-listen) of the same agent."""
     loader: FakeLoader
     reconciler: Reconciler
     ready: asyncio.Event
@@ -57,8 +68,12 @@ async def api() -> AsyncIterator[Api]:
         ready=ready,
         max_body=MAX_BODY,
     )
-    async with TestClient(TestServer(app)) as client:
-        yield Api(client, loader, reconciler, ready)
+    metrics_app = create_metrics_app(reconciler, metrics.registry)
+    async with (
+        TestClient(TestServer(app)) as client,
+        TestClient(TestServer(metrics_app)) as metrics_client,
+    ):
+        yield Api(client, metrics_client, loader, reconciler, ready)
     await reconciler.close()
     await hub.close()
 
@@ -242,6 +257,69 @@ async def test_metrics_read_the_loaded_programs(api: Api) -> None:
     assert "tracekeeper_probe_hits_total{" in text
     assert 'pod="web-0"' in text and "} 42.0" in text
     assert 'tracekeeper_agent_filter_entries{namespace="team-a",probe="opens"} 1.0' in text
+
+
+async def test_the_metrics_listener_serves_the_same_metrics_without_a_token(api: Api) -> None:
+    await put(api, state(1, probe()))
+    api.loader.only("team-a/opens").counts = [CountSample(SampleKey(cgroup_id=500), 7)]
+    async with api.client.get("/metrics", headers=AUTH) as resp:
+        behind_the_token = await resp.text()
+    async with api.metrics_client.get("/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        open_text = await resp.text()
+    # One registry, read the same way: the same text, probe series included.
+    assert open_text == behind_the_token
+    hits = [line for line in open_text.splitlines() if line.startswith("tracekeeper_probe_hits")]
+    assert len(hits) == 1 and 'pod="web-0"' in hits[0] and hits[0].endswith(" 7.0")
+    assert 'tracekeeper_agent_filter_entries{namespace="team-a",probe="opens"} 1.0' in open_text
+
+
+@pytest.mark.parametrize("headers", [{}, AUTH], ids=["no-token", "token"])
+async def test_the_metrics_listener_serves_nothing_else(api: Api, headers: dict[str, str]) -> None:
+    # Not even with the API token: this listener knows no other route.
+    state_body = json.dumps(state(1, probe())).encode()
+    for method, path, status in [
+        ("PUT", "/v1/state", 404),
+        ("GET", "/v1/state", 404),
+        ("GET", "/v1/events?probe=team-a/opens", 404),
+        ("GET", "/healthz", 404),
+        ("GET", "/readyz", 404),
+        ("GET", "/", 404),
+        ("POST", "/metrics", 405),
+        ("PUT", "/metrics", 405),
+        ("DELETE", "/metrics", 405),
+    ]:
+        async with api.metrics_client.request(
+            method, path, headers=headers, data=state_body
+        ) as resp:
+            assert resp.status == status, (method, path, resp.status)
+    assert api.loader.loads == 0 and api.reconciler.state is None
+
+
+async def test_waiting_scrapes_of_the_metrics_listener_hold_one_worker_thread() -> None:
+    # Scrapes wait for the programs lock in a worker thread; loads and filter updates need
+    # those threads too. A flood of token-free scrapes must not take them all.
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+    reconciler = Reconciler(
+        node="node-1", loader=FakeLoader(), build_plan=fake_build_plan, cgroups=FakeCgroups()
+    )
+    app = create_metrics_app(reconciler, CollectorRegistry())
+    async with TestClient(TestServer(app)) as client:
+
+        async def scrape() -> int:
+            async with client.get("/metrics") as resp:
+                await resp.read()
+                return resp.status
+
+        with reconciler.programs_lock:  # as while a program closes
+            scrapes = [asyncio.create_task(scrape()) for _ in range(4)]
+            await asyncio.sleep(0.1)
+            assert not any(t.done() for t in scrapes)
+            async with asyncio.timeout(5):
+                assert await asyncio.to_thread(lambda: "a worker was free") == "a worker was free"
+        assert await asyncio.gather(*scrapes) == [200] * 4
 
 
 async def read_line(stream: Any) -> dict[str, Any]:
