@@ -6,10 +6,11 @@ a pod the moment it is bound to the node. Then, one pod after another, bench/tk_
 plays kubelet and the runtime: mkdir the pod cgroup, optionally wait, mkdir the container
 cgroup, start the process in it and call getppid() on a fixed schedule (one call every
 10 us). Two ways to start it: migrate (write the pid to cgroup.procs, as runc does: the
-write waits for an RCU grace period) and clone3(CLONE_INTO_CGROUP) (born in the cgroup, as
-crun and systemd do: microseconds). The agent learns of the pod directory from inotify and
-inserts the pod-level filter entry; every call before that is missed. Missed calls x 10 us
-~ how long after the pod directory appeared the entry was in the map.
+write can wait for an RCU grace period, milliseconds) and clone3(CLONE_INTO_CGROUP) (born
+in the cgroup, as a runtime such as crun can: microseconds). The agent learns of the pod
+directory from inotify and inserts the pod-level filter entry; every call before that is
+missed. Missed calls x 10 us ~ how long after the pod directory appeared the entry was in
+the map.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
  *   -M dir   mkdir this directory (a container cgroup)
  *   -c dir   move this process into that cgroup (write its pid to dir/cgroup.procs)
  *   -C dir   instead, run the calls in a child started inside that cgroup by clone3
- *            (CLONE_INTO_CGROUP: no migration, as crun and systemd start processes)
+ *            (CLONE_INTO_CGROUP: no migration, as a runtime such as crun can)
  *   -a cpu   pin to this CPU
  *   -w N     warm-up calls, not timed
  *   -n N     timed calls
