@@ -3,6 +3,7 @@ generator (bench/tk_loop.c, compiled at bench time), BPF run-time statistics, ma
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import cProfile
 import ctypes
@@ -128,7 +129,9 @@ def tk_loop() -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         sys.exit("no C compiler (cc): the benchmarks compile bench/tk_loop.c at run time")
-    out = Path(tempfile.mkdtemp(prefix="tk-bench-")) / "tk_loop"
+    directory = tempfile.mkdtemp(prefix="tk-bench-loop-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    out = Path(directory) / "tk_loop"
     subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(LOOP_SOURCE)], check=True)
     return out
 
