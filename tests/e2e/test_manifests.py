@@ -3,7 +3,9 @@ monitoring overlay passes a server dry-run; installed for real, the admission po
 refuses each privileged field in a tenant namespace (and admits it in tracekeeper-system),
 tenants get TraceProbe rights through the default admin/edit/view roles and no more, the
 operator's and the agent's ServiceAccounts hold exactly their rights, and the real operator
-runs under its ServiceAccount's token without a single Forbidden.
+runs under its ServiceAccount's token without a single Forbidden. The real agent runs the
+DaemonSet's command line: what the monitoring overlay's PodMonitor scrapes answers without
+the token, and the API port still wants it.
 
 The installation is torn down at the end of the module (all but the namespace and the
 CRDs, which other modules share): the operator e2e tests expect no admission policy.
@@ -32,6 +34,7 @@ import pytest
 import yaml
 
 from tests.controlplane.local_cluster import LocalCluster, find_free_ports
+from tracekeeper_operator.settings import DEFAULT_AGENT_PORT_NAME
 
 pytestmark = pytest.mark.e2e
 
@@ -151,7 +154,7 @@ def test_monitoring_overlay_passes_a_server_dry_run(
 ) -> None:
     _dry_run(cluster, MONITORING)
     kinds = {d["kind"] for d in _build(cluster, MONITORING)}
-    assert {"ServiceMonitor", "PrometheusRule", "ConfigMap"} <= kinds
+    assert {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"} <= kinds
 
 
 # -- installed for real ---------------------------------------------------------------------
@@ -484,3 +487,80 @@ def test_operator_runs_with_only_its_service_account(
     output = log_path.read_text(errors="replace")
     for sign in ("Forbidden", "forbidden", "Not enough permissions", "not watching Node"):
         assert sign not in output, f"{sign!r} in the operator's log:\n{output[-4000:]}"
+
+
+# -- the real agent with the DaemonSet's command line ----------------------------------------
+
+
+def test_agent_serves_the_pod_monitor_its_metrics_without_the_token(
+    cluster: LocalCluster, system_namespace: str, tmp_path: Path
+) -> None:
+    # The DaemonSet as kustomize renders it, run outside a pod: its ENTRYPOINT and args,
+    # each listener moved from its container port to a free loopback port.
+    (daemonset,) = [d for d in _build(cluster, MANIFESTS) if d["kind"] == "DaemonSet"]
+    (pod_monitor,) = [d for d in _build(cluster, MONITORING) if d["kind"] == "PodMonitor"]
+    container = daemonset["spec"]["template"]["spec"]["containers"][0]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    local = dict(zip(named.values(), find_free_ports(len(named)), strict=True))
+    (entrypoint,) = re.findall(
+        r"^ENTRYPOINT (\[.*\])$", (REPO / "Dockerfile.agent").read_text(), re.M
+    )
+    command: list[str] = json.loads(entrypoint)
+    args = []
+    for arg in command[1:] + container["args"]:
+        flag, _, value = arg.partition("=")
+        if flag in ("--listen", "--metrics-listen"):
+            arg = f"{flag}=127.0.0.1:{local[int(value.rpartition(':')[2])]}"
+        args.append(arg)
+    token = secrets.token_hex(32)
+    (tmp_path / "token").write_text(token)
+    log_path = tmp_path / "agent.log"
+    env = {**os.environ, "NODE_NAME": "manifest-node"}  # the downward API's value
+    with log_path.open("wb") as log:
+        agent = subprocess.Popen(
+            [str(Path(sys.executable).parent / command[0]), *args,
+             "--token-file", str(tmp_path / "token"), "--state-dir", str(tmp_path / "state")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+
+    def url(port_name: str, path: str) -> str:
+        return f"http://127.0.0.1:{local[named[port_name]]}{path}"
+
+    def get(target: str, token: str | None = None) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            req = urllib.request.Request(target, headers=headers)
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return int(resp.status), resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, ""
+        except OSError:
+            return 0, ""
+
+    try:
+        readiness = container["readinessProbe"]["httpGet"]
+
+        def ready() -> bool:
+            assert agent.poll() is None, log_path.read_text(errors="replace")
+            return get(url(readiness["port"], readiness["path"]))[0] == 200
+
+        _wait("the agent's readiness probe", ready)
+        (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
+        status, text = get(url(endpoint["port"], endpoint["path"]))  # as Prometheus: no token
+        assert status == 200 and "tracekeeper_agent_programs_loaded" in text, status
+        # The API port: the same metrics, only with the token; and the API itself.
+        assert get(url(DEFAULT_AGENT_PORT_NAME, "/metrics"))[0] == 401
+        assert get(url(DEFAULT_AGENT_PORT_NAME, "/metrics"), token)[0] == 200
+        assert get(url(DEFAULT_AGENT_PORT_NAME, "/v1/state"), token)[0] == 200
+        assert get(url(endpoint["port"], "/v1/state"), token)[0] == 404
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.pid, signal.SIGTERM)
+        try:
+            agent.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+    assert agent.returncode == 0, log_path.read_text(errors="replace")[-4000:]

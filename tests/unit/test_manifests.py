@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tracekeeper_agent.cli import build_parser as agent_parser
+from tracekeeper_agent.cli import check_listeners, parse_listen
 from tracekeeper_agent.identity import PodIdentity
 from tracekeeper_agent.metrics import AgentMetrics
 from tracekeeper_api import crdgen
@@ -303,6 +304,11 @@ def test_agent_pods_are_what_the_operator_looks_for() -> None:
     args = agent_parser().parse_args(_command_line(daemonset, "Dockerfile.agent"))
     assert args.command == "serve"
     assert int(args.listen.rpartition(":")[2]) == _port(container, DEFAULT_AGENT_PORT_NAME)
+    # The token-free metrics listener is on, on the port Prometheus is admitted to.
+    assert args.metrics_listen is not None
+    assert parse_listen(args.metrics_listen) == ("0.0.0.0", _port(container, "metrics"))
+    check_listeners(parse_listen(args.listen), parse_listen(args.metrics_listen))
+    assert {p["name"] for p in container["ports"]} == {DEFAULT_AGENT_PORT_NAME, "metrics"}
     assert args.token_file == DEFAULT_TOKEN_FILE
     assert args.node_name is None  # from $NODE_NAME:
     env = {e["name"]: e for e in container["env"]}
@@ -420,17 +426,37 @@ def test_tenant_roles_aggregate_into_the_default_roles() -> None:
 # -- network ---------------------------------------------------------------------------------
 
 
+def _prometheus_peer() -> Obj:
+    """Who the operator's metrics admit: Prometheus pods, any namespace."""
+    policy = _one("NetworkPolicy", "tracekeeper-operator")["spec"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    (peer,) = rule["from"]
+    assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    return dict(peer)
+
+
 def test_only_the_operator_reaches_the_agent_api() -> None:
     policy = _one("NetworkPolicy", "tracekeeper-agent")["spec"]
     daemonset = _one("DaemonSet", "tracekeeper-agent")
     operator_labels = _one("Deployment", "tracekeeper-operator")["spec"]["template"]["metadata"]
     assert policy["podSelector"] == daemonset["spec"]["selector"]
     assert policy["policyTypes"] == ["Ingress"]
-    (rule,) = policy["ingress"]
-    (peer,) = rule["from"]
+    by_port = {}
+    for rule in policy["ingress"]:
+        (port,) = rule["ports"]  # one port per rule: no peer gets both
+        assert port["protocol"] == "TCP"
+        by_port[port["port"]] = rule["from"]
+    assert set(by_port) == {DEFAULT_AGENT_PORT_NAME, "metrics"}
+    (peer,) = by_port[DEFAULT_AGENT_PORT_NAME]
     assert set(peer) == {"podSelector"}  # this namespace only
     assert peer["podSelector"]["matchLabels"].items() <= operator_labels["labels"].items()
-    assert rule["ports"] == [{"port": DEFAULT_AGENT_PORT_NAME, "protocol": "TCP"}]
+    # Prometheus reaches the token-free metrics port, the same peer as the operator's.
+    assert by_port["metrics"] == [_prometheus_peer()]
+    # Both names are the DaemonSet's container ports (a NetworkPolicy port name that
+    # matches nothing admits nothing).
+    container = _container(daemonset)
+    assert _port(container, "metrics") != _port(container, DEFAULT_AGENT_PORT_NAME)
 
 
 def test_services_point_at_named_ports() -> None:
@@ -474,7 +500,7 @@ def test_monitoring_overlay_adds_only_monitoring() -> None:
     kustomization = _kustomization(MONITORING)
     assert kustomization["resources"][0] == "../../base"
     added = {d["kind"] for d in MONITORING_DOCS} - {d["kind"] for d in BASE_DOCS}
-    assert added == {"ServiceMonitor", "PrometheusRule"}
+    assert added == {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
     (generator,) = kustomization["configMapGenerator"]
     assert generator["options"]["labels"]["grafana_dashboard"] == "1"
     for entry in generator["files"]:
@@ -488,6 +514,22 @@ def test_service_monitor_scrapes_the_operator_metrics_service() -> None:
     assert [e["port"] for e in monitor["endpoints"]] == [
         p["name"] for p in service["spec"]["ports"]
     ]
+
+
+def test_pod_monitor_scrapes_only_the_agents_metrics_port() -> None:
+    monitor = _one("PodMonitor", docs=MONITORING_DOCS)["spec"]
+    daemonset = _one("DaemonSet", "tracekeeper-agent")
+    labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert monitor["selector"]["matchLabels"].items() <= labels.items()
+    assert "namespaceSelector" not in monitor  # the agents are in the PodMonitor's namespace
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    _port(_container(daemonset), endpoint["port"])  # a named port of the agent container
+    # Never the API port, and no credential: that port needs none, and the API token must
+    # not reach Prometheus.
+    assert not {"authorization", "bearerTokenSecret", "basicAuth", "oauth2"} & set(endpoint)
+    (relabel,) = endpoint["relabelings"]
+    assert relabel == {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}
 
 
 class _NoPods:
