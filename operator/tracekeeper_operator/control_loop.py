@@ -19,7 +19,7 @@ from tracekeeper_api.protocol import spec_hash
 from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
 from tracekeeper_operator.cluster_view import ClusterView
 from tracekeeper_operator.kube_api import KubeWrites
-from tracekeeper_operator.metrics import OperatorMetrics
+from tracekeeper_operator.metrics import OperatorMetrics, ProbeReadiness
 from tracekeeper_operator.node_state import Rendered, render_nodes
 from tracekeeper_operator.pushes import AgentView, Pusher, holding_nodes
 from tracekeeper_operator.records import FilterRecord, ObjectRef, ProbeRecord
@@ -152,6 +152,8 @@ class ControlLoop:
         self._written = _Written()
         self._limit = asyncio.Semaphore(WRITE_CONCURRENCY)
         self.plan: ClusterPlan | None = None
+        self._readiness: tuple[ProbeReadiness, ...] = ()
+        self._metrics.watch_probes(self.probe_readiness)
 
     def attach(self, view: Callable[[], ClusterView]) -> None:
         """Called once kopf's indexes are complete: renders may start."""
@@ -193,6 +195,12 @@ class ControlLoop:
         self.pusher.update(plan.rendered.nodes, plan.endpoints)
         await self._write_statuses(view, plan)
 
+    def probe_readiness(self) -> tuple[ProbeReadiness, ...]:
+        """Each TraceProbe's Ready condition as of the last pass (what it was folded to, or
+        the stored status while that is kept); probes being deleted are left out. Replaced
+        whole by each pass: safe to read from the metrics server's thread."""
+        return self._readiness
+
     def holding_nodes(self, probe_id: str) -> list[str]:
         """Nodes that may still run a probe (its finalizer waits for none)."""
         return holding_nodes(probe_id, self.pusher.planner.views())
@@ -206,6 +214,7 @@ class ControlLoop:
         now = self._stamp()
         views = self.pusher.planner.views()
         jobs = []
+        readiness = []
         for probe_id, probe in view.probes.items():
             if probe.deleting:
                 continue
@@ -222,6 +231,18 @@ class ControlLoop:
             if folded is not None and status_differs(previous, folded):
                 events = probe_events(previous, folded)
                 jobs.append(self._write(probe.ref, folded, self._written.probes, events))
+            current = folded if folded is not None else previous
+            if current is not None:
+                ready = current.condition("Ready")
+                readiness.append(
+                    ProbeReadiness(
+                        probe.ref.namespace,
+                        probe.ref.name,
+                        ready is not None and ready.status == "True",
+                        ready.reason if ready is not None else "Unknown",
+                    )
+                )
+        self._readiness = tuple(readiness)
         for filt in view.filters.values():
             if filt.deleting:
                 continue

@@ -2,9 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 PUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class ProbeReadiness:
+    """One TraceProbe's Ready condition, as the operator last folded it."""
+
+    namespace: str
+    probe: str
+    ready: bool
+    reason: str
+
+
+ReadinessSource = Callable[[], Iterable[ProbeReadiness]]
+
+
+class _ProbeReadyCollector:
+    """tracekeeper_operator_probe_ready, read at scrape time: one series per TraceProbe (its
+    current reason only, so a reason change leaves no stale series behind)."""
+
+    NAME = "tracekeeper_operator_probe_ready"
+
+    def __init__(self) -> None:
+        self.source: ReadinessSource = lambda: ()
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            self.NAME,
+            "1 when the TraceProbe's Ready condition is True, else 0; reason: the "
+            "condition's reason (Loaded, NodesPending, CompileFailed, Suspended...).",
+            labels=["namespace", "probe", "reason"],
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for r in self.source():
+            family.add_metric([r.namespace, r.probe, r.reason], 1.0 if r.ready else 0.0)
+        yield family
 
 
 class OperatorMetrics:
@@ -67,6 +111,14 @@ class OperatorMetrics:
             ["reason"],
             registry=r,
         )
+        self._probe_ready = _ProbeReadyCollector()
+        r.register(self._probe_ready)
+
+    def watch_probes(self, source: ReadinessSource) -> None:
+        """Where tracekeeper_operator_probe_ready reads the TraceProbes' readiness at scrape
+        time (the control loop). The scrape runs on the metrics server's thread: `source`
+        must return a snapshot that the loop replaces, never mutates."""
+        self._probe_ready.source = source
 
     def observe_push(self, outcome: str, seconds: float, size: int) -> None:
         self.pushes.labels(outcome).inc()

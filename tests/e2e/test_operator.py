@@ -154,6 +154,9 @@ def test_example_becomes_ready_and_counts_only_selected_pods(
     assert condition(web["ready"], "Degraded")["status"] == "False"  # type: ignore[index]
     events = [e["reason"] for e in world.events(ns, "web-file-opens")]
     assert "ProbeLoaded" in events
+    # The readiness gauge was set in the pass that wrote Ready=True, before the write.
+    ready = {"namespace": ns, "probe": "web-file-opens"}
+    assert world.operator_metric("tracekeeper_operator_probe_ready", **ready, reason="Loaded") == 1
 
     a, b = world.nodes["node-a"], world.nodes["node-b"]
 
