@@ -609,7 +609,7 @@ def _promtool_run(args: list[str], cwd: Path) -> str:
 def test_promtool_checks_the_rules(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(_rule_group()))
     out = _promtool_run(["check", "rules", "rules.yaml"], tmp_path)
-    assert "SUCCESS: 4 rules found" in out
+    assert "SUCCESS: 5 rules found" in out
 
 
 def test_promtool_parses_the_dashboard_queries(tmp_path: Path) -> None:
@@ -631,6 +631,17 @@ _PUSHES = 'tracekeeper_operator_pushes_total{outcome="%s"}'
 _PATCHES = 'tracekeeper_operator_status_patches_total{kind="TraceProbe",outcome="%s"}'
 _DROPS = 'tracekeeper_probe_events_dropped_total{namespace="team-a",probe="execs",reason="%s"}'
 _UP = 'up{job="tracekeeper-operator-metrics"}'
+# As scraped: the operator's pod labels too, which the alert aggregates away.
+_READY = (
+    'tracekeeper_operator_probe_ready{job="tracekeeper-operator-metrics",'
+    'pod="tracekeeper-operator-0",namespace="%s",probe="%s",reason="%s"}'
+)
+_NOT_READY_ANNOTATIONS = {
+    "summary": "TraceProbe team-a/opens is not Ready (CompileFailed)",
+    "description": "TraceProbe team-a/opens has not been Ready for 10 minutes, reason "
+    "CompileFailed. kubectl -n team-a describe traceprobe opens shows the condition's "
+    "message, the failing nodes and the Events.",
+}
 RULE_TESTS: Obj = {
     "rule_files": ["rules.yaml"],
     "evaluation_interval": "1m",
@@ -645,8 +656,28 @@ RULE_TESTS: Obj = {
                 {"series": _PATCHES % "error", "values": "0+1x30"},
                 {"series": _DROPS % "rate_limit", "values": "0+60x30"},
                 {"series": _DROPS % "ring_full", "values": "0x30"},
+                # Not Ready from the start: pending for 10 minutes, then firing.
+                {"series": _READY % ("team-a", "opens", "CompileFailed"), "values": "0x30"},
+                # Not Ready for 8 minutes, then Ready: its reason, so its series, changes
+                # (the operator drops the old one: stale at the next scrape).
+                {"series": _READY % ("team-a", "slow", "NodesPending"), "values": "0x7 stale"},
+                {"series": _READY % ("team-a", "slow", "Loaded"),
+                 "values": "_x7 1x22"},
+                # Suspended on purpose: not Ready, never alerted on.
+                {"series": _READY % ("team-a", "paused", "Suspended"), "values": "0x30"},
             ],
             "alert_rule_test": [
+                {"eval_time": "9m", "alertname": "TraceProbeNotReady", "exp_alerts": []},
+                {"eval_time": "11m", "alertname": "TraceProbeNotReady", "exp_alerts": [{
+                    "exp_labels": {"severity": "warning", "namespace": "team-a",
+                                   "probe": "opens", "reason": "CompileFailed"},
+                    "exp_annotations": _NOT_READY_ANNOTATIONS,
+                }]},
+                {"eval_time": "30m", "alertname": "TraceProbeNotReady", "exp_alerts": [{
+                    "exp_labels": {"severity": "warning", "namespace": "team-a",
+                                   "probe": "opens", "reason": "CompileFailed"},
+                    "exp_annotations": _NOT_READY_ANNOTATIONS,
+                }]},
                 {"eval_time": "5m", "alertname": "TracekeeperOperatorDown", "exp_alerts": []},
                 {"eval_time": "15m", "alertname": "TracekeeperOperatorDown", "exp_alerts": [{
                     "exp_labels": {"severity": "warning"},
@@ -704,11 +735,14 @@ RULE_TESTS: Obj = {
                 {"series": _PUSHES % "ok", "values": "0+5x30"},
                 {"series": _PATCHES % "error", "values": "0x30"},
                 {"series": _DROPS % "rate_limit", "values": "0x30"},
+                {"series": _READY % ("team-a", "opens", "Loaded"), "values": "1x30"},
+                {"series": _READY % ("team-b", "execs", "Loaded"), "values": "1x30"},
             ],
             "alert_rule_test": [
                 {"eval_time": "30m", "alertname": name, "exp_alerts": []}
                 for name in ("TracekeeperOperatorDown", "TracekeeperAgentPushesFailing",
-                             "TracekeeperStatusWritesFailing", "TracekeeperProbeEventsDropped")
+                             "TracekeeperStatusWritesFailing", "TracekeeperProbeEventsDropped",
+                             "TraceProbeNotReady")
             ],
         },
     ],
