@@ -152,8 +152,12 @@ def test_example_becomes_ready_and_counts_only_selected_pods(
     assert status["targets"] == {"pods": 2, "containers": 2}
     assert condition(web["ready"], "Accepted")["status"] == "True"  # type: ignore[index]
     assert condition(web["ready"], "Degraded")["status"] == "False"  # type: ignore[index]
-    events = [e["reason"] for e in world.events(ns, "web-file-opens")]
-    assert "ProbeLoaded" in events
+    # The operator posts the Event once its status write returned: a moment after Ready.
+    wait_until(
+        "the ProbeLoaded Event",
+        lambda: "ProbeLoaded" in [e["reason"] for e in world.events(ns, "web-file-opens")],
+        timeout=10,
+    )
     # The readiness gauge was set in the pass that wrote Ready=True, before the write.
     ready = {"namespace": ns, "probe": "web-file-opens"}
     assert world.operator_metric("tracekeeper_operator_probe_ready", **ready, reason="Loaded") == 1
