@@ -221,3 +221,33 @@ async def test_ndjson_stream_over_http() -> None:
         assert await resp.content.read() == b""
         resp.release()
     await hub.close()
+
+
+class CountingAttributor(FakeAttributor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def identify(self, cgroup_id: int) -> PodIdentity | None:
+        self.calls += 1
+        return super().identify(cgroup_id)
+
+
+async def test_events_no_queue_can_take_are_not_enriched() -> None:
+    """Overload: a stalled subscriber's full queue refuses the rest of a batch before any
+    work is spent on it, and the accounting stays exact."""
+    program = FakeProgram(ring_size=1000)
+    probe = make_probe("team-a/opens", program, kind="events")
+    attributor = CountingAttributor()
+    hub = EventHub(attributor, queue_size=10)
+    await hub.sync([probe])
+    try:
+        stalled = hub.subscribe("team-a/opens")
+        program.emit([raw_event(n) for n in range(500)])
+        counts = hub.counts(probe.id)
+        await until(lambda: counts.received == 500)
+        assert attributor.calls == 10  # only what the queue could take
+        assert (counts.delivered, counts.backlog, stalled.dropped) == (10, 490, 490)
+        assert [e["seq"] for e in stalled.drain()] == list(range(10))
+    finally:
+        await hub.close()
