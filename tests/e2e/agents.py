@@ -114,6 +114,19 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphans
 
 
+def _spawn_logged(log_path: Path, argv: list[str]) -> subprocess.Popen[bytes]:
+    """A process of its own session, output appended to `log_path`, ended with us."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+
 def _stop(popen: subprocess.Popen[bytes], *, kill: bool = False, timeout: float = 30) -> None:
     if popen.poll() is not None:
         return
@@ -154,8 +167,8 @@ class AgentProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.popen = subprocess.Popen(
+        self.popen = _spawn_logged(
+            self.log_path,
             [
                 str(BIN / "tracekeeper-agent"),
                 "--log-level",
@@ -172,13 +185,7 @@ class AgentProcess:
                 "--state-dir",
                 str(self.state_dir),
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
-        log.close()
 
         def ready() -> bool:
             assert self.popen is not None
@@ -449,8 +456,8 @@ class World:
     # -- the operator ---------------------------------------------------------------------
 
     def start_operator(self) -> None:
-        log = self.operator_log.open("ab")
-        self.operator = subprocess.Popen(
+        self.operator = _spawn_logged(
+            self.operator_log,
             [
                 str(BIN / "tracekeeper-operator"),
                 "run",
@@ -475,13 +482,7 @@ class World:
                 "--unload-timeout",
                 "60",
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
-        log.close()
 
         def rendering() -> bool:
             # Its metrics, not its liveness endpoint: kopf caches probe results for seconds.
