@@ -102,6 +102,14 @@ def run(seconds: float | None) -> None:
     say("building or reusing kube-apiserver, etcd and kubectl (first time: ~5 minutes)")
     bin_dir = build_binaries()
     workdir = Path(tempfile.mkdtemp(prefix="tracekeeper-demo-"))
+    try:
+        _run_in(workdir, bin_dir, seconds)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        say("stopped")
+
+
+def _run_in(workdir: Path, bin_dir: Path, seconds: float | None) -> None:
     with LocalCluster(bin_dir, workdir / "cluster") as cluster:
         say(f"control plane up at {cluster.server}; admin kubeconfig {cluster.kubeconfig()}")
         cluster.kubectl("apply", "-f", str(ROOT / "crds"), check=True)
@@ -148,18 +156,22 @@ def run(seconds: float | None) -> None:
                 show(world, events)
                 time.sleep(2)
         finally:
+            # A second Ctrl-C, or make's SIGTERM after it, must not cut the cleanup short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             stop.set()
             say("stopping: operator, agent (programs detached), pods, cgroups, control plane")
             world.close()
-    shutil.rmtree(workdir, ignore_errors=True)
-    say("stopped")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="tracekeeper's local demo (root)")
     parser.add_argument("--for", dest="seconds", type=float, help="stop after this many seconds")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on SIGTERM too
+    # Ctrl-C and SIGTERM both end in the clean-up, also when started with SIGINT ignored
+    # (as a background job of a non-interactive shell is).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
         run(args.seconds)
     return 0
