@@ -20,7 +20,14 @@ from typing import TextIO
 
 from bench.common import Table, machine_details, require_root
 
-BENCHMARKS = ("kernel_cost", "filter_update", "container_start", "event_throughput", "footprint")
+BENCHMARKS = (
+    "kernel_cost",
+    "filter_update",
+    "container_start",
+    "event_throughput",
+    "footprint",
+    "control_plane",
+)
 
 
 def load_average() -> str:
