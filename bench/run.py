@@ -2,8 +2,7 @@
 
 Each benchmark is a module bench/<name>.py with a main() that prints its tables; it runs
 here in its own process, one after another (they share the CPUs they measure). A new one
-(the control-plane benchmark, bench/control_plane.py, once the operator has landed) is
-added to BENCHMARKS.
+is added to BENCHMARKS.
 
     .venv/bin/python -m bench.run [--only NAME ...] [--out FILE]
 """
