@@ -181,14 +181,14 @@ class BccLoader:
             state: ProbeState = (
                 "KernelHeadersMissing" if reason == "KernelHeadersMissing" else "Failed"
             )
-            raise LoadFailure(state, reason, truncate_message(_clean(text)))
+            raise LoadFailure(state, reason, truncate_message(explain(_clean(text))))
         try:
             with capture_fd2() as out:
                 self._attach(bpf, plan)
         except Exception as exc:
             bpf.cleanup()
             text = _clean(f"{out.text}\n{exc}".strip())
-            raise LoadFailure("Failed", "AttachFailed", truncate_message(text)) from exc
+            raise LoadFailure("Failed", "AttachFailed", truncate_message(explain(text))) from exc
         return BccProgram(bpf, plan)
 
     @staticmethod
@@ -213,3 +213,21 @@ def _clean(text: str) -> str:
     """Drop the echo of our own source that BCC prints around clang errors."""
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("In file included")]
     return "\n".join(lines)
+
+
+# The kernel's errors for limits users can hit, said in their terms (appended: messages
+# are truncated from the front, so the explanation survives).
+_EXPLANATIONS = (
+    (
+        re.compile(r"PERF_EVENT_IOC_SET_BPF\): Argument list too long"),
+        "the kernel allows at most 64 BPF programs on one tracepoint, and other probes "
+        "or tools on this node use them all (BPF_TRACE_MAX_PROGS)",
+    ),
+)
+
+
+def explain(text: str) -> str:
+    for pattern, why in _EXPLANATIONS:
+        if pattern.search(text):
+            return f"{text}\n{why}"
+    return text
