@@ -167,32 +167,27 @@ def fold_probe_status(
     accepted = cond("Accepted", "True", "Accepted", "")
     targets = TargetCounts(pods=selection.pods, containers=selection.containers)
     note = f" ({selection.note})" if selection.note else ""
-    if probe.spec is not None and probe.spec.suspend:
-        msg = "suspended: unloaded from every node"
+
+    def loaded_nowhere(reason: str, msg: str) -> TraceProbeStatus:
+        """Accepted, on purpose not loaded anywhere: nothing failed."""
         return TraceProbeStatus(
             observed_generation=gen,
             conditions=[
-                cond("Ready", "False", "Suspended", msg),
+                cond("Ready", "False", reason, msg),
                 accepted,
-                cond("Loaded", "False", "Suspended", msg),
+                cond("Loaded", "False", reason, msg),
                 no_failures,
             ],
             targets=targets,
         )
+
+    if probe.spec is not None and probe.spec.suspend:
+        return loaded_nowhere("Suspended", "suspended: unloaded from every node")
     if not outcomes:
         msg = f"the filter selects no running pod in namespace {probe.ref.namespace}{note}"
         if selection.note and not selection.pods:
             msg = selection.note
-        return TraceProbeStatus(
-            observed_generation=gen,
-            conditions=[
-                cond("Ready", "False", "NoMatchingPods", msg),
-                accepted,
-                cond("Loaded", "False", "NoMatchingPods", msg),
-                no_failures,
-            ],
-            targets=targets,
-        )
+        return loaded_nowhere("NoMatchingPods", msg)
 
     total = len(outcomes)
     loaded = [o for o in outcomes if o.state == "Loaded"]
