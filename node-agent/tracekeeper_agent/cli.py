@@ -33,7 +33,14 @@ from tracekeeper_agent.kernel_features import KernelFeatures
 from tracekeeper_agent.metrics import AgentMetrics
 from tracekeeper_agent.reconciler import Reconciler
 from tracekeeper_agent.state_store import DEFAULT_STATE_DIR, StateStore
-from tracekeeper_agent.targets import NodeCgroups, ProcTable, TargetAttributor, follow_cgroups
+from tracekeeper_agent.targets import (
+    NodeCgroups,
+    ProcTable,
+    TargetAttributor,
+    TargetRoots,
+    follow_cgroups,
+)
+from tracekeeper_agent.tenancy import DEFAULT_PRIVILEGED
 from tracekeeper_api.filters import TraceFilterSpec
 from tracekeeper_api.protocol import KernelInfo, NodeReport, NodeState, ProbeTargets, spec_hash
 from tracekeeper_api.resources import (
@@ -232,11 +239,12 @@ async def running_agent(
     cgroup_root: Path | None = None,
     events_file: Path | None = None,
     loader: ProgramLoader | None = None,
+    privileged_namespaces: frozenset[str] = DEFAULT_PRIVILEGED,
 ) -> AsyncIterator[Agent]:
     """The agent with its cgroup watcher and target polling running, and the persisted
     state being restored (`ready` is set when done). Serve `agent.app` meanwhile: /healthz
     must answer while the restored programs compile."""
-    from tracekeeper_agent.program_builder import build_plan, node_kernel
+    from tracekeeper_agent.program_builder import Planner, node_kernel
 
     root = detect_root(cgroup_root)
     # Watch first, then index: a directory created in between is seen by one or the other.
@@ -245,6 +253,7 @@ async def running_agent(
     index = CgroupIndex(root)
     index.rescan()
     cgroups = NodeCgroups(index)
+    planner = Planner(TargetRoots(cgroups))  # uprobes resolve in the targeted containers
     attributor = TargetAttributor(cgroups)
     hub = EventHub(attributor, sink=open_events_file(events_file) if events_file else None)
     reconciler: Reconciler
@@ -257,7 +266,9 @@ async def running_agent(
     reconciler = Reconciler(
         node=node,
         loader=loader or _real_loader(),
-        build_plan=build_plan,
+        build_plan=planner.build,
+        plan_inputs=planner.inputs,
+        privileged_namespaces=privileged_namespaces,
         cgroups=cgroups,
         processes=ProcTable(),
         store=StateStore(state_dir),
@@ -310,6 +321,7 @@ async def serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         cgroup_root=args.cgroup_root,
         events_file=args.events_file,
+        privileged_namespaces=frozenset(args.privileged_namespace or DEFAULT_PRIVILEGED),
     ) as agent:
         listeners = [("API", agent.app, host, port)]
         if metrics_at is not None:
@@ -340,13 +352,16 @@ def load_standalone(path: Path, cgroup_root: Path | None) -> tuple[NodeState, Pa
 
 async def run(args: argparse.Namespace, state: NodeState, root: Path) -> int:
     from tracekeeper_agent.console import run_console
-    from tracekeeper_agent.program_builder import build_plan
+    from tracekeeper_agent.program_builder import Planner
 
     cgroups = NodeCgroups(CgroupIndex(root))  # host paths only: no pod index to build
+    planner = Planner()  # uprobes resolve in the host's root: the host's root user asks
     reconciler = Reconciler(
         node=state.node,
         loader=_real_loader(),
-        build_plan=build_plan,
+        build_plan=planner.build,
+        plan_inputs=planner.inputs,
+        privileged_namespaces=None,  # the file is the host root user's own
         cgroups=cgroups,
         processes=ProcTable(),
     )
@@ -416,6 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     s.add_argument("--cgroup-root", type=Path, default=None, help="cgroup v2 root (detected)")
     s.add_argument("--events-file", type=Path, default=None, help="also append events here")
+    s.add_argument(
+        "--privileged-namespace",
+        action="append",
+        default=None,
+        metavar="NAMESPACE",
+        help="a namespace whose probes may use privileged fields (repeatable; default: "
+        "tracekeeper-system, as the operator's); the agent refuses them, and pods of other "
+        "namespaces, for every other probe (NotPermitted)",
+    )
 
     r = commands.add_parser("run", help="run TraceProbe documents on this host, no Kubernetes")
     r.add_argument("-f", "--file", type=Path, required=True, help="YAML with TraceProbe/Filter")

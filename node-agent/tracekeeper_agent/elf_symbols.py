@@ -1,10 +1,9 @@
 """Resolve a uprobe target (binary + symbol) before BCC attaches, with errors a user can act on.
 
-The binary is an absolute path or a library name (`c`, `libc.so.6`), looked up inside a
-container's root (`/proc/<pid>/root`) when one is given. Symlinks are resolved by hand,
-component by component, as the container would see them: the kernel would resolve an
-absolute link under /proc/<pid>/root against the agent's own root instead. A path that
-climbs out of the root is refused; the agent API takes binary paths from tenants.
+The binary is an absolute path or a library name (`c`, `libc.so.6`), opened inside a root
+(a container's, through `rootfs`: the kernel resolves symlinks within it, nothing leads
+out). The fd that was checked is the one the loader attaches through. Messages name what
+the tenant asked for, never where the agent found it.
 """
 
 from __future__ import annotations
@@ -12,16 +11,23 @@ from __future__ import annotations
 import mmap
 import os
 import platform
-import stat
 import struct
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-HOST_ROOT = Path("/")
-_MAX_SYMLINKS = 40  # as the kernel's MAXSYMLINKS
+from tracekeeper_agent.rootfs import (
+    OpenedFile,
+    RootPathError,
+    elf_machine_ok,
+    list_dir_in_root,
+    open_in_root,
+    read_bounded,
+    read_header,
+)
+
+MAX_ELF_BYTES = 2 << 30
 _ARCH_TRIPLETS = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
 _ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 _LIB_DIRS = ("/lib", "/usr/lib", "/lib64", "/usr/lib64", "/usr/local/lib")
@@ -39,10 +45,6 @@ class UprobeTargetError(Exception):
 
 
 class BinaryNotFound(UprobeTargetError):
-    pass
-
-
-class PathEscapesRoot(UprobeTargetError):
     pass
 
 
@@ -81,66 +83,14 @@ class ElfSymbol:
 
 
 @dataclass(frozen=True, slots=True)
-class UprobeTarget:
-    path: Path  # as the agent opens it (under the container root); give this to BCC
-    path_in_root: PurePosixPath  # as the container sees it
+class UprobeFile:
+    """A checked, open binary and the symbol to probe in it."""
+
+    file: OpenedFile
     symbol: ElfSymbol
 
-
-# --- paths ------------------------------------------------------------------------------
-
-
-def container_root(pid: int, *, proc: Path = Path("/proc")) -> Path:
-    """The root filesystem of the container running `pid`, as the agent can reach it."""
-    return proc / str(pid) / "root"
-
-
-def resolve_in_root(root: Path, path: str) -> PurePosixPath:
-    """Resolve `path` (absolute, as seen inside `root`) to a symlink-free path inside root.
-
-    Absolute symlinks restart from `root` (not from the agent's /); `..` in the request is
-    refused, and a relative link that climbs above `root` raises PathEscapesRoot.
-    """
-    requested = PurePosixPath(path)
-    if not requested.is_absolute():
-        raise BinaryNotFound(f"binary path {path!r} must be absolute")
-    if ".." in requested.parts:
-        raise PathEscapesRoot(f"binary path {path!r} contains '..'")
-    pending = deque(requested.parts[1:])
-    resolved: list[str] = []
-    hops = 0
-    while pending:
-        part = pending.popleft()
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not resolved:
-                raise PathEscapesRoot(f"{path!r} leads out of {root} through a symlink")
-            resolved.pop()
-            continue
-        host = root.joinpath(*resolved, part)
-        try:
-            st = os.lstat(host)
-        except (FileNotFoundError, NotADirectoryError):
-            where = "/" + "/".join([*resolved, part])
-            raise BinaryNotFound(f"{where} does not exist in {root} (resolving {path})") from None
-        if not stat.S_ISLNK(st.st_mode):
-            resolved.append(part)
-            continue
-        hops += 1
-        if hops > _MAX_SYMLINKS:
-            raise BinaryNotFound(f"too many levels of symbolic links resolving {path} in {root}")
-        target = PurePosixPath(os.readlink(host))
-        if target.is_absolute():
-            resolved = []
-            pending.extendleft(reversed(target.parts[1:]))
-        else:
-            pending.extendleft(reversed(target.parts))
-    return PurePosixPath("/", *resolved)
-
-
-def _host_path(root: Path, inside: PurePosixPath) -> Path:
-    return root.joinpath(*inside.parts[1:])
+    def close(self) -> None:
+        os.close(self.file.fd)
 
 
 # --- finding the binary --------------------------------------------------------------------
@@ -167,30 +117,29 @@ def _cstring(data: bytes, offset: int) -> str:
     return os.fsdecode(data[offset : end if end >= 0 else len(data)])
 
 
-def find_binary(binary: str, *, root: Path = HOST_ROOT) -> PurePosixPath:
-    """Where `binary` is inside `root`: an absolute path, or a library (`c`, `libc.so.6`),
-    or failing that an executable in the usual bin directories."""
+def find_binary(binary: str, root_fd: int) -> OpenedFile:
+    """Open `binary` inside the root: an absolute path, or a library (`c`, `libc.so.6`), or
+    failing that an executable in the usual bin directories. The caller closes the fd."""
     if "/" in binary:
-        inside = resolve_in_root(root, binary)
-        if not stat.S_ISREG(os.stat(_host_path(root, inside)).st_mode):
-            raise BinaryNotFound(f"{binary} in {root} is not a regular file")
-        return inside
+        return open_in_root(root_fd, binary)
     if not binary or binary in (".", ".."):
         raise BinaryNotFound(f"binary name {binary!r} is empty")
     searched: list[str] = []
-    for candidate in _name_candidates(binary, root, searched):
+    machine = _ELF_MACHINES.get(platform.machine())
+    for candidate in _name_candidates(binary, root_fd, searched):
         try:
-            inside = resolve_in_root(root, candidate)
-        except BinaryNotFound:
+            opened = open_in_root(root_fd, candidate)
+        except RootPathError:
             continue
-        if _is_native_elf(_host_path(root, inside)):
-            return inside
+        if elf_machine_ok(read_header(opened.fd, 20), machine):
+            return opened
+        os.close(opened.fd)
     raise BinaryNotFound(
-        f"no library or executable {binary!r} in {root}; searched {', '.join(searched)}"
+        f"no library or executable {binary!r} in the container; searched {', '.join(searched)}"
     )
 
 
-def _name_candidates(name: str, root: Path, searched: list[str]) -> Iterator[str]:
+def _name_candidates(name: str, root_fd: int, searched: list[str]) -> Iterator[str]:
     triplet = _ARCH_TRIPLETS.get(platform.machine())
     lib_dirs = [*_LIB_DIRS, *(f"{d}/{triplet}" for d in ("/lib", "/usr/lib") if triplet)]
     soname = name if ".so" in name else None
@@ -203,36 +152,23 @@ def _name_candidates(name: str, root: Path, searched: list[str]) -> Iterator[str
 
     searched.append(_LD_CACHE)
     try:
-        cache = _host_path(root, resolve_in_root(root, _LD_CACHE)).read_bytes()
-    except (UprobeTargetError, OSError):
+        opened = open_in_root(root_fd, _LD_CACHE)
+    except RootPathError:
         cache = b""
+    else:
+        try:
+            cache = read_bounded(opened.fd)
+        finally:
+            os.close(opened.fd)
     for key, path in read_ld_cache(cache):
-        if wanted(key):
+        if wanted(key) and path.startswith("/"):
             yield path
     for directory in lib_dirs:
         searched.append(directory)
-        try:
-            host_dir = _host_path(root, resolve_in_root(root, directory))
-            names = sorted(os.listdir(host_dir))
-        except (UprobeTargetError, OSError):
-            continue
-        yield from (f"{directory}/{n}" for n in names if wanted(n))
+        yield from (f"{directory}/{n}" for n in list_dir_in_root(root_fd, directory) if wanted(n))
     for directory in _BIN_DIRS:
         searched.append(directory)
         yield f"{directory}/{name}"
-
-
-def _is_native_elf(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            header = f.read(20)
-    except OSError:
-        return False
-    machine = _ELF_MACHINES.get(platform.machine())
-    if len(header) < 20 or header[:4] != b"\x7fELF" or header[4] != 2:
-        return False
-    order = "<" if header[5] == 1 else ">"
-    return machine is None or struct.unpack_from(order + "H", header, 18)[0] == machine
 
 
 # --- ELF symbols ---------------------------------------------------------------------------
@@ -240,14 +176,20 @@ def _is_native_elf(path: Path) -> bool:
 
 def elf_symbols(path: Path) -> Iterator[ElfSymbol]:
     """Every symbol of an ELF64 file's .symtab and .dynsym (in that order)."""
+    with path.open("rb") as f:
+        yield from fd_symbols(f.fileno(), str(path))
+
+
+def fd_symbols(fd: int, label: str) -> Iterator[ElfSymbol]:
+    """The symbols of an open ELF64 file, read in place (mapped, never read whole)."""
     try:
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            yield from _symbols(data, path)
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
+            yield from _symbols(data, label)
     except ValueError as exc:  # mmap of an empty file
-        raise NotAnElf(f"{path} is not an ELF file ({exc})") from None
+        raise NotAnElf(f"{label} is not an ELF file ({exc})") from None
 
 
-def _symbols(data: _Image, path: Path) -> Iterator[ElfSymbol]:
+def _symbols(data: _Image, path: str) -> Iterator[ElfSymbol]:
     if data[:4] != b"\x7fELF":
         raise NotAnElf(f"{path} is not an ELF file")
     if data[4] != 2:
@@ -300,8 +242,12 @@ def _table(
 
 def find_symbol(path: Path, symbol: str) -> ElfSymbol:
     """The defined symbol `symbol` of `path`; SymbolNotFound says why not."""
+    return find_symbol_in(elf_symbols(path), symbol, str(path))
+
+
+def find_symbol_in(symbols: Iterator[ElfSymbol], symbol: str, path: str) -> ElfSymbol:
     imported = False
-    for sym in elf_symbols(path):
+    for sym in symbols:
         if sym.name != symbol:
             continue
         if sym.defined:
@@ -315,11 +261,48 @@ def find_symbol(path: Path, symbol: str) -> ElfSymbol:
     raise SymbolNotFound(f"symbol {symbol!r} not found in {path} (.symtab and .dynsym)")
 
 
-def resolve_uprobe(binary: str, symbol: str, *, root: Path = HOST_ROOT) -> UprobeTarget:
-    """Check a uprobe target: find the binary (inside `root`), then its symbol."""
-    inside = find_binary(binary, root=root)
-    path = _host_path(root, inside)
-    sym = find_symbol(path, symbol)
+def resolve_uprobe(binary: str, symbol: str, root_fd: int) -> UprobeFile:
+    """Check a uprobe target inside a root: open the binary, then find its symbol. The
+    returned fd stays open (attach through its /proc/self/fd path, then close it). Errors
+    name only `binary` and `symbol`, never where the agent found the file."""
+    try:
+        opened = find_binary(binary, root_fd)
+    except RootPathError as exc:
+        raise BinaryNotFound(str(exc)) from None
+    try:
+        sym = symbol_of(opened, symbol, binary)
+    except BaseException:
+        os.close(opened.fd)
+        raise
+    return UprobeFile(opened, sym)
+
+
+_SYMBOL_CACHE: dict[tuple[int, int, int, int, str], ElfSymbol | SymbolNotFound] = {}
+_SYMBOL_CACHE_SIZE = 512
+
+
+def symbol_of(opened: OpenedFile, symbol: str, label: str) -> ElfSymbol:
+    """The attachable symbol `symbol` of an opened file, remembered by file identity: an
+    ELF scan of a large library (libLLVM) takes a tenth of a second or more."""
+    key = (opened.dev, opened.ino, opened.size, opened.change, symbol)
+    cached = _SYMBOL_CACHE.get(key)
+    if cached is None:
+        try:
+            cached = _find_attachable(opened, symbol, label)
+        except SymbolNotFound as exc:
+            cached = exc
+        if len(_SYMBOL_CACHE) >= _SYMBOL_CACHE_SIZE:
+            _SYMBOL_CACHE.pop(next(iter(_SYMBOL_CACHE)))
+        _SYMBOL_CACHE[key] = cached
+    if isinstance(cached, SymbolNotFound):
+        raise SymbolNotFound(str(cached))
+    return cached
+
+
+def _find_attachable(opened: OpenedFile, symbol: str, label: str) -> ElfSymbol:
+    if opened.size > MAX_ELF_BYTES:
+        raise NotAnElf(f"{label} is larger than {MAX_ELF_BYTES >> 20} MiB")
+    sym = find_symbol_in(fd_symbols(opened.fd, label), symbol, label)
     if sym.kind not in _ATTACHABLE:
-        raise SymbolNotFound(f"symbol {symbol!r} in {path} is a {sym.kind}, not a function")
-    return UprobeTarget(path, inside, sym)
+        raise SymbolNotFound(f"symbol {symbol!r} in {label} is a {sym.kind}, not a function")
+    return sym

@@ -7,6 +7,8 @@ implementation lives in `tracekeeper_agent.bpf` (the only package importing bcc)
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -29,7 +31,12 @@ class Attachment:
     target: str = ""
     """tracepoint category:name, raw tracepoint name, kernel function, or symbol."""
     binary: str = ""
-    """uprobes: the resolved host path of the ELF file."""
+    """uprobes: the path BCC opens, `/proc/self/fd/N` of the checked fd the plan holds
+    (host paths in tests)."""
+    binary_id: tuple[int, int] | None = None
+    """uprobes: (st_dev, st_ino) of that file: what identifies the attachment."""
+    display: str = ""
+    """uprobes: the binary as the probe names it, for messages (never a host path)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,22 @@ class EventField:
     kind: Literal["int", "uint", "str"]
     size: int
     """Bytes in the record: 1/2/4/8 for integers, the buffer size for strings."""
+
+
+class HeldFiles:
+    """File descriptors a plan keeps open; closed once, by release()."""
+
+    def __init__(self, fds: list[int] | None = None) -> None:
+        self._fds = list(fds or [])
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def release(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,9 @@ class ProgramPlan:
     """Aggregation keys compiled into count/histogram keys (pod/container -> cgroup id)."""
     event_fields: tuple[EventField, ...] = ()
     source_hash: str = ""
+    held: HeldFiles = field(default_factory=lambda: HeldFiles(), compare=False, repr=False)
+    """Checked files the attachments name through /proc/self/fd: open until the load
+    attempt is over, then released (the kernel holds what it attached)."""
 
 
 @dataclass(frozen=True)

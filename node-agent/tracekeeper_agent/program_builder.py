@@ -7,12 +7,18 @@ The text is the prelude (c_prelude.h: filter, sampling, rate limit, outputs) wit
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
-from tracekeeper_agent.kernel import FilterKind, LoadFailure, ProgramPlan
+from tracekeeper_agent.elf_symbols import UprobeTargetError, find_binary
+from tracekeeper_agent.kernel import FilterKind, HeldFiles, LoadFailure, ProgramPlan
 from tracekeeper_agent.kernel_features import KernelFeatures, detect
 from tracekeeper_agent.probe_kinds import REGISTRY, BuildContext, KindRender
+from tracekeeper_agent.probe_kinds.context import TargetRoot
+from tracekeeper_agent.rootfs import RootPathError, open_root
 from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
 
 PRELUDE = (Path(__file__).parent / "c_prelude.h").read_text()
@@ -102,8 +108,18 @@ def render_source(assignment: ProbeAssignment, ctx: BuildContext) -> tuple[str, 
 
 
 def build_plan(assignment: ProbeAssignment, ctx: BuildContext | None = None) -> ProgramPlan:
-    """The plan to load for one assignment; LoadFailure when this kernel cannot do it."""
-    ctx = ctx or BuildContext(kernel=node_kernel(), allow_program=assignment.allow_program)
+    """The plan to load for one assignment; LoadFailure when this kernel cannot do it.
+    Without a context, uprobe binaries resolve in the host's root (standalone mode)."""
+    if ctx is None:
+        with host_roots() as roots:
+            ctx = BuildContext(
+                kernel=node_kernel(), roots=roots, allow_program=assignment.allow_program
+            )
+            return _build(assignment, ctx)
+    return _build(assignment, ctx)
+
+
+def _build(assignment: ProbeAssignment, ctx: BuildContext) -> ProgramPlan:
     if not ctx.kernel.kernel_headers.available:
         raise LoadFailure(
             "KernelHeadersMissing",
@@ -115,6 +131,7 @@ def build_plan(assignment: ProbeAssignment, ctx: BuildContext | None = None) -> 
     source, kind = render_source(assignment, ctx)
     spec = assignment.spec
     return ProgramPlan(
+        held=HeldFiles(list(kind.held_fds)),
         probe_id=assignment.id,
         source=source,
         attachments=kind.attachments,
@@ -124,3 +141,84 @@ def build_plan(assignment: ProbeAssignment, ctx: BuildContext | None = None) -> 
         event_fields=kind.event_fields,
         source_hash=hashlib.sha256(source.encode()).hexdigest()[:16],
     )
+
+
+# --- what a plan depends on, and where it is resolved --------------------------------------
+
+
+def plan_inputs(assignment: ProbeAssignment) -> Hashable:
+    """What the program of an assignment is built from, besides the files of its uprobe:
+    the spec (by its hash), the permission for raw source and the shape of the targets
+    (which filter kinds and defines are compiled in). Targets themselves are map entries."""
+    t = assignment.targets
+    shape = (
+        bool(t.pods),
+        bool(t.cgroup_paths),
+        bool(t.pids),
+        bool(t.process_names),
+        t.follow_children,
+        t.host_wide,
+    )
+    return (assignment.spec_hash, assignment.allow_program, shape)
+
+
+RootsOf = Callable[[ProbeTargets], list[TargetRoot]]
+"""Opens the roots a probe's targets live in (dirfds the caller closes)."""
+
+
+@contextmanager
+def host_roots() -> Iterator[tuple[TargetRoot, ...]]:
+    """The host's root as the only TargetRoot, closed on exit."""
+    fd = open_root("/")
+    try:
+        yield (TargetRoot(fd, "host"),)
+    finally:
+        os.close(fd)
+
+
+def host_root_only(_: ProbeTargets) -> list[TargetRoot]:
+    return [TargetRoot(open_root("/"), "host")]
+
+
+class Planner:
+    """The agent's plan builder: uprobe binaries resolve in the roots `roots_of` opens for
+    the probe's targets (the targeted containers' in the agent, the host's standalone).
+    `inputs` is cheap (no compile, no ELF scan) and says when `build` must run again."""
+
+    def __init__(self, roots_of: RootsOf = host_root_only) -> None:
+        self._roots_of = roots_of
+
+    def inputs(self, assignment: ProbeAssignment) -> Hashable:
+        base = plan_inputs(assignment)
+        up = assignment.spec.uprobe
+        if up is None:
+            return base
+        files: set[object] = set()
+        roots = self._roots_of(assignment.targets)
+        try:
+            for root in roots:
+                try:
+                    opened = find_binary(up.binary, root.fd)
+                except (RootPathError, UprobeTargetError, OSError) as exc:
+                    files.add(f"{root.label}: {exc}")
+                    continue
+                os.close(opened.fd)
+                files.add((opened.dev, opened.ino, opened.size, opened.change))
+        finally:
+            _close(roots)
+        return (base, frozenset(files), bool(roots))
+
+    def build(self, assignment: ProbeAssignment) -> ProgramPlan:
+        roots = self._roots_of(assignment.targets) if assignment.spec.uprobe else []
+        try:
+            ctx = BuildContext(
+                kernel=node_kernel(), roots=tuple(roots), allow_program=assignment.allow_program
+            )
+            return _build(assignment, ctx)
+        finally:
+            _close(roots)
+
+
+def _close(roots: list[TargetRoot]) -> None:
+    for root in roots:
+        os.close(root.fd)

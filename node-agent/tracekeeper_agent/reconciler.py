@@ -5,6 +5,12 @@ program stays attached and keeps its BPF ids; changed program -> the new one is 
 its filter filled before the old one is closed (no gap); gone -> closed. One probe's failure
 never touches the others. Compiles run one at a time in a worker thread, so the event loop
 keeps serving the API and cgroup events meanwhile.
+
+Plans are built (off the loop) only for probes whose plan inputs changed (see
+program_builder.plan_inputs; a uprobe's include the identity of the resolved files). A
+probe that failed for a reason that may pass (AttachFailed) is retried after a per-probe
+backoff, not on every push. An apply runs to completion whatever its caller does: a client
+that disconnects mid-push cancels its wait, never the kernel work.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from tracekeeper_agent.active import ActiveProbe
 from tracekeeper_agent.kernel import LoadedProgram, LoadFailure, ProgramLoader, ProgramPlan
+from tracekeeper_agent.probe_kinds.uprobe import NothingToAttach
+from tracekeeper_agent.program_builder import plan_inputs
 from tracekeeper_agent.state_store import StateStore
 from tracekeeper_agent.targets import (
     CgroupChanges,
@@ -31,6 +39,7 @@ from tracekeeper_agent.targets import (
     needs_polling,
     resolve_targets,
 )
+from tracekeeper_agent.tenancy import DEFAULT_PRIVILEGED, refusal
 from tracekeeper_api.protocol import (
     EventDrops,
     KernelInfo,
@@ -45,12 +54,22 @@ from tracekeeper_api.protocol import (
 log = logging.getLogger(__name__)
 
 PlanBuilder = Callable[[ProbeAssignment], ProgramPlan]
+PlanInputs = Callable[[ProbeAssignment], Hashable]
+"""What a probe's plan depends on; build_plan runs again only when it changes."""
 
-# Failures that recur for the same program: not retried (recompiled) on every push, only
-# when the program changes. Attach failures may be transient and are retried.
+# Failures that recur for the same inputs: not retried (recompiled) until the inputs change.
+# Other failures (attach) may pass and are retried after a per-probe backoff.
 DETERMINISTIC_REASONS = frozenset(
     {"CompileFailed", "Unsupported", "KernelHeadersMissing", "InvalidSpec", "NotPermitted"}
 )
+RETRY_FIRST = 10.0
+RETRY_MAX = 300.0
+"""Seconds before the first retry of a failed probe, doubling per failure up to this."""
+
+
+def retry_delay(failures: int, first: float = RETRY_FIRST, most: float = RETRY_MAX) -> float:
+    """Backoff before retrying a probe that failed `failures` (>= 1) times in a row."""
+    return float(min(most, first * 2 ** min(failures - 1, 32)))
 
 
 SUSPENDED_MESSAGE = "spec.suspend is true: the program is unloaded"
@@ -144,8 +163,13 @@ class _Probe:
     message: str = ""
     active: ActiveProbe | None = None
     key: str = ""
-    failed_key: str = ""
-    """Plan key of a deterministic failure: the same program is not tried again."""
+    inputs: Hashable | None = None
+    """The plan inputs this outcome was reached with (None: plan again)."""
+    failures: int = 0
+    """Failed loads in a row with these inputs."""
+    retry_at: float | None = None
+    """Monotonic time after which a failed probe is tried again (None: not with the same
+    inputs, or not failed)."""
     resolution: Resolution = field(default_factory=Resolution)
 
 
@@ -164,6 +188,9 @@ class Reconciler:
         compile_observer: Callable[[float], None] | None = None,
         attributor: TargetAttributor | None = None,
         boot_id: str | None = None,
+        plan_inputs: PlanInputs = plan_inputs,
+        privileged_namespaces: frozenset[str] | None = DEFAULT_PRIVILEGED,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = node
         self.boot_id = boot_id or str(uuid.uuid4())
@@ -176,6 +203,15 @@ class Reconciler:
         metrics scrape) hold it too, so that they never read a program being freed."""
         self._loader = loader
         self._build_plan = build_plan
+        self._plan_inputs = plan_inputs
+        self._privileged = privileged_namespaces
+        """Namespaces whose probes may use privileged fields (None: all, standalone)."""
+        self._clock = clock
+        self._running: set[asyncio.Task[NodeReport | None]] = set()
+        """Applies whose callers may be gone: kept referenced until they complete."""
+        self._one_compile = threading.Lock()
+        """Held by the worker thread for the whole compile: even a cancelled waiter cannot
+        let a second compile start."""
         self._cgroups = cgroups
         self._processes = processes
         self._store = store
@@ -186,7 +222,6 @@ class Reconciler:
         self._applied_revision = 0
         self._probes: dict[str, _Probe] = {}
         self._apply_lock = asyncio.Lock()
-        self._compile_lock = asyncio.Lock()
         self._filter_lock = asyncio.Lock()
 
     # --- reading ---------------------------------------------------------------------------
@@ -252,9 +287,27 @@ class Reconciler:
 
     # --- applying --------------------------------------------------------------------------
 
-    async def apply(self, state: NodeState) -> NodeReport:
+    async def apply(self, state: NodeState, *, now: float | None = None) -> NodeReport:
         """Make the kernel hold `state`. Raises StateRefused (nothing applied) for a state
-        meant for another node or an outdated revision; per-probe failures are outcomes."""
+        meant for another node or an outdated revision; per-probe failures are outcomes.
+        Runs to completion (in its own task) even when the caller is cancelled. `now`:
+        monotonic seconds (the clock's by default) for retry backoffs."""
+        report = await self._completing(self._apply(state, now))
+        assert report is not None
+        return report
+
+    async def retry(self, now: float | None = None) -> None:
+        """Plan again the probes of the applied state whose inputs changed (a uprobe whose
+        containers started or changed image) or whose retry backoff is over."""
+        await self._completing(self._retry(now))
+
+    async def _completing(self, work: Any) -> NodeReport | None:
+        task: asyncio.Task[NodeReport | None] = asyncio.ensure_future(work)
+        self._running.add(task)
+        task.add_done_callback(_settled(self._running))
+        return await asyncio.shield(task)
+
+    async def _apply(self, state: NodeState, now: float | None) -> NodeReport:
         async with self._apply_lock:
             if state.node != self.node:
                 raise WrongNode(f"this agent serves node {self.node!r}, not {state.node!r}")
@@ -267,15 +320,44 @@ class Reconciler:
             desired = {a.id for a in state.probes}
             for gone in [pid for pid in self._probes if pid not in desired]:
                 await self._close(self._probes.pop(gone))
-            plans = {a.id: self._plan(a) for a in state.probes if not a.spec.suspend}
-            for assignment in state.probes:
-                await self._apply_probe(assignment, plans.get(assignment.id))
+            await self._converge(state.probes, self._clock() if now is None else now)
             # Report in the order of the desired state.
             self._probes = {a.id: self._probes[a.id] for a in state.probes}
             await self._sync_readers()  # new programs get their readers
             self.attributor.set_targets(state.probes)
             self._applied_revision = state.revision
             return self.report()
+
+    async def _retry(self, now: float | None) -> None:
+        async with self._apply_lock:
+            if self._state is None or self._applied_revision != self._state.revision:
+                return
+            await self._converge(self._state.probes, self._clock() if now is None else now)
+            await self._sync_readers()
+        return None
+
+    async def _converge(self, assignments: Sequence[ProbeAssignment], now: float) -> None:
+        refused = {a.id: r for a in assignments if (r := refusal(a, self._privileged))}
+        planned = [a for a in assignments if not a.spec.suspend and a.id not in refused]
+        inputs = await asyncio.to_thread(self._inputs, planned)
+        for assignment in assignments:
+            if assignment.id in refused:
+                current = self._probes.get(assignment.id)
+                await self._replace(
+                    assignment.id, current, _failed(assignment, refused[assignment.id])
+                )
+                continue
+            await self._apply_probe(assignment, inputs.get(assignment.id), now)
+
+    def _inputs(self, assignments: Sequence[ProbeAssignment]) -> dict[str, Hashable | None]:
+        found: dict[str, Hashable | None] = {}
+        for a in assignments:
+            try:
+                found[a.id] = self._plan_inputs(a)
+            except Exception:  # plan it every time rather than never
+                log.exception("computing the plan inputs of %s", a.id)
+                found[a.id] = None
+        return found
 
     async def _persist(self, state: NodeState) -> None:
         """Saved before the kernel work, so that a crash midway resumes this state. A failed
@@ -288,40 +370,51 @@ class Reconciler:
         except OSError as exc:
             log.error("could not persist revision %d: %s", state.revision, exc)
 
-    def _plan(self, assignment: ProbeAssignment) -> ProgramPlan | LoadFailure:
-        try:
-            plan = self._build_plan(assignment)
-            check_confined(assignment, plan)
-        except LoadFailure as failure:
-            return failure
-        except Exception as exc:  # a builder bug must not take down the other probes
-            log.exception("building the program of %s", assignment.id)
-            return LoadFailure("Failed", "Failed", f"building the program failed: {exc}")
-        return plan
-
     async def _apply_probe(
-        self, assignment: ProbeAssignment, built: ProgramPlan | LoadFailure | None
+        self, assignment: ProbeAssignment, inputs: Hashable | None, now: float
     ) -> None:
         current = self._probes.get(assignment.id)
-        if built is None:  # suspended
+        if assignment.spec.suspend:
             suspended = _Probe(assignment, "Suspended", "Suspended", SUSPENDED_MESSAGE)
             await self._replace(assignment.id, current, suspended)
             return
+        if current is not None and inputs is not None and current.inputs == inputs:
+            if current.active is not None:
+                await self._update_targets(current, assignment)
+                return
+            if current.retry_at is None or now < current.retry_at:
+                current.assignment = assignment  # the same plan failed: not yet again
+                return
+        built = await asyncio.to_thread(self._plan, assignment)
+        try:
+            await self._apply_plan(assignment, current, built, inputs, now)
+        finally:
+            if isinstance(built, ProgramPlan):
+                built.held.release()  # a plan that was not loaded still holds its files
+
+    async def _apply_plan(
+        self,
+        assignment: ProbeAssignment,
+        current: _Probe | None,
+        built: ProgramPlan | LoadFailure,
+        inputs: Hashable | None,
+        now: float,
+    ) -> None:
         if isinstance(built, LoadFailure):
-            await self._replace(assignment.id, current, _failed(assignment, built))
+            failed = _failed(assignment, built, inputs, now, current)
+            await self._replace(assignment.id, current, failed)
             return
         key = plan_key(built)
         if current is not None and current.active is not None and current.key == key:
+            current.inputs = inputs
             await self._update_targets(current, assignment)
-            return
-        if current is not None and current.active is None and current.failed_key == key:
-            current.assignment = assignment  # the same program failed already: not again
             return
         loaded = await self._load(built)
         if isinstance(loaded, LoadFailure):
-            await self._replace(assignment.id, current, _failed(assignment, loaded, key))
+            failed = _failed(assignment, loaded, inputs, now, current)
+            await self._replace(assignment.id, current, failed)
             return
-        fresh = _Probe(assignment, "Loaded", "Loaded", key=key)
+        fresh = _Probe(assignment, "Loaded", "Loaded", key=key, inputs=inputs)
         fresh.active = ActiveProbe(assignment=assignment, plan=built, program=loaded)
         async with self._filter_lock:
             try:
@@ -330,24 +423,62 @@ class Reconciler:
                 log.exception("filling the filter of %s", assignment.id)
                 await self._close_program(loaded)
                 broken = LoadFailure("Failed", "Failed", f"filter update failed: {exc}")
-                await self._replace(assignment.id, current, _failed(assignment, broken))
+                failed = _failed(assignment, broken, inputs, now, current)
+                await self._replace(assignment.id, current, failed)
                 return
         # Only now that the new program is attached and filtered does the old one go.
         await self._replace(assignment.id, current, fresh)
 
+    def _plan(self, assignment: ProbeAssignment) -> ProgramPlan | LoadFailure:
+        """Build the plan (in a worker thread: uprobes open and scan ELF files)."""
+        try:
+            plan = self._build_plan(assignment)
+        except LoadFailure as failure:
+            return failure
+        except Exception as exc:  # a builder bug must not take down the other probes
+            log.exception("building the program of %s", assignment.id)
+            return LoadFailure("Failed", "Failed", f"building the program failed: {exc}")
+        try:
+            check_confined(assignment, plan)
+        except LoadFailure as failure:
+            plan.held.release()
+            return failure
+        return plan
+
     async def _load(self, plan: ProgramPlan) -> LoadedProgram | LoadFailure:
-        async with self._compile_lock:
-            started = time.perf_counter()
-            try:
-                return await asyncio.to_thread(self._loader.load, plan)
-            except LoadFailure as failure:
-                return failure
-            except Exception as exc:  # a loader bug fails this probe, not the others
-                log.exception("loading the program of %s", plan.probe_id)
-                return LoadFailure("Failed", "Failed", f"loading the program failed: {exc}")
-            finally:
-                if self._compile_observer is not None:
-                    self._compile_observer(time.perf_counter() - started)
+        def load() -> LoadedProgram:
+            with self._one_compile:
+                started = time.perf_counter()
+                try:
+                    return self._loader.load(plan)
+                finally:
+                    if self._compile_observer is not None:
+                        self._compile_observer(time.perf_counter() - started)
+
+        pending = asyncio.ensure_future(asyncio.to_thread(load))
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            # The thread goes on: whatever it attaches is closed, never left untracked.
+            pending.add_done_callback(self._close_orphan)
+            raise
+        except LoadFailure as failure:
+            return failure
+        except Exception as exc:  # a loader bug fails this probe, not the others
+            log.exception("loading the program of %s", plan.probe_id)
+            return LoadFailure("Failed", "Failed", f"loading the program failed: {exc}")
+
+    def _close_orphan(self, done: asyncio.Future[LoadedProgram]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        program = done.result()
+        log.warning("closing a program whose load was cancelled")
+
+        def close() -> None:
+            with self.programs_lock:
+                program.close()
+
+        asyncio.get_running_loop().run_in_executor(None, close)
 
     async def _update_targets(self, probe: _Probe, assignment: ProbeAssignment) -> None:
         async with self._filter_lock:
@@ -376,6 +507,7 @@ class Reconciler:
         probe.state, probe.reason = "Failed", "Failed"
         probe.message = f"filter update failed: {exc}"
         probe.key = ""
+        probe.inputs = None  # the next push or retry plans it again
         probe.resolution = Resolution()
         if active is not None:
             await self._stop(active)
@@ -445,6 +577,7 @@ class Reconciler:
             await asyncio.sleep(interval)
             try:
                 await self.refresh_targets()
+                await self.retry()
             except Exception:
                 log.exception("polling targets failed")
 
@@ -471,12 +604,29 @@ class Reconciler:
                 await self._close(probe)
 
 
-def _failed(assignment: ProbeAssignment, failure: LoadFailure, key: str = "") -> _Probe:
-    deterministic = failure.reason in DETERMINISTIC_REASONS
-    return _Probe(
-        assignment,
-        failure.state,
-        failure.reason,
-        failure.message,
-        failed_key=key if deterministic else "",
-    )
+def _failed(
+    assignment: ProbeAssignment,
+    failure: LoadFailure,
+    inputs: Hashable | None = None,
+    now: float = 0.0,
+    previous: _Probe | None = None,
+) -> _Probe:
+    """The record of a failed probe: deterministic failures wait for new inputs, others
+    are retried after a backoff that grows with each failure in a row."""
+    probe = _Probe(assignment, failure.state, failure.reason, failure.message, inputs=inputs)
+    if failure.reason in DETERMINISTIC_REASONS or isinstance(failure, NothingToAttach):
+        return probe
+    streak = previous.failures if previous is not None and previous.active is None else 0
+    probe.failures = streak + 1
+    probe.retry_at = now + retry_delay(probe.failures)
+    return probe
+
+
+def _settled(running: set[asyncio.Task[NodeReport | None]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Raised to the caller too, if it still waits; logged for one that left.
+            log.debug("an apply ended with %r", task.exception())
+
+    return done

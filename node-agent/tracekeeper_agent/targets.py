@@ -29,6 +29,8 @@ from tracekeeper_agent.cgroups import (
 )
 from tracekeeper_agent.identity import PodIdentity
 from tracekeeper_agent.kernel import FilterEntries
+from tracekeeper_agent.probe_kinds.context import TargetRoot
+from tracekeeper_agent.rootfs import cgroup_pids, open_process_root, open_root
 from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
 
 BINDING = 1
@@ -132,6 +134,62 @@ def needs_polling(targets: ProbeTargets, resolution: Resolution) -> bool:
     """Whether the targets can change without a cgroup event under the watched pod trees:
     cgroup paths elsewhere in the hierarchy, forked children, anything still pending."""
     return bool(resolution.pending or targets.cgroup_paths or targets.follow_children)
+
+
+# --- root filesystems of the targets (uprobe binaries) -------------------------------------
+
+
+def container_cgroup_dirs(targets: ProbeTargets, index: CgroupIndex) -> list[tuple[str, Path]]:
+    """(label, cgroup directory) of every targeted container that has a cgroup now; the
+    label names the pod as the tenant does."""
+    found: list[tuple[str, Path]] = []
+    for pod in targets.pods:
+        label = f"pod {pod.namespace}/{pod.name}"
+        uid = _norm_uid(pod.uid)
+        if pod.all_containers:
+            entries = [e for e in index.pod_entries(uid) if e.owner.container_id is not None]
+        else:
+            entries = []
+            for container in pod.containers:
+                if container.container_id is None:
+                    continue
+                try:
+                    entry = index.container_cgroup(uid, container.container_id)
+                except CgroupError:
+                    continue
+                if entry is not None:
+                    entries.append(entry)
+        found.extend((label, e.path) for e in entries)
+    return found
+
+
+class TargetRoots:
+    """Opens the roots a probe's targets see: for pods, `/proc/<pid>/root` of a process in
+    each targeted container's cgroup (one per container; containers without a process yet
+    are skipped); host pids, their own roots; host-wide or cgroup-path probes, the host's.
+    """
+
+    def __init__(self, cgroups: NodeCgroups, proc: Path = Path("/proc")) -> None:
+        self._cgroups = cgroups
+        self._proc = proc
+
+    def __call__(self, targets: ProbeTargets) -> list[TargetRoot]:
+        roots: list[TargetRoot] = []
+        for label, directory in container_cgroup_dirs(targets, self._cgroups.index):
+            for pid in cgroup_pids(directory):
+                fd = open_process_root(pid, directory, proc=self._proc)
+                if fd is not None:
+                    roots.append(TargetRoot(fd, label))
+                    break
+        for pid in targets.pids:
+            try:
+                fd = open_root(self._proc / str(pid) / "root")
+            except OSError:
+                continue
+            roots.append(TargetRoot(fd, f"pid {pid}"))
+        if targets.host_wide or targets.cgroup_paths:
+            roots.append(TargetRoot(open_root("/"), "host"))
+        return roots
 
 
 # --- cgroup changes ------------------------------------------------------------------------

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tracekeeper_agent.cgroups import detect_root, pid_cgroup
 from tracekeeper_agent.elf_symbols import (
     BinaryNotFound,
     SymbolNotFound,
-    container_root,
     find_binary,
     resolve_uprobe,
 )
+from tracekeeper_agent.rootfs import open_process_root, open_root
 
 pytestmark = pytest.mark.kernel
 
@@ -30,21 +32,36 @@ def libc_base(path: Path) -> int:
     raise AssertionError(f"{path} is not mapped")
 
 
+@pytest.fixture
+def host_root() -> Iterator[int]:
+    fd = open_root("/")
+    yield fd
+    os.close(fd)
+
+
 @pytest.mark.parametrize("name", ["c", "libc.so.6"])
-def test_getpid_in_libc(name: str) -> None:
-    target = resolve_uprobe(name, "getpid")
-    assert target.path.name == "libc.so.6"
-    libc = ctypes.CDLL(str(target.path))
-    runtime = ctypes.cast(libc.getpid, ctypes.c_void_p).value
-    assert runtime == libc_base(target.path) + target.symbol.value
+def test_getpid_in_libc(name: str, host_root: int) -> None:
+    target = resolve_uprobe(name, "getpid", host_root)
+    try:
+        path = Path(os.readlink(target.file.proc_path))
+        assert path.name == "libc.so.6"
+        libc = ctypes.CDLL(str(path))
+        runtime = ctypes.cast(libc.getpid, ctypes.c_void_p).value
+        assert runtime == libc_base(path) + target.symbol.value
+    finally:
+        target.close()
 
 
-def test_through_our_own_proc_root_bcc_attaches_and_fires() -> None:
+def test_through_our_own_proc_root_bcc_attaches_through_the_fd_and_fires() -> None:
     from bcc import BPF
 
-    root = container_root(os.getpid())
-    target = resolve_uprobe("c", "getpid", root=root)
-    assert str(target.path).startswith(f"/proc/{os.getpid()}/root/")
+    cgroup = detect_root() / str(pid_cgroup()).lstrip("/")
+    root = open_process_root(os.getpid(), cgroup)
+    assert root is not None
+    try:
+        target = resolve_uprobe("c", "getpid", root)
+    finally:
+        os.close(root)
     program = b"""
     BPF_ARRAY(hits, u64, 1);
     int probe(void *ctx) {
@@ -57,18 +74,20 @@ def test_through_our_own_proc_root_bcc_attaches_and_fires() -> None:
     """
     bpf = BPF(text=program, cflags=[f"-DTGID={os.getpid()}"])
     try:
-        bpf.attach_uprobe(name=str(target.path).encode(), sym=b"getpid", fn_name=b"probe")
-        libc = ctypes.CDLL(str(target.path))
+        bpf.attach_uprobe(name=target.file.proc_path.encode(), sym=b"getpid", fn_name=b"probe")
+        libc = ctypes.CDLL("libc.so.6")
         for _ in range(5):
             libc.getpid()
         assert bpf[b"hits"][ctypes.c_int(0)].value >= 5
     finally:
         bpf.cleanup()
+        target.close()
 
 
-def test_errors_on_the_real_system() -> None:
-    with pytest.raises(SymbolNotFound, match=r"imported by .*python"):
-        resolve_uprobe("/usr/bin/python3", "getpid")
+def test_errors_on_the_real_system(host_root: int) -> None:
+    with pytest.raises(SymbolNotFound, match=r"imported by /usr/bin/python3"):
+        resolve_uprobe("/usr/bin/python3", "getpid", host_root)
     with pytest.raises(BinaryNotFound, match=r"searched /etc/ld\.so\.cache"):
-        find_binary("tracekeeper-no-such-lib")
-    assert find_binary("/bin/sh").name in ("dash", "bash", "sh")
+        find_binary("tracekeeper-no-such-lib", host_root)
+    sh = find_binary("/bin/sh", host_root)
+    os.close(sh.fd)

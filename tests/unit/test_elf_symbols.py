@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -13,16 +14,23 @@ import pytest
 from tracekeeper_agent.elf_symbols import (
     BinaryNotFound,
     NotAnElf,
-    PathEscapesRoot,
     SymbolKind,
     SymbolNotFound,
-    container_root,
+    UprobeFile,
+    UprobeTargetError,
     elf_symbols,
     find_binary,
     find_symbol,
     read_ld_cache,
-    resolve_in_root,
     resolve_uprobe,
+)
+from tracekeeper_agent.rootfs import (
+    NotFoundInRoot,
+    OpenedFile,
+    PathRefused,
+    RootPathError,
+    open_in_root,
+    open_root,
 )
 
 MACHINE = {"x86_64": 62, "aarch64": 183}.get(platform.machine(), 62)
@@ -170,77 +178,144 @@ def test_not_an_elf(tmp_path: Path, content: bytes, message: str) -> None:
         list(elf_symbols(path))
 
 
-def test_resolve_in_root_follows_links_inside_the_root(root: Path) -> None:
+@pytest.fixture
+def root_fd(root: Path) -> Iterator[int]:
+    fd = open_root(root)
+    yield fd
+    os.close(fd)
+
+
+def found(root: Path, opened: OpenedFile | UprobeFile) -> PurePosixPath:
+    """Which file of the tree an fd is (by inode), as a path inside the root."""
+    file = opened.file if isinstance(opened, UprobeFile) else opened
+    try:
+        for path in root.rglob("*"):
+            st = path.lstat()
+            if (st.st_dev, st.st_ino) == file.identity:
+                return PurePosixPath("/", path.relative_to(root))
+    finally:
+        os.close(file.fd)
+    raise AssertionError("the fd is no file of the root")
+
+
+def test_links_are_followed_inside_the_root(root: Path, root_fd: int) -> None:
     # /lib64 -> /usr/lib is absolute: it must land in the root's /usr/lib, not the host's.
-    resolved = resolve_in_root(root, f"/lib64/{TRIPLET}/libfoo.so")
-    assert resolved == PurePosixPath(f"/usr/lib/{TRIPLET}/libfoo.so.1")
+    opened = open_in_root(root_fd, f"/lib64/{TRIPLET}/libfoo.so")
+    assert found(root, opened) == PurePosixPath(f"/usr/lib/{TRIPLET}/libfoo.so.1")
 
 
-def test_absolute_link_cannot_reach_host_files(root: Path, tmp_path: Path) -> None:
+def test_absolute_link_cannot_reach_host_files(root: Path, root_fd: int, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret").write_bytes(LIBFOO)
     (root / "usr" / "bin" / "abs").symlink_to(outside / "secret")
-    with pytest.raises(BinaryNotFound, match="does not exist"):
-        resolve_in_root(root, "/usr/bin/abs")
+    with pytest.raises(NotFoundInRoot, match="does not exist in the container"):
+        open_in_root(root_fd, "/usr/bin/abs")
 
 
-def test_relative_link_escaping_is_refused(root: Path) -> None:
-    (root / "usr" / "bin" / "evil").symlink_to("../../../outside/secret")
-    with pytest.raises(PathEscapesRoot, match="leads out of"):
-        resolve_in_root(root, "/usr/bin/evil")
-    with pytest.raises(PathEscapesRoot, match=r"contains '\.\.'"):
-        resolve_in_root(root, "/usr/../../etc/passwd")
+def test_relative_link_escaping_stays_in_the_root(root: Path, root_fd: int) -> None:
+    (root / "usr" / "bin" / "evil").symlink_to("../../../../../../outside/secret")
+    with pytest.raises(NotFoundInRoot, match="does not exist"):
+        open_in_root(root_fd, "/usr/bin/evil")
+    (root / "usr" / "bin" / "up").symlink_to("../../../../../usr/bin/app")  # clamped at /
+    assert found(root, open_in_root(root_fd, "/usr/bin/up")) == PurePosixPath("/usr/bin/app")
+    with pytest.raises(PathRefused, match=r"contains '\.\.'"):
+        open_in_root(root_fd, "/usr/../../etc/passwd")
 
 
-def test_symlink_loop(root: Path) -> None:
+@pytest.mark.parametrize(
+    "path", ["/proc/1/exe", "/proc", "/sys/kernel/x", "/dev/shm/x", "//dev/./x"]
+)
+def test_kernel_interfaces_are_refused(root_fd: int, path: str) -> None:
+    with pytest.raises(PathRefused, match="refused"):
+        open_in_root(root_fd, path)
+
+
+def test_a_link_to_proc_is_refused(root: Path, root_fd: int) -> None:
+    # Resolved inside the root, /proc is this root's: here the host's procfs is not
+    # mounted there, so make one that leads to a procfs file through a bind of the tree.
+    (root / "usr" / "bin" / "magic").symlink_to("/proc/self/exe")
+    with pytest.raises(RootPathError):
+        open_in_root(root_fd, "/usr/bin/magic")
+    host = open_root("/")
+    try:
+        (root / "usr" / "bin" / "status").symlink_to("/proc/self/status")
+        with pytest.raises(PathRefused, match="kernel interface"):
+            # Through the host's root, where /proc is procfs: refused on the fd's filesystem.
+            open_in_root(host, f"{root}/usr/bin/status")
+    finally:
+        os.close(host)
+
+
+def test_symlink_loop(root: Path, root_fd: int) -> None:
     (root / "usr" / "bin" / "a").symlink_to("b")
     (root / "usr" / "bin" / "b").symlink_to("a")
-    with pytest.raises(BinaryNotFound, match="too many levels"):
-        resolve_in_root(root, "/usr/bin/a")
+    with pytest.raises(PathRefused, match="too many symbolic links"):
+        open_in_root(root_fd, "/usr/bin/a")
 
 
-def test_relative_binary_path_refused(root: Path) -> None:
-    with pytest.raises(BinaryNotFound, match="absolute"):
-        find_binary("bin/app", root=root)
+def test_relative_binary_path_refused(root_fd: int) -> None:
+    with pytest.raises(NotFoundInRoot, match="absolute"):
+        find_binary("bin/app", root_fd)
 
 
 @pytest.mark.parametrize("name", ["foo", "libfoo.so.1", "libfoo.so"])
-def test_library_names(root: Path, name: str) -> None:
-    assert find_binary(name, root=root) == PurePosixPath(f"/usr/lib/{TRIPLET}/libfoo.so.1")
+def test_library_names(root: Path, root_fd: int, name: str) -> None:
+    assert found(root, find_binary(name, root_fd)) == PurePosixPath(
+        f"/usr/lib/{TRIPLET}/libfoo.so.1"
+    )
 
 
-def test_library_dirs_without_ld_cache(root: Path) -> None:
+def test_library_dirs_without_ld_cache(root: Path, root_fd: int) -> None:
     (root / "etc" / "ld.so.cache").unlink()  # musl images have none
-    assert find_binary("foo", root=root) == PurePosixPath(f"/usr/lib/{TRIPLET}/libfoo.so.1")
+    assert found(root, find_binary("foo", root_fd)) == PurePosixPath(
+        f"/usr/lib/{TRIPLET}/libfoo.so.1"
+    )
 
 
-def test_executable_by_name_and_path(root: Path) -> None:
-    assert find_binary("app", root=root) == PurePosixPath("/usr/bin/app")
-    assert find_binary("/bin/app", root=root) == PurePosixPath("/usr/bin/app")
+def test_executable_by_name_and_path(root: Path, root_fd: int) -> None:
+    assert found(root, find_binary("app", root_fd)) == PurePosixPath("/usr/bin/app")
+    assert found(root, find_binary("/bin/app", root_fd)) == PurePosixPath("/usr/bin/app")
 
 
-def test_not_found_names_what_was_searched(root: Path) -> None:
-    with pytest.raises(BinaryNotFound, match=r"'bar' in .*searched /etc/ld.so.cache, /lib"):
-        find_binary("bar", root=root)
-    with pytest.raises(BinaryNotFound, match="/opt does not exist"):
-        find_binary("/opt/app/bin/app", root=root)
-    with pytest.raises(BinaryNotFound, match="not a regular file"):
-        find_binary("/usr/bin", root=root)
+def test_not_found_names_what_was_searched(root_fd: int) -> None:
+    with pytest.raises(BinaryNotFound, match=r"'bar' in the container; searched /etc/ld.so"):
+        find_binary("bar", root_fd)
+    with pytest.raises(NotFoundInRoot, match="/opt/app/bin/app does not exist"):
+        find_binary("/opt/app/bin/app", root_fd)
+    with pytest.raises(NotFoundInRoot, match="not a regular file"):
+        find_binary("/usr/bin", root_fd)
 
 
-def test_resolve_uprobe(root: Path) -> None:
-    target = resolve_uprobe("foo", "foo_open", root=root)
-    assert target.path == root / "usr" / "lib" / TRIPLET / "libfoo.so.1"
-    assert target.path_in_root == PurePosixPath(f"/usr/lib/{TRIPLET}/libfoo.so.1")
+def test_resolve_uprobe(root: Path, root_fd: int) -> None:
+    target = resolve_uprobe("foo", "foo_open", root_fd)
     assert (target.symbol.name, target.symbol.value) == ("foo_open", 0x2000)
-    assert resolve_uprobe("foo", "foo_fast", root=root).symbol.kind is SymbolKind.IFUNC
+    assert found(root, target) == PurePosixPath(f"/usr/lib/{TRIPLET}/libfoo.so.1")
+    fast = resolve_uprobe("foo", "foo_fast", root_fd)
+    fast.close()
+    assert fast.symbol.kind is SymbolKind.IFUNC
     with pytest.raises(SymbolNotFound, match="is a object, not a function"):
-        resolve_uprobe("foo", "foo_table", root=root)
-    with pytest.raises(SymbolNotFound, match=r"'nope' not found in .*libfoo\.so\.1"):
-        resolve_uprobe("foo", "nope", root=root)
+        resolve_uprobe("foo", "foo_table", root_fd)
+    with pytest.raises(SymbolNotFound, match=r"'nope' not found in foo "):
+        resolve_uprobe("foo", "nope", root_fd)
 
 
-def test_container_root() -> None:
-    assert container_root(1234) == Path("/proc/1234/root")
-    assert container_root(os.getpid(), proc=Path("/p")) == Path(f"/p/{os.getpid()}/root")
+def test_errors_never_name_a_host_path(root: Path, root_fd: int, tmp_path: Path) -> None:
+    (root / "usr" / "bin" / "script").write_bytes(b"#!/bin/sh\n")
+    fds_before = len(os.listdir("/proc/self/fd"))
+    messages = []
+    for binary, symbol in [
+        ("/usr/bin/script", "main"),
+        ("/usr/bin/app", "nope"),
+        ("/opt/x", "main"),
+        ("libnope.so.1", "f"),
+        ("/proc/self/fd/7", "f"),
+        ("foo", "malloc"),
+    ]:
+        with pytest.raises(UprobeTargetError) as info:
+            resolve_uprobe(binary, symbol, root_fd)
+        messages.append(str(info.value))
+    for message in messages:
+        assert str(tmp_path) not in message, message
+        assert "/proc/self/fd" not in message.replace("'/proc/self/fd/7'", ""), message
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # failed lookups close their fds

@@ -24,16 +24,19 @@ from tests.unit.agent_fakes import (
     probe,
 )
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.kernel import KernelCounters, LoadFailure, ProgramPlan
+from tracekeeper_agent.kernel import Attachment, KernelCounters, LoadFailure, ProgramPlan
 from tracekeeper_agent.reconciler import (
+    RETRY_FIRST,
     Reconciler,
     StaleRevision,
     WrongNode,
     check_revision,
     plan_key,
+    retry_delay,
 )
 from tracekeeper_agent.state_store import StateStore
 from tracekeeper_agent.targets import CgroupChanges
+from tracekeeper_agent.tenancy import DEFAULT_PRIVILEGED
 from tracekeeper_api.protocol import NodeReport, ProbeAssignment, ProbeOutcome
 
 
@@ -45,6 +48,8 @@ def make(
     loader = loader or FakeLoader()
     cgroups = cgroups if cgroups is not None else FakeCgroups(pods={UID_A: 500, UID_B: 600})
     kwargs.setdefault("build_plan", fake_build_plan)
+    # Most tests use host targets in team-a; the tenancy tests set the privileged namespaces.
+    kwargs.setdefault("privileged_namespaces", None)
     reconciler = Reconciler(node="node-1", loader=loader, cgroups=cgroups, **kwargs)
     return reconciler, loader, cgroups
 
@@ -151,13 +156,172 @@ async def test_a_deterministic_failure_is_not_recompiled_until_the_spec_changes(
     assert outcome(report).state == "Loaded"
 
 
-async def test_attach_failures_are_retried_on_the_next_push() -> None:
+async def test_attach_failures_back_off_per_probe() -> None:
     loader = FakeLoader()
     loader.failures["team-a/opens"] = LoadFailure("Failed", "AttachFailed", "no such file")
     reconciler, _, _ = make(loader)
-    await reconciler.apply(node_state(1, probe()))
+    await reconciler.apply(node_state(1, probe(), probe("other")), now=100.0)
+    assert loader.log.count(("fail", "team-a/opens", ())) == 1
+    # Pushes within the backoff do not try again (no recompile on every push).
+    await reconciler.apply(node_state(2, probe(), probe("other")), now=100.0 + RETRY_FIRST - 1)
+    await reconciler.retry(now=100.0 + RETRY_FIRST - 1)
+    assert loader.log.count(("fail", "team-a/opens", ())) == 1
+    # After it, the next push (or retry tick) tries again; the backoff doubles.
+    await reconciler.retry(now=100.0 + RETRY_FIRST)
+    assert loader.log.count(("fail", "team-a/opens", ())) == 2
+    await reconciler.retry(now=100.0 + RETRY_FIRST + 2 * RETRY_FIRST - 1)
+    assert loader.log.count(("fail", "team-a/opens", ())) == 2
     del loader.failures["team-a/opens"]
-    report = await reconciler.apply(node_state(2, probe()))
+    await reconciler.apply(node_state(3, probe(), probe("other")), now=100.0 + 3 * RETRY_FIRST)
+    assert outcome(reconciler.report()).state == "Loaded"
+    assert loader.loads == 2  # "other" once, "opens" once it could
+
+
+def test_retry_delay_doubles_up_to_a_limit() -> None:
+    assert [retry_delay(n, 10, 60) for n in (1, 2, 3, 4, 100)] == [10, 20, 40, 60, 60]
+
+
+async def test_plans_are_built_only_for_changed_probes() -> None:
+    built: list[str] = []
+
+    def build(assignment: ProbeAssignment) -> ProgramPlan:
+        built.append(assignment.id)
+        return fake_build_plan(assignment)
+
+    reconciler, loader, _ = make(build_plan=build)
+    await reconciler.apply(node_state(1, probe(), probe("b")))
+    assert sorted(built) == ["team-a/b", "team-a/opens"]
+    built.clear()
+    two_pods = {"pods": [pod(), pod(UID_B, "web-1")]}
+    await reconciler.apply(
+        node_state(2, probe(targets=two_pods), probe("b", spec_hash="0000000000000002"))
+    )
+    assert built == ["team-a/b"]  # new targets of the same spec: map entries only
+    assert dict(loader.only("team-a/opens").entries.cgroups) == {500: 1, 600: 1}
+
+
+async def test_plans_are_built_off_the_event_loop() -> None:
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+
+    def build(assignment: ProbeAssignment) -> ProgramPlan:
+        threads.append(threading.get_ident())
+        return fake_build_plan(assignment)
+
+    reconciler, _, _ = make(build_plan=build)
+    await reconciler.apply(node_state(1, probe()))
+    assert threads and loop_thread not in threads
+
+
+async def test_changed_plan_inputs_plan_again() -> None:
+    # A uprobe's inputs include the resolved file: a new image means a new plan.
+    files = {"team-a/opens": "inode-1"}
+    built: list[str] = []
+
+    def build(assignment: ProbeAssignment) -> ProgramPlan:
+        built.append(files[assignment.id])
+        plan = fake_build_plan(assignment)
+        attach = Attachment("uprobe", "f", "sym", "/x", binary_id=(1, hash(files[plan.probe_id])))
+        return ProgramPlan(**{**plan.__dict__, "attachments": (attach,)})
+
+    reconciler, loader, _ = make(build_plan=build, plan_inputs=lambda a: files[a.id])
+    await reconciler.apply(node_state(1, probe()))
+    await reconciler.retry()
+    assert built == ["inode-1"]
+    first = loader.only("team-a/opens").program_ids
+    files["team-a/opens"] = "inode-2"
+    await reconciler.retry()
+    assert built == ["inode-1", "inode-2"]
+    assert loader.only("team-a/opens").program_ids != first
+
+
+async def test_an_apply_completes_when_its_caller_is_cancelled() -> None:
+    loader = FakeLoader()
+    loader.gate = threading.Event()
+    reconciler, _, _ = make(loader)
+    caller = asyncio.create_task(reconciler.apply(node_state(1, probe(), probe("b"))))
+    assert await asyncio.to_thread(loader.loading.wait, 10)
+    caller.cancel()  # the client went away mid-compile
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    loader.gate.set()
+    report = await reconciler.apply(node_state(1, probe(), probe("b")))  # waits for it
+    assert [p.state for p in report.probes] == ["Loaded", "Loaded"]
+    assert report.revision == 1
+    # Every program the loader made is one the agent reports, and nothing else lives.
+    live = {p.program_ids for p in loader.programs if not p.closed}
+    assert live == {tuple(p.program_ids) for p in report.probes}
+    assert loader.max_concurrent == 1
+
+
+async def test_a_cancelled_load_closes_what_it_loaded() -> None:
+    loader = FakeLoader()
+    loader.gate = threading.Event()
+    reconciler, _, _ = make(loader)
+    plan = fake_build_plan(ProbeAssignment.model_validate(probe()))
+    load = asyncio.create_task(reconciler._load(plan))
+    assert await asyncio.to_thread(loader.loading.wait, 10)
+    load.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await load
+    loader.gate.set()
+    for _ in range(200):
+        if loader.closes:
+            break
+        await asyncio.sleep(0.01)
+    assert loader.loads == 1 and loader.closes == 1
+
+
+# --- the agent's own tenancy check ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("targets", "spec", "field"),
+    [
+        ({"pids": [1]}, None, "pids"),
+        ({"cgroupPaths": ["/system.slice"]}, None, "cgroupPaths"),
+        ({"hostWide": True}, None, "hostWide"),
+        (None, {"program": {"source": "int x;"}}, "program"),
+        (None, {"filter": {"namespaceSelector": {"matchLabels": {"a": "b"}}}}, "namespaceSelector"),
+    ],
+)
+async def test_a_tenant_probe_with_a_privileged_field_is_refused(
+    targets: dict[str, Any] | None, spec: dict[str, Any] | None, field: str
+) -> None:
+    reconciler, loader, _ = make(privileged_namespaces=DEFAULT_PRIVILEGED)
+    bad = probe("bad", targets=targets)
+    if spec is not None:
+        bad["spec"] = {**bad["spec"], **spec}
+        if "program" in spec:
+            del bad["spec"]["tracepoint"]
+    report = await reconciler.apply(node_state(1, probe(), bad))
+    refused = outcome(report, "bad")
+    assert (refused.state, refused.reason) == ("Failed", "NotPermitted")
+    assert field in refused.message
+    assert outcome(report).state == "Loaded"
+    assert [p.plan.probe_id for p in loader.programs] == ["team-a/opens"]
+
+
+async def test_a_tenant_probe_with_another_namespaces_pod_is_refused() -> None:
+    reconciler, loader, _ = make(privileged_namespaces=DEFAULT_PRIVILEGED)
+    foreign = {"pods": [pod(), {**pod(UID_B, "db-0"), "namespace": "team-b"}]}
+    report = await reconciler.apply(node_state(1, probe(), probe("wide", targets=foreign)))
+    refused = outcome(report, "wide")
+    assert (refused.state, refused.reason) == ("Failed", "NotPermitted")
+    assert "team-b" not in refused.message and "db-0" not in refused.message
+    assert outcome(report).state == "Loaded" and loader.live("team-a/wide") == []
+    # A loaded probe widened by a later push is closed, not widened.
+    report = await reconciler.apply(node_state(2, probe(targets=foreign), probe("wide")))
+    assert outcome(report).reason == "NotPermitted" and loader.live("team-a/opens") == []
+    assert outcome(report, "wide").state == "Loaded"
+
+
+async def test_privileged_namespaces_may_use_privileged_fields() -> None:
+    reconciler, _, _ = make(privileged_namespaces=frozenset({"team-a"}))
+    report = await reconciler.apply(node_state(1, probe(targets={"pids": [1]})))
+    assert outcome(report).state == "Loaded"
+    trusting, _, _ = make(privileged_namespaces=None)  # standalone: the host's own file
+    report = await trusting.apply(node_state(1, probe(targets={"hostWide": True})))
     assert outcome(report).state == "Loaded"
 
 

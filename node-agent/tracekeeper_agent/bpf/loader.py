@@ -3,6 +3,7 @@ LoadedProgram reads and writes its maps."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import re
@@ -159,24 +160,37 @@ class BccProgram:
         return batch
 
     def close(self) -> None:
-        self._bpf.cleanup()
+        discard(self._bpf)
 
 
 class BccLoader:
     """Compiles and attaches plans (implements kernel.ProgramLoader). The reconciler
-    serializes calls, which the fd-2 capture relies on."""
+    serializes calls, which the fd-2 capture relies on.
+
+    Nothing a load creates outlives a failed load: BCC registers every BPF object with
+    atexit (so a half-built one stays alive, attached, until the process exits), and the
+    constructor can fail after loading and attaching some functions (TRACEPOINT_PROBE
+    auto-attach). The object is created before __init__ runs, so that it can be cleaned
+    up whatever step fails."""
 
     def load(self, plan: ProgramPlan) -> BccProgram:
+        try:
+            return self._load(plan)
+        finally:
+            plan.held.release()  # the kernel holds what was attached; our fds can go
+
+    def _load(self, plan: ProgramPlan) -> BccProgram:
+        bpf = BPF.__new__(BPF)
         with capture_fd2() as out:
             try:
-                bpf = BPF(text=plan.source.encode(), cflags=_CFLAGS)
+                bpf.__init__(text=plan.source.encode(), cflags=_CFLAGS)
             except Exception as exc:
-                bpf = None
                 error: Exception | None = exc
             else:
                 error = None
-        if bpf is None:
-            text = f"{out.text}\n{error}".strip()
+        if error is not None:
+            discard(bpf)
+            text = scrub(f"{out.text}\n{error}".strip(), plan)
             reason = _failure_reason(text)
             state: ProbeState = (
                 "KernelHeadersMissing" if reason == "KernelHeadersMissing" else "Failed"
@@ -185,11 +199,13 @@ class BccLoader:
         try:
             with capture_fd2() as out:
                 self._attach(bpf, plan)
-        except Exception as exc:
-            bpf.cleanup()
-            text = _clean(f"{out.text}\n{exc}".strip())
+            return BccProgram(bpf, plan)
+        except BaseException as exc:  # also a cancellation or an id read that failed
+            discard(bpf)
+            if not isinstance(exc, Exception):
+                raise
+            text = scrub(_clean(f"{out.text}\n{exc}".strip()), plan)
             raise LoadFailure("Failed", "AttachFailed", truncate_message(explain(text))) from exc
-        return BccProgram(bpf, plan)
 
     @staticmethod
     def _attach(bpf: Any, plan: ProgramPlan) -> None:
@@ -207,6 +223,28 @@ class BccLoader:
             elif a.kind == "kretprobe":
                 bpf.attach_kretprobe(event=a.target.encode(), fn_name=a.fn_name.encode())
             # "auto": BCC attached TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE on construction
+
+
+def discard(bpf: Any) -> None:
+    """Detach and free a BPF object, complete or not, and drop BCC's atexit reference to
+    it (which would otherwise keep every closed program's object until exit)."""
+    try:
+        if hasattr(bpf, "module"):  # __init__ got as far as compiling
+            bpf.cleanup()
+    finally:
+        atexit.unregister(bpf.cleanup)
+
+
+_FD_PATH = re.compile(r"/proc/self/fd/\d+")
+
+
+def scrub(text: str, plan: ProgramPlan) -> str:
+    """BCC names the file it was given: the agent's /proc/self/fd path. Say the binary as
+    the probe names it instead (messages never carry paths the tenant did not write)."""
+    names = {a.binary: a.display for a in plan.attachments if a.display}
+    for path, display in names.items():
+        text = text.replace(path, display)
+    return _FD_PATH.sub("the binary", text)
 
 
 def _clean(text: str) -> str:

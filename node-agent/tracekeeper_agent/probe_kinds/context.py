@@ -10,12 +10,21 @@ from tracekeeper_agent.kernel_features import KernelFeatures
 
 
 @dataclass(frozen=True)
+class TargetRoot:
+    """A root filesystem whom the probe targets, open as a dirfd (the caller closes it)."""
+
+    fd: int
+    label: str
+    """Names it in messages with the tenant's own words (`pod team-a/web-0`, `host`)."""
+
+
+@dataclass(frozen=True)
 class BuildContext:
     kernel: KernelFeatures
     tracefs: Path | None = None
-    roots: tuple[Path, ...] = (Path("/"),)
-    """Filesystem roots where uprobe binaries are looked up: the target containers' roots
-    (/proc/PID/root), or / for host targets."""
+    roots: tuple[TargetRoot, ...] = ()
+    """Where uprobe binaries are looked up: the targeted containers' roots, or the host's
+    for host targets. Empty: no targeted container runs a process yet."""
     allow_program: bool = False
 
 
@@ -29,3 +38,5 @@ class KindRender:
     """Extra C member declarations of struct tk_event, matching event_fields."""
     raw: bool = False
     """The body is user source: the output macros are defined for it, nothing else."""
+    held_fds: tuple[int, ...] = ()
+    """Open files the attachments name (uprobes); the plan takes them over."""
