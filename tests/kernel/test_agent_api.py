@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -376,3 +377,201 @@ def test_serve_gives_prometheus_the_metrics_and_nothing_else(
             raise
     assert returncode == 0, (tmp_path / "agent.log").read_text(errors="replace")[-4000:]
     assert not set(loaded["programIds"]) & set(bpf_prog_ids())  # detached on SIGTERM
+
+
+# --- tenant safety: applies the client abandons, uprobes in the container's root -------------
+
+
+def agent_held_programs(pid: int) -> set[int]:
+    """Ids of the BPF programs process `pid` holds: the `prog_id` of its fds' fdinfo (what
+    bpftool's `pids` column reads, where bpftool is built with it; Debian's is not). Other
+    test runs may load programs meanwhile, so only the agent's are counted; each must be
+    a program the kernel lists."""
+    held: set[int] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except FileNotFoundError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("prog_id:"):
+                held.add(int(line.split()[1]))
+    assert held <= set(bpf_prog_ids())
+    return held
+
+
+TRACEPOINTS = [
+    "syscalls:sys_enter_getppid",
+    "syscalls:sys_enter_getpgid",
+    "syscalls:sys_enter_getsid",
+    "syscalls:sys_enter_getuid",
+    "syscalls:sys_enter_getgid",
+    "syscalls:sys_enter_geteuid",
+]
+
+
+def tracepoint_probe(n: int, pod: FakePod, revision_tag: str = "a") -> dict[str, Any]:
+    return {
+        "id": f"team-k/tp-{n}",
+        "specHash": f"k{revision_tag}{n:014d}",
+        "spec": {"tracepoint": TRACEPOINTS[n]},
+        "targets": {"pods": [pod.target()]},
+    }
+
+
+def test_an_abandoned_push_is_applied_whole_and_leaks_nothing(
+    cgroup_root: Path, kubepods: Path, tmp_path: Path
+) -> None:
+    web0 = fake_pod(kubepods, "web-0")
+    create_cgroup(web0.container_dir)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    (api_port,) = find_free_ports(1)
+    api = f"http://127.0.0.1:{api_port}"
+    with (tmp_path / "agent.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [str(AGENT), "serve", "--node-name", NODE, "--listen", f"127.0.0.1:{api_port}",
+             "--token-file", str(token_file), "--state-dir", str(tmp_path / "state"),
+             "--cgroup-root", str(cgroup_root)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        _poll("/readyz", lambda: _http(f"{api}/readyz")[0] == 200, proc)
+        probes = [tracepoint_probe(n, web0) for n in range(len(TRACEPOINTS))]
+        body = json.dumps({"node": NODE, "revision": 1, "probes": probes}).encode()
+        # Six compiles take seconds; the client gives up (and disconnects) long before.
+        req = urllib.request.Request(f"{api}/v1/state", data=body, method="PUT", headers=AUTH)
+        with pytest.raises(OSError):  # TimeoutError / URLError(timeout)
+            urllib.request.urlopen(req, timeout=0.3)
+
+        def applied() -> bool:
+            status, text = _http(f"{api}/v1/state", token=TOKEN)
+            return status == 200 and json.loads(text)["revision"] == 1
+
+        _poll("the abandoned revision to be applied", applied, proc)
+        report = json.loads(_http(f"{api}/v1/state", token=TOKEN)[1])
+        assert [p["state"] for p in report["probes"]] == ["Loaded"] * len(TRACEPOINTS), report
+        reported = {i for p in report["probes"] for i in p["programIds"]}
+        assert len(reported) == len(TRACEPOINTS)
+        assert agent_held_programs(proc.pid) == reported
+
+        # A later push behaves: answered, and the kernel holds exactly what it reports.
+        body = json.dumps({"node": NODE, "revision": 2, "probes": probes[:2]}).encode()
+        status, text = _http(f"{api}/v1/state", method="PUT", body=body, token=TOKEN)
+        assert status == 200, text
+        report = json.loads(text)
+        assert report["revision"] == 2 and [p["state"] for p in report["probes"]] == ["Loaded"] * 2
+        assert agent_held_programs(proc.pid) == {
+            i for p in report["probes"] for i in p["programIds"]
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+
+
+APP_C = r"""
+#include <stdlib.h>
+#include <unistd.h>
+__attribute__((noinline)) int tk_some_func(int x) { return x * 2 + 1; }
+int main(int argc, char **argv) {
+    long n = argc > 1 ? atol(argv[1]) : 0;   /* 0: forever */
+    volatile int sink = 0;
+    for (long i = 0; n == 0 || i < n; i++) { sink += tk_some_func((int)i); usleep(2000); }
+    return sink == 42;
+}
+"""
+
+
+def pid_hits(metrics_text: str, probe: str, pid: int) -> int:
+    total = 0
+    for line in metrics_text.splitlines():
+        if (
+            line.startswith("tracekeeper_probe_hits_total{")
+            and f'probe="{probe}"' in line
+            and f'pid="{pid}"' in line
+        ):
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+@dataclass
+class ContainerApp:
+    pod: FakePod
+    binary: str
+    """The same path on the host and in the container, two different files."""
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture
+def container_app(kubepods: Path, tmp_path: Path) -> Iterator[ContainerApp]:
+    """A process in a pod's container cgroup and its own mount namespace, whose `binary`
+    is a file the host does not have at that path (the host has another one there)."""
+    (tmp_path / "app.c").write_text(APP_C)
+    shared, inside = tmp_path / "shared", tmp_path / "container-files"
+    for directory in (shared, inside):  # two builds: two files, two inodes
+        directory.mkdir()
+        subprocess.run(
+            ["cc", "-O1", "-o", str(directory / "app"), str(tmp_path / "app.c")], check=True
+        )
+    binary = str(shared / "app")
+    pod = fake_pod(kubepods, "app-0")
+    create_cgroup(pod.container_dir)
+    script = (
+        f'echo $$ > "{pod.container_dir}/cgroup.procs" && '
+        f'mount --bind "{inside}" "{shared}" && exec "{binary}"'
+    )
+    process = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
+    try:
+        yield ContainerApp(pod, binary, process)
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_a_uprobe_resolves_in_the_containers_root_not_the_hosts(
+    make_agent: Callable[[], Awaitable[RunningAgent]], container_app: ContainerApp, tmp_path: Path
+) -> None:
+    pod, binary, container = container_app.pod, container_app.binary, container_app.process
+    agent = await make_agent()
+    uprobe = {
+        "id": "team-k/up",
+        "specHash": "k0000000000000up",
+        "spec": {
+            "uprobe": {"binary": binary, "symbol": "tk_some_func"},
+            "output": {"by": ["pid"]},
+        },
+        "targets": {"pods": [pod.target()]},
+    }
+    await agent.put(1, uprobe)
+
+    async def attached() -> bool:
+        outcome = await agent.outcome("team-k/up")
+        assert outcome["state"] == "Loaded", outcome
+        return bool(outcome["programIds"])
+
+    await wait_for("the uprobe resolved in the container (retried once it runs)", attached)
+
+    async def container_counted() -> bool:
+        return pid_hits(await agent.metrics(), "up", container.pid) >= 20
+
+    await wait_for("hits of the container's process", container_counted)
+
+    # The host's binary at the same path, run in the very same cgroup (the filter admits
+    # it): not probed, it is another file.
+    await asyncio.to_thread(run_in_cgroup, pod.container_dir, binary, "200", timeout=60)
+    text = await agent.metrics()
+    others = [
+        line
+        for line in text.splitlines()
+        if line.startswith("tracekeeper_probe_hits_total{")
+        and 'probe="up"' in line
+        and f'pid="{container.pid}"' not in line
+    ]
+    assert others == [], others
+    assert pid_hits(text, "up", container.pid) >= 20
+    assert str(tmp_path) not in (await agent.outcome("team-k/up"))["message"]
