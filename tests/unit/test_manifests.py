@@ -29,6 +29,7 @@ from tracekeeper_api.filters import PRIVILEGED_FILTER_FIELDS
 from tracekeeper_operator.cli import _parser as operator_parser
 from tracekeeper_operator.metrics import OperatorMetrics
 from tracekeeper_operator.settings import (
+    DEFAULT_AGENT_DAEMONSET,
     DEFAULT_AGENT_PORT_NAME,
     DEFAULT_AGENT_SELECTOR,
     DEFAULT_NAMESPACE,
@@ -475,6 +476,16 @@ def test_only_the_operator_reaches_the_agent_api() -> None:
     # matches nothing admits nothing).
     container = _container(daemonset)
     assert _port(container, "metrics") != _port(container, DEFAULT_AGENT_PORT_NAME)
+
+
+def test_the_operator_trusts_the_shipped_daemonset_by_default() -> None:
+    """Agents are the pods of this DaemonSet, in the operator's namespace; the operator is
+    not told to trust endpoint annotations (that is for local test worlds only)."""
+    daemonset = _one("DaemonSet", DEFAULT_AGENT_DAEMONSET)
+    operator = _one("Deployment", "tracekeeper-operator")
+    assert daemonset["metadata"].get("namespace") == operator["metadata"].get("namespace")
+    args = " ".join(_container(operator).get("args", []))
+    assert "--trust-agent-endpoint-annotation" not in args and "--agent-daemonset" not in args
 
 
 def test_services_point_at_named_ports() -> None:
