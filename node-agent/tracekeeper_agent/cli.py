@@ -27,7 +27,15 @@ from pydantic import ValidationError
 from tracekeeper_agent.cgroup_watch import CgroupWatcher
 from tracekeeper_agent.cgroups import CgroupError, CgroupIndex, detect_root
 from tracekeeper_agent.events import EventHub, open_events_file
-from tracekeeper_agent.http_api import create_app, create_metrics_app, token_source
+from tracekeeper_agent.http_api import (
+    API_LIMITS,
+    METRICS_LIMITS,
+    Listener,
+    create_app,
+    create_metrics_app,
+    start_listener,
+    token_source,
+)
 from tracekeeper_agent.kernel import ProgramLoader
 from tracekeeper_agent.kernel_features import KernelFeatures
 from tracekeeper_agent.metrics import AgentMetrics
@@ -323,21 +331,18 @@ async def serve(args: argparse.Namespace) -> int:
         events_file=args.events_file,
         privileged_namespaces=frozenset(args.privileged_namespace or DEFAULT_PRIVILEGED),
     ) as agent:
-        listeners = [("API", agent.app, host, port)]
+        listeners = [("API", agent.app, host, port, API_LIMITS)]
         if metrics_at is not None:
-            listeners.append(("metrics", agent.metrics_app, *metrics_at))
-        runners: list[web.AppRunner] = []
+            listeners.append(("metrics", agent.metrics_app, *metrics_at, METRICS_LIMITS))
+        started: list[Listener] = []
         try:
-            for what, app, at_host, at_port in listeners:
-                runner = web.AppRunner(app, handler_cancellation=True)
-                await runner.setup()
-                runners.append(runner)
-                await web.TCPSite(runner, at_host, at_port).start()
+            for what, app, at_host, at_port, limits in listeners:
+                started.append(await start_listener(app, at_host, at_port, limits))
                 log.info("node %s: %s listening on %s:%d", node, what, at_host, at_port)
             await stop.wait()
         finally:
-            for runner in reversed(runners):
-                await runner.cleanup()  # no request outlives the programs
+            for listener in reversed(started):
+                await listener.close()  # no request outlives the programs
     return 0
 
 

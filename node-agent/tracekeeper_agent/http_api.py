@@ -1,7 +1,9 @@
 """The agent's HTTP API: desired state from the operator, reports, events, metrics.
 
-Every route but the probes (/healthz, /readyz) needs `Authorization: Bearer <token>`,
-compared in constant time; the check runs before any body is read.
+Every route but the probes (/healthz, /readyz) needs a request signed with the token
+(tracekeeper_api.signing: the operator's way; the answer is signed back) or
+`Authorization: Bearer <token>` (tools talking to one agent directly); both are compared
+in constant time.
 
 The metrics app (`serve --metrics-listen`) is the other listener: GET /metrics only,
 without a token, for Prometheus. The API token authorizes loading programs on every
@@ -15,8 +17,9 @@ import hmac
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -25,6 +28,7 @@ from pydantic import ValidationError
 
 from tracekeeper_agent.events import EventHub, ndjson_handler
 from tracekeeper_agent.reconciler import Reconciler, StaleRevision, StateRefused
+from tracekeeper_api import signing
 from tracekeeper_api.protocol import NodeState
 
 log = logging.getLogger(__name__)
@@ -99,20 +103,44 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+def _unauthorized(message: str) -> web.Response:
+    return web.json_response(
+        {"error": message},
+        status=401,
+        headers={"WWW-Authenticate": f'Bearer realm="tracekeeper-agent", {signing.SCHEME}'},
+    )
+
+
 def _auth_middleware(token: Callable[[], str]) -> Middleware:
+    """Signed requests (the operator's) get signed answers; a bearer token is still taken
+    from tools that call one agent directly (curl, the demo's event stream, benchmarks).
+    The operator never sends the token, so a peer posing as an agent never sees it."""
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
-        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        header = request.headers.get(signing.REQUEST_HEADER, "")
+        key = token()
+        if signing.is_signed(header):
+            try:
+                # Shape and clock skew first: no body is read for a stale or malformed one.
+                signature = signing.parse_request(header)
+                body = await request.read()  # bounded by client_max_size (413 beyond)
+                signing.verify_request(key, signature, request.method, request.raw_path, body)
+            except signing.SignatureError as exc:
+                return _unauthorized(str(exc))
+            response = await handler(request)
+            if isinstance(response, web.Response) and isinstance(response.body, bytes):
+                response.headers[signing.RESPONSE_HEADER] = signing.sign_response(
+                    key, signature.nonce, response.status, response.body
+                )
+            return response  # a stream (GET /v1/events) is not signed: it is not state
+        scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-            presented.strip().encode(), token().encode()
+            presented.strip().encode(), key.encode()
         ):
-            return web.json_response(
-                {"error": "a valid bearer token is required"},
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="tracekeeper-agent"'},
-            )
+            return _unauthorized("a signed request or a valid bearer token is required")
         return await handler(request)
 
     return auth
@@ -214,3 +242,68 @@ def create_metrics_app(reconciler: Reconciler, registry: CollectorRegistry) -> w
     app = web.Application(client_max_size=METRICS_MAX_BODY)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+@dataclass(frozen=True)
+class ListenerLimits:
+    idle_timeout: float
+    """A connection must deliver a complete request head within this many seconds of being
+    accepted or of its last answer, else it is closed (half-sent requests, idle keep-alives).
+    aiohttp's keep-alive timer does this: it runs from accept and closes a connection still
+    waiting for a whole request when it fires."""
+    max_connections: int
+    """Connections accepted beyond this many open ones are closed at once."""
+
+
+API_LIMITS = ListenerLimits(idle_timeout=60.0, max_connections=64)
+"""The operator keeps one pooled connection per agent (its own idle timeout is 15 s)."""
+METRICS_LIMITS = ListenerLimits(idle_timeout=10.0, max_connections=8)
+"""A scrape is one short GET; a few scrapers (HA Prometheus pairs) at most."""
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()
+
+
+class Listener:
+    """One app served on host:port within `limits`."""
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.Server) -> None:
+        self._runner = runner
+        self._server = server
+
+    @property
+    def port(self) -> int:
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def open_connections(self) -> int:
+        handlers = self._runner.server
+        return 0 if handlers is None else len(handlers.connections)
+
+    async def close(self) -> None:
+        self._server.close()
+        await self._runner.cleanup()  # ends open connections, then the app
+
+
+async def start_listener(
+    app: web.Application, host: str, port: int, limits: ListenerLimits
+) -> Listener:
+    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=limits.idle_timeout)
+    await runner.setup()
+    handlers = runner.server
+    assert handlers is not None
+
+    def accept() -> asyncio.BaseProtocol:
+        # web.Server counts the connections whose handler is live; the new one is not yet.
+        if len(handlers.connections) >= limits.max_connections:
+            return _Refused()
+        return handlers()
+
+    try:
+        server = await asyncio.get_running_loop().create_server(accept, host, port)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return Listener(runner, server)

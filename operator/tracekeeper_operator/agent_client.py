@@ -1,7 +1,7 @@
 """Talking to node agents: PUT /v1/state (the desired state), GET /v1/state (their report).
 
-A small Protocol so that push scheduling is tested with a fake; the real client is aiohttp
-with a bearer token read from the mounted Secret (re-read when the file changes, so a
+A small Protocol so that push scheduling is tested with a fake; the real client is aiohttp,
+signing with the token read from the mounted Secret (re-read when the file changes, so a
 rotated token needs no restart).
 """
 
@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 from pydantic import ValidationError
 
-from tracekeeper_api.protocol import NodeReport, NodeState
+from tracekeeper_api import signing
+from tracekeeper_api.protocol import MAX_PROBES_PER_NODE, NodeReport, NodeState
+
+log = logging.getLogger(__name__)
 
 TOKEN_ENV = "TRACEKEEPER_TOKEN"
-MAX_ERROR_TEXT = 300
+STATE_PATH = "/v1/state"
 
 
 class AgentError(Exception):
@@ -42,7 +46,7 @@ class AgentClient(Protocol):
 
 
 class TokenSource:
-    """The bearer token from a file, else $TRACEKEEPER_TOKEN; re-read when the file changes."""
+    """The API token from a file, else $TRACEKEEPER_TOKEN; re-read when the file changes."""
 
     def __init__(self, path: Path | None, environ: Mapping[str, str] = os.environ) -> None:
         self._path = path
@@ -64,28 +68,50 @@ class TokenSource:
         return token
 
 
-def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 1] + "…"
+MAX_OUTCOME_BYTES = 8 * 1024
+"""One ProbeOutcome on the wire at most: a MAX_MESSAGE message JSON-escaped, ids, counters."""
+MAX_REPORT_BYTES = MAX_PROBES_PER_NODE * MAX_OUTCOME_BYTES + 64 * 1024
+"""The largest answer read from an agent; a longer one is refused unread."""
+_CHUNK = 64 * 1024
 
 
-def _error_text(status: int, body: str) -> str:
-    try:
-        data: Any = json.loads(body)
-    except ValueError:
-        return f"HTTP {status}: {_short(body)}"
-    if not isinstance(data, dict):
-        return f"HTTP {status}: {_short(body)}"
-    message = str(data.get("error", ""))
-    fields = data.get("fields") or []
-    detail = "; ".join(f"{f.get('loc')}: {f.get('msg')}" for f in fields if isinstance(f, dict))
-    return _short(f"HTTP {status}: {message}" + (f" ({detail})" if detail else ""))
+class _TooLarge(Exception):
+    pass
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or _TooLarge as soon as it is known to exceed `limit` (never read whole)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise _TooLarge
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise _TooLarge
+    return bytes(body)
+
+
+def _detail(body: bytes) -> str:
+    """An authenticated agent's error text, for the operator's log only (never status)."""
+    text = " ".join(body[:MAX_DETAIL_BYTES].decode(errors="replace").split())
+    return text
+
+
+MAX_DETAIL_BYTES = 300
 
 
 class HttpAgentClient:
-    def __init__(self, tokens: TokenSource, *, timeout: float = 30.0) -> None:
+    """Requests are signed with the token (tracekeeper_api.signing), never carry it, and
+    only signed answers are believed: a peer posing as an agent learns nothing reusable and
+    cannot make the operator fold its outcomes. Failures are fixed messages (HTTP status or
+    exception type): nothing an agent sends reaches a status but its typed report."""
+
+    def __init__(
+        self, tokens: TokenSource, *, timeout: float = 30.0, max_body: int = MAX_REPORT_BYTES
+    ) -> None:
         self._tokens = tokens
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._max_body = max_body
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -99,31 +125,48 @@ class HttpAgentClient:
 
     async def put_state(self, endpoint: str, state: NodeState) -> NodeReport:
         return await self._call(
-            "PUT", endpoint, state.model_dump_json(by_alias=True, exclude_none=True)
+            "PUT", endpoint, state.model_dump_json(by_alias=True, exclude_none=True).encode()
         )
 
     async def get_state(self, endpoint: str) -> NodeReport:
-        return await self._call("GET", endpoint, None)
+        return await self._call("GET", endpoint, b"")
 
-    async def _call(self, method: str, endpoint: str, body: str | None) -> NodeReport:
-        headers = {"Authorization": f"Bearer {self._tokens.token()}"}
-        if body is not None:
+    async def _call(self, method: str, endpoint: str, body: bytes) -> NodeReport:
+        key = self._tokens.token()
+        path = STATE_PATH
+        signed = signing.sign_request(key, method, path, body)
+        headers = {signing.REQUEST_HEADER: signed.header}
+        if body:
             headers["Content-Type"] = "application/json"
-        url = f"{endpoint}/v1/state"
         try:
-            async with self._client().request(method, url, data=body, headers=headers) as resp:
-                text = await resp.text()
+            async with self._client().request(
+                method, f"{endpoint}{path}", data=body or None, headers=headers
+            ) as resp:
                 status = resp.status
+                text = await read_bounded(resp, self._max_body)
+                signature = resp.headers.get(signing.RESPONSE_HEADER, "")
+        except _TooLarge:
+            raise AgentError(f"agent answer larger than {self._max_body} bytes") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise AgentError(f"{method} {url}: {type(exc).__name__}: {_short(str(exc))}") from exc
+            raise AgentError(f"agent unreachable ({type(exc).__name__})") from exc
+        try:
+            signing.verify_response(key, signature, signed.nonce, status, text)
+        except signing.SignatureError:
+            raise AgentError(
+                f"agent answer not signed with the API token (HTTP {status})"
+            ) from None
         if status == 409:
             applied = 0
             with contextlib.suppress(ValueError, AttributeError, TypeError):
                 applied = int(json.loads(text).get("appliedRevision", 0))
-            raise StaleRevision(f"{method} {url}: {_error_text(status, text)}", applied)
+            raise StaleRevision("agent applied a newer revision (HTTP 409)", applied)
         if status != 200:
-            raise AgentError(f"{method} {url}: {_error_text(status, text)}")
+            log.warning(
+                "agent at %s: %s %s: HTTP %d: %s", endpoint, method, path, status, _detail(text)
+            )
+            raise AgentError(f"agent refused the request (HTTP {status})")
         try:
             return NodeReport.model_validate_json(text)
         except ValidationError as exc:
-            raise AgentError(f"{method} {url}: not a NodeReport: {_short(str(exc))}") from exc
+            log.warning("agent at %s: not a NodeReport: %s", endpoint, exc.error_count())
+            raise AgentError("agent answer is not a NodeReport") from exc

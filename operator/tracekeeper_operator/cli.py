@@ -2,6 +2,7 @@
 
 tracekeeper-operator run [--namespace N] [--privileged-namespace N ...]
     [--allow-raw-programs] [--token-file F] [--metrics-port P] [--kubeconfig K]
+    [--agent-daemonset NAME] [--trust-agent-endpoint-annotation]
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from tracekeeper_operator.handlers import Runtime, configure_kopf, register_hand
 from tracekeeper_operator.kube_api import KubernetesWrites, can_list_nodes, load_config
 from tracekeeper_operator.metrics import OperatorMetrics
 from tracekeeper_operator.settings import (
+    AGENT_ENDPOINT_ANNOTATION,
+    DEFAULT_AGENT_DAEMONSET,
     DEFAULT_AGENT_PORT_NAME,
     DEFAULT_AGENT_SELECTOR,
     DEFAULT_TOKEN_FILE,
@@ -72,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--agent-port-name", default=DEFAULT_AGENT_PORT_NAME)
     run.add_argument(
+        "--agent-daemonset",
+        default=DEFAULT_AGENT_DAEMONSET,
+        metavar="NAME",
+        help="only pods this DaemonSet of the operator's namespace controls are agents",
+    )
+    run.add_argument(
+        "--trust-agent-endpoint-annotation",
+        action="store_true",
+        help=f"reach agents at their pods' {AGENT_ENDPOINT_ANNOTATION} annotation instead of "
+        "pod IP:port (local test worlds only; never in a cluster)",
+    )
+    run.add_argument(
         "--no-node-labels",
         action="store_true",
         help="do not watch Nodes (a nodeSelector then selects no node)",
@@ -91,6 +106,8 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
         allow_raw_programs=args.allow_raw_programs,
         agent_labels=parse_label_selector(args.agent_selector),
         agent_port_name=args.agent_port_name,
+        agent_daemonset=args.agent_daemonset,
+        trust_endpoint_annotation=args.trust_agent_endpoint_annotation,
         token_file=args.token_file,
         read_nodes=not args.no_node_labels,
         push_debounce=args.push_debounce,
@@ -125,10 +142,14 @@ def run(args: argparse.Namespace) -> int:
     kopf_settings = kopf.OperatorSettings()
     configure_kopf(kopf_settings)
     log.info(
-        "starting: privileged namespaces %s, raw programs %s, agents %s",
+        "starting: privileged namespaces %s, raw programs %s, agents: pods of DaemonSet %s/%s "
+        "(%s)%s",
         ", ".join(sorted(settings.privileged)),
         "allowed" if settings.allow_raw_programs else "refused",
+        settings.namespace,
+        settings.agent_daemonset,
         ",".join(f"{k}={v}" for k, v in settings.agent_labels.items()),
+        ", at their endpoint annotation" if settings.trust_endpoint_annotation else "",
     )
     kopf.run(
         registry=registry,

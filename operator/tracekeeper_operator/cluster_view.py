@@ -45,16 +45,19 @@ class ClusterView:
         by_ns: dict[str, list[PodRecord]] = {}
         for pod in pods:
             by_ns.setdefault(pod.namespace, []).append(pod)
+        node_labels = None if nodes is None else {n.name: n.labels for n in nodes}
         by_node: dict[str, list[AgentRecord]] = {}
         for agent in agents:
-            by_node.setdefault(agent.node, []).append(agent)
+            # A pod bound to a node that does not exist serves nothing (when Nodes are read).
+            if node_labels is None or agent.node in node_labels:
+                by_node.setdefault(agent.node, []).append(agent)
         chosen = {node: best_agent(candidates) for node, candidates in by_node.items()}
         return cls(
             pods_by_namespace={
                 ns: tuple(sorted(ps, key=lambda p: p.name)) for ns, ps in by_ns.items()
             },
             agents={node: a for node, a in sorted(chosen.items()) if a is not None},
-            node_labels=None if nodes is None else {n.name: n.labels for n in nodes},
+            node_labels=node_labels,
             namespace_labels={n.name: n.labels for n in namespaces},
             probes={p.id: p for p in sorted(probes, key=lambda p: p.id)},
             filters={f.ref.key: f for f in sorted(filters, key=lambda f: f.ref.key)},

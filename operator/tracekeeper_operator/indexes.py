@@ -16,6 +16,7 @@ from tracekeeper_api import GROUP, VERSION
 from tracekeeper_operator.cluster_view import ClusterView
 from tracekeeper_operator.records import (
     AgentRecord,
+    AgentTrust,
     FilterRecord,
     LabelledRecord,
     PodRecord,
@@ -43,9 +44,17 @@ def register_indexes(registry: kopf.OperatorRegistry, settings: OperatorSettings
         record = pod_record(body)
         return {record.namespace: record} if record else None
 
+    trust = AgentTrust(
+        namespace=settings.namespace,
+        daemonset=settings.agent_daemonset,
+        port_name=settings.agent_port_name,
+        endpoint_annotation=settings.trust_endpoint_annotation,
+    )
+
+    # The labels only narrow the watch; agent_record decides (namespace, owning DaemonSet).
     @kopf.index("pods", id=AGENTS, labels=dict(settings.agent_labels), registry=registry)
     def tk_agents(*, body: kopf.Body, **_: Any) -> dict[str, AgentRecord] | None:
-        record = agent_record(body, settings.agent_port_name)
+        record = agent_record(body, trust)
         return {record.node: record} if record else None
 
     if settings.read_nodes:

@@ -293,16 +293,16 @@ def status_inputs(view: AgentView) -> tuple[object, ...]:
 
 
 def holding_nodes(probe_id: str, views: Mapping[str, AgentView]) -> list[str]:
-    """Nodes whose agent may still run `probe_id`: it is still desired there, its last report
-    lists it, a push with it is on its way, or the agent has not reported since this operator
-    started (a predecessor may have sent it)."""
+    """Nodes whose agent may still run `probe_id`: its last report lists the probe, or it
+    answered at least once and the probe is still desired there or on its way in a push.
+    An agent that never answered this operator holds nothing: it is not known to run the
+    probe, and if it does (a predecessor's push) it drops it with the next state it gets."""
     holding = []
     for node, view in sorted(views.items()):
-        if view.endpoint is None:
-            continue  # no agent there any more: nothing runs it
+        if view.endpoint is None or view.report is None:
+            continue
         if (
-            view.report is None
-            or probe_id in view.desired
+            probe_id in view.desired
             or probe_id in view.in_flight
             or any(p.id == probe_id for p in view.report.probes)
         ):

@@ -55,6 +55,13 @@ class _PodStatus(TypedDict, total=False):
     initContainerStatuses: list[_ContainerStatus]
 
 
+class _OwnerReference(TypedDict, total=False):
+    apiVersion: str
+    kind: str
+    name: str
+    controller: bool
+
+
 class _Metadata(TypedDict, total=False):
     name: str
     namespace: str
@@ -64,6 +71,7 @@ class _Metadata(TypedDict, total=False):
     annotations: dict[str, str]
     creationTimestamp: str
     deletionTimestamp: str
+    ownerReferences: list[_OwnerReference]
 
 
 def _meta(body: Body) -> _Metadata:
@@ -132,16 +140,46 @@ class AgentRecord:
     created: str = ""
 
 
-def agent_record(body: Body, port_name: str) -> AgentRecord | None:
+@dataclass(frozen=True)
+class AgentTrust:
+    """Which pods are agents: what the operator's own install controls, nothing a tenant
+    can imitate by copying labels."""
+
+    namespace: str
+    daemonset: str
+    port_name: str
+    endpoint_annotation: bool = False
+
+
+def _controlled_by(meta: _Metadata, kind: str, name: str) -> bool:
+    return any(
+        ref.get("controller") is True
+        and ref.get("kind") == kind
+        and ref.get("name") == name
+        and str(ref.get("apiVersion", "")).startswith("apps/")
+        for ref in meta.get("ownerReferences") or []
+    )
+
+
+def agent_record(body: Body, trust: AgentTrust) -> AgentRecord | None:
+    """The pod as its node's agent, or None unless it is one: in the operator's namespace,
+    controlled by the agent DaemonSet, bound, not finished, not being deleted. The endpoint
+    is the pod IP and its `port_name` containerPort (the annotation only when trusted)."""
     meta = _meta(body)
     spec = cast(_PodSpec, body.get("spec") or {})
     status = cast(_PodStatus, body.get("status") or {})
     node = spec.get("nodeName")
+    if meta.get("namespace") != trust.namespace or not _controlled_by(
+        meta, "DaemonSet", trust.daemonset
+    ):
+        return None
     if not node or status.get("phase") in TERMINAL_PHASES or meta.get("deletionTimestamp"):
         return None
-    endpoint = (meta.get("annotations") or {}).get(AGENT_ENDPOINT_ANNOTATION)
+    endpoint = None
+    if trust.endpoint_annotation:
+        endpoint = (meta.get("annotations") or {}).get(AGENT_ENDPOINT_ANNOTATION)
     if not endpoint:
-        endpoint = _pod_endpoint(spec, status, port_name)
+        endpoint = _pod_endpoint(spec, status, trust.port_name)
     ready = any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", [])
     )

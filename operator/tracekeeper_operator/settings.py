@@ -15,9 +15,13 @@ DEFAULT_NAMESPACE = "tracekeeper-system"
 DEFAULT_AGENT_SELECTOR = "app.kubernetes.io/name=tracekeeper-agent"
 DEFAULT_AGENT_PORT_NAME = "api"
 DEFAULT_TOKEN_FILE = Path("/var/run/secrets/tracekeeper/token")
+DEFAULT_AGENT_DAEMONSET = "tracekeeper-agent"
+"""The agent DaemonSet (manifests/base/agent.yaml): only pods it controls, in the operator's
+namespace, are agents. Labels alone prove nothing: any tenant can set them."""
 AGENT_ENDPOINT_ANNOTATION = "tracekeeper.dev/agent-endpoint"
-"""An explicit agent URL on the agent pod (agents that are not reached at pod IP:port, such
-as the e2e tier's local processes). Trusted: only whoever may edit agent pods sets it."""
+"""An explicit agent URL on an (already trusted) agent pod, for agents not reached at pod
+IP:port such as the e2e tier's local processes. Ignored unless the operator runs with
+--trust-agent-endpoint-annotation: it would let whoever edits agent pods redirect pushes."""
 
 
 def parse_label_selector(text: str) -> dict[str, str]:
@@ -50,6 +54,10 @@ class OperatorSettings:
         default_factory=lambda: parse_label_selector(DEFAULT_AGENT_SELECTOR)
     )
     agent_port_name: str = DEFAULT_AGENT_PORT_NAME
+    agent_daemonset: str = DEFAULT_AGENT_DAEMONSET
+    """Agent pods are those controlled by this DaemonSet in `namespace`."""
+    trust_endpoint_annotation: bool = False
+    """Honour AGENT_ENDPOINT_ANNOTATION on agent pods (local test worlds only)."""
     token_file: Path = DEFAULT_TOKEN_FILE
     read_nodes: bool = True
     """Whether Node objects are watched (for nodeSelector). Off when RBAC forbids it."""

@@ -1,11 +1,12 @@
 """The operator's e2e world: simulated nodes and workloads on a real apiserver and kernel.
 
-Each simulated node is a Node object, an agent Pod object (labelled as the DaemonSet's,
-bound to the node, with the endpoint annotation) and a real `tracekeeper-agent serve`
-process on a loopback port. Workload pods are Pod objects bound to those nodes whose
-status a "kubelet" (this module) fills with container IDs, with the matching cgroups
-(systemd driver, containerd naming) under a test-owned subtree of the cgroup v2 root and
-real processes in them. The operator runs as its own process, as in a cluster.
+Each simulated node is a Node object, an agent Pod object (labelled as the DaemonSet's and
+controlled by an agent DaemonSet object, which nothing runs here: no controller-manager;
+bound to the node, with the endpoint annotation, which the operator is told to trust) and
+a real `tracekeeper-agent serve` process on a loopback port. Workload pods are Pod objects
+bound to those nodes whose status a "kubelet" (this module) fills with container IDs, with
+the matching cgroups (systemd driver, containerd naming) under a test-owned subtree of the
+cgroup v2 root and real processes in them. The operator runs as its own process, as in a cluster.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ BIN = Path(sys.executable).parent
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 OPERATOR_NS = "tracekeeper-system"
 AGENT_LABELS = {"app.kubernetes.io/name": "tracekeeper-agent"}
+AGENT_DAEMONSET = "tracekeeper-agent"
 ENDPOINT_ANNOTATION = "tracekeeper.dev/agent-endpoint"
 GROUP_PATH = "/apis/tracekeeper.dev/v1alpha1"
 WAIT_SECONDS = 90.0
@@ -338,6 +340,39 @@ class World:
         self.metrics_port, self.liveness_port = find_free_ports(2)
         if self.kube.get(f"/api/v1/namespaces/{OPERATOR_NS}") is None:
             self.kube.create("/api/v1/namespaces", _meta("Namespace", OPERATOR_NS))
+        self.agent_owner = self._agent_daemonset()
+
+    def _agent_daemonset(self) -> dict[str, Any]:
+        """The agent DaemonSet object (shared by the worlds of one apiserver), as the
+        controller ownerReference its pods carry: the operator trusts no other pods."""
+        path = f"/apis/apps/v1/namespaces/{OPERATOR_NS}/daemonsets"
+        ds = self.kube.get(f"{path}/{AGENT_DAEMONSET}")
+        if ds is None:
+            ds = self.kube.create(
+                path,
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "DaemonSet",
+                    "metadata": {"name": AGENT_DAEMONSET, "labels": AGENT_LABELS},
+                    "spec": {
+                        "selector": {"matchLabels": AGENT_LABELS},
+                        "template": {
+                            "metadata": {"labels": AGENT_LABELS},
+                            "spec": {
+                                "containers": [{"name": "agent", "image": "tracekeeper-agent:e2e"}]
+                            },
+                        },
+                    },
+                },
+            )
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "name": AGENT_DAEMONSET,
+            "uid": ds["metadata"]["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -365,6 +400,7 @@ class World:
             labels=AGENT_LABELS,
             annotations={ENDPOINT_ANNOTATION: agent.endpoint},
         )
+        pod["metadata"]["ownerReferences"] = [self.agent_owner]
         pod["spec"] = {
             "nodeName": name,
             "containers": [
@@ -425,6 +461,10 @@ class World:
         pod.stop(self.cgroup_root)
         self.pods.remove(pod)
 
+    def kubelet_status(self, namespace: str, name: str, ids: Mapping[str, str | None]) -> None:
+        """Mark a pod Running and Ready with these containers, as its kubelet would."""
+        self._kubelet_status(namespace, name, ids)
+
     def _kubelet_status(self, namespace: str, name: str, ids: Mapping[str, str | None]) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         statuses = [
@@ -463,6 +503,8 @@ class World:
                 "run",
                 "--namespace",
                 OPERATOR_NS,
+                # The agents are local processes, not at their pods' IPs.
+                "--trust-agent-endpoint-annotation",
                 "--token-file",
                 str(self.token_file),
                 "--kubeconfig",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from tracekeeper_agent.http_api import (
 from tracekeeper_agent.kernel import CountSample, RawEvent, SampleKey
 from tracekeeper_agent.metrics import AgentMetrics
 from tracekeeper_agent.reconciler import Reconciler
+from tracekeeper_api import signing
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -113,6 +115,47 @@ async def test_every_api_route_needs_the_token(api: Api, headers: dict[str, str]
         async with api.client.request(method, path, headers=headers, data=b"{}") as resp:
             assert resp.status == 401, (method, path)
             assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert api.loader.loads == 0
+
+
+async def test_a_signed_request_gets_a_signed_answer(api: Api) -> None:
+    """The operator's way: the token never travels, the answer proves it came from us."""
+    body = json.dumps(state(1, probe())).encode()
+    signed = signing.sign_request(TOKEN, "PUT", "/v1/state", body)
+    headers = {"Authorization": signed.header, "Content-Type": "application/json"}
+    async with api.client.put("/v1/state", data=body, headers=headers) as resp:
+        assert resp.status == 200
+        answer = await resp.read()
+        signing.verify_response(
+            TOKEN, resp.headers[signing.RESPONSE_HEADER], signed.nonce, 200, answer
+        )
+    assert api.loader.loads == 1
+    stale = state(0)
+    body = json.dumps(stale).encode()
+    signed = signing.sign_request(TOKEN, "PUT", "/v1/state", body)
+    async with api.client.put(
+        "/v1/state", data=body, headers={"Authorization": signed.header}
+    ) as resp:
+        assert resp.status == 409  # errors are signed too: the operator believes the revision
+        signing.verify_response(
+            TOKEN, resp.headers[signing.RESPONSE_HEADER], signed.nonce, 409, await resp.read()
+        )
+
+
+@pytest.mark.parametrize("forgery", ["key", "body", "stale"])
+async def test_a_forged_signed_request_is_refused_before_anything_loads(
+    api: Api, forgery: str
+) -> None:
+    body = json.dumps(state(1, probe())).encode()
+    key = "not-the-token" if forgery == "key" else TOKEN
+    now = time.time() - 2 * signing.MAX_SKEW if forgery == "stale" else None
+    signed = signing.sign_request(key, "PUT", "/v1/state", body, now=now)
+    sent = body.replace(b'"revision": 1', b'"revision": 2') if forgery == "body" else body
+    async with api.client.put(
+        "/v1/state", data=sent, headers={"Authorization": signed.header}
+    ) as resp:
+        assert resp.status == 401
+        assert signing.RESPONSE_HEADER not in resp.headers
     assert api.loader.loads == 0
 
 

@@ -29,6 +29,7 @@ from tracekeeper_api.filters import PRIVILEGED_FILTER_FIELDS
 from tracekeeper_operator.cli import _parser as operator_parser
 from tracekeeper_operator.metrics import OperatorMetrics
 from tracekeeper_operator.settings import (
+    DEFAULT_AGENT_DAEMONSET,
     DEFAULT_AGENT_PORT_NAME,
     DEFAULT_AGENT_SELECTOR,
     DEFAULT_NAMESPACE,
@@ -41,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 BASE = MANIFESTS / "base"
 MONITORING = MANIFESTS / "overlays" / "monitoring"
+MONITORING_NAMESPACE = "monitoring"
+"""Where the NetworkPolicies admit Prometheus from (documented in network-policies.yaml)."""
 E2E_DATA = ROOT / "tests" / "e2e" / "data"
 GROUP = "tracekeeper.dev"
 
@@ -427,13 +430,29 @@ def test_tenant_roles_aggregate_into_the_default_roles() -> None:
 
 
 def _prometheus_peer() -> Obj:
-    """Who the operator's metrics admit: Prometheus pods, any namespace."""
+    """Who the operator's metrics admit: Prometheus pods of the monitoring namespace only
+    (a tenant pod labelled as Prometheus must not read every tenant's metrics)."""
     policy = _one("NetworkPolicy", "tracekeeper-operator")["spec"]
     (rule,) = policy["ingress"]
     assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     (peer,) = rule["from"]
     assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    assert peer["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}
+    }
     return dict(peer)
+
+
+def test_no_policy_admits_peers_from_every_namespace() -> None:
+    for policy in (d for d in BASE_DOCS if d["kind"] == "NetworkPolicy"):
+        for rule in policy["spec"]["ingress"]:
+            for peer in rule["from"]:
+                selector = peer.get("namespaceSelector")
+                assert (
+                    selector is None
+                    or selector.get("matchLabels")
+                    or selector.get("matchExpressions")
+                ), (policy["metadata"]["name"], peer)
 
 
 def test_only_the_operator_reaches_the_agent_api() -> None:
@@ -457,6 +476,16 @@ def test_only_the_operator_reaches_the_agent_api() -> None:
     # matches nothing admits nothing).
     container = _container(daemonset)
     assert _port(container, "metrics") != _port(container, DEFAULT_AGENT_PORT_NAME)
+
+
+def test_the_operator_trusts_the_shipped_daemonset_by_default() -> None:
+    """Agents are the pods of this DaemonSet, in the operator's namespace; the operator is
+    not told to trust endpoint annotations (that is for local test worlds only)."""
+    daemonset = _one("DaemonSet", DEFAULT_AGENT_DAEMONSET)
+    operator = _one("Deployment", "tracekeeper-operator")
+    assert daemonset["metadata"].get("namespace") == operator["metadata"].get("namespace")
+    args = " ".join(_container(operator).get("args", []))
+    assert "--trust-agent-endpoint-annotation" not in args and "--agent-daemonset" not in args
 
 
 def test_services_point_at_named_ports() -> None:

@@ -17,6 +17,7 @@ from tracekeeper_operator.records import (
     AgentRecord,
     ContainerRecord,
     FilterRecord,
+    LabelledRecord,
     ObjectRef,
     PodRecord,
     ProbeRecord,
@@ -66,7 +67,11 @@ FILTER = FilterRecord(
 
 def cluster(probe: ProbeRecord, filt: FilterRecord, *pods: PodRecord) -> ClusterView:
     return ClusterView.build(
-        pods=pods, agents=[AgentRecord("n1", "tk/a", "http://n1")], probes=[probe], filters=[filt]
+        pods=pods,
+        agents=[AgentRecord("n1", "tk/a", "http://n1")],
+        nodes=[LabelledRecord("n1")],
+        probes=[probe],
+        filters=[filt],
     )
 
 

@@ -211,18 +211,34 @@ def test_nodes_without_agents_are_never_pushed() -> None:
     assert p.views()["n1"].endpoint is None
 
 
-def test_holding_nodes_until_every_agent_confirms() -> None:
+def test_holding_nodes_until_every_agent_that_loaded_it_confirms() -> None:
     p = planner()
     p.set_desired({"n1": probes(1), "n2": ()}, ENDPOINTS, now=0)
-    assert holding_nodes("team-a/opens", p.views()) == ["n1", "n2"]  # no reports yet
+    assert holding_nodes("team-a/opens", p.views()) == []  # no agent answered yet
     acts = pushes(p.due(1))
-    assert holding_nodes("team-a/opens", p.views()) == ["n1", "n2"]
+    assert holding_nodes("team-a/opens", p.views()) == []
     for a in acts:
         p.pushed(a, report_for(a.state), now=1)
     assert holding_nodes("team-a/opens", p.views()) == ["n1"]
     p.set_desired({"n1": (), "n2": ()}, ENDPOINTS, now=2)
     assert holding_nodes("team-a/opens", p.views()) == ["n1"]  # desired gone, not confirmed
     (a,) = pushes(p.due(3))
+    p.pushed(a, report_for(a.state), now=3)
+    assert holding_nodes("team-a/opens", p.views()) == []
+
+
+def test_a_node_whose_agent_never_answered_holds_no_finalizer() -> None:
+    """Only nodes that reported the probe are waited for; one that never answered is not."""
+    p = planner()
+    p.set_desired({"n1": probes(1), "n2": probes(1)}, ENDPOINTS, now=0)
+    for a in pushes(p.due(1)):
+        if a.node == "n1":
+            p.pushed(a, report_for(a.state), now=1)
+        else:
+            p.push_failed(a, AgentError("agent unreachable (ClientConnectorError)"), now=1)
+    p.set_desired({"n1": (), "n2": ()}, ENDPOINTS, now=2)  # the probe is being deleted
+    assert holding_nodes("team-a/opens", p.views()) == ["n1"]
+    (a,) = [a for a in pushes(p.due(3)) if a.node == "n1"]
     p.pushed(a, report_for(a.state), now=3)
     assert holding_nodes("team-a/opens", p.views()) == []
 
