@@ -255,6 +255,7 @@ class Reconciler:
     async def apply(self, state: NodeState) -> NodeReport:
         """Make the kernel hold `state`. Raises StateRefused (nothing applied) for a state
         meant for another node or an outdated revision; per-probe failures are outcomes."""
+        state = state.resolved()  # pod table -> each probe's inline targets
         async with self._apply_lock:
             if state.node != self.node:
                 raise WrongNode(f"this agent serves node {self.node!r}, not {state.node!r}")

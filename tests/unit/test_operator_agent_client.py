@@ -65,7 +65,7 @@ async def test_put_and_get_carry_the_token_and_parse_reports(
         await client.close()
     (method, auth, body), (method2, _, _) = fake.seen
     assert (method, auth, method2) == ("PUT", "Bearer s3cret", "GET")
-    assert body == {"node": "n1", "revision": 7, "probes": []}
+    assert body == {"node": "n1", "revision": 7, "probes": [], "pods": []}
 
 
 @pytest.mark.parametrize(
