@@ -32,8 +32,8 @@ from tracekeeper_operator.records import FilterRecord, ProbeRecord
 from tracekeeper_operator.selection import Refusal, Selection
 
 MAX_NODES_NAMED = 5
-QUOTA_EXCEEDED = "QuotaExceeded"
 """Nodes named in a condition message; the rest are counted."""
+QUOTA_EXCEEDED = "QuotaExceeded"
 
 NodeState = Literal["Loaded", "Failed", "Pending"]
 
@@ -258,7 +258,10 @@ def probe_events(previous: TraceProbeStatus | None, new: TraceProbeStatus) -> li
         and acc.reason in ("NotPermitted", QUOTA_EXCEEDED)
         and (
             acc0 is None
-            or (acc0.status, acc0.reason, acc0.message) != ("False", acc.reason, acc.message)
+            or (acc0.status, acc0.reason) != ("False", acc.reason)
+            # A quota message carries counts that move with every probe the namespace adds:
+            # one Event when the probe goes over, not one per count.
+            or (acc.reason != QUOTA_EXCEEDED and acc0.message != acc.message)
         )
     ):
         events.append(EventSpec("Warning", acc.reason, acc.message))

@@ -354,3 +354,13 @@ def test_rate_limits_over_the_events_budget_are_refused() -> None:
     assert [
         a.spec.output.rate_limit for a in plan.rendered.nodes[NODE] if a.namespace == "team-b"
     ] == [200]
+
+
+def test_one_quota_event_per_probe_going_over_not_one_per_count() -> None:
+    first = plan_cluster(v1 := view(flood(40), TENANTS), SETTINGS)
+    before = status(first, v1, "team-a/a039")
+    second = plan_cluster(v2 := view(flood(41), TENANTS), SETTINGS)
+    after = status(second, v2, "team-a/a039")
+    assert before.condition("Accepted") != after.condition("Accepted")  # 40 -> 41 probes
+    assert probe_events(before, after) == []
+    assert [e.reason for e in probe_events(None, before)] == ["QuotaExceeded"]
