@@ -3,15 +3,23 @@
 Level-triggered: the operator always sends a node's full desired state
 (`PUT /v1/state`); the agent answers with what it has in the kernel. Pod UIDs and
 container IDs travel; PIDs and cgroup ids are node-local facts the agent resolves.
+
+Each pod travels once per node, in the state's pod table (`pods`); probes refer to it by
+uid with their container selection (`targets.podRefs`). `pack_node_state` builds that
+form from probes with inline targets, `NodeState.resolved()` turns it back into them (the
+shape the agent works with), so 256 probes over pods with 64 containers each cost one
+copy of those pods, not 256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from tracekeeper_api.base import WireModel
 from tracekeeper_api.filters import Pid
@@ -22,6 +30,9 @@ from tracekeeper_api.strings import CgroupPath, ProcessName
 MAX_PROBES_PER_NODE = 256
 MAX_PODS_PER_PROBE = 2048
 MAX_CONTAINERS_PER_POD = 64
+MAX_PODS_PER_NODE = 2048
+MAX_STATE_BYTES = 3 * 1024 * 1024
+"""The operator keeps each node's serialized state under this (the agent accepts 4 MiB)."""
 
 ProbeState = Literal["Loaded", "Failed", "Unsupported", "KernelHeadersMissing", "Suspended"]
 
@@ -48,10 +59,33 @@ class PodTarget(WireModel):
     )
 
 
+class PodEntry(WireModel):
+    """A pod of the node state's pod table: sent once, referred to by probes."""
+
+    uid: str = Field(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F-]+$")
+    namespace: str = Field(min_length=1, max_length=63)
+    name: str = Field(min_length=1, max_length=253)
+    containers: list[ContainerTarget] = Field(
+        default_factory=list, max_length=MAX_CONTAINERS_PER_POD
+    )
+
+
+class PodRef(WireModel):
+    """A probe's reference to a pod of the pod table."""
+
+    uid: str = Field(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F-]+$")
+    containers: list[str] | None = Field(default=None, max_length=MAX_CONTAINERS_PER_POD)
+    """None: the whole pod (a pod-level entry, later containers included). Otherwise only
+    these containers of the table's entry, by name."""
+
+
 class ProbeTargets(WireModel):
     """Whom one probe traces on one node."""
 
     pods: list[PodTarget] = Field(default_factory=list, max_length=MAX_PODS_PER_PROBE)
+    """Pods inline (the resolved form; the operator sends pod_refs instead)."""
+    pod_refs: list[PodRef] = Field(default_factory=list, max_length=MAX_PODS_PER_PROBE)
+    """Pods of the node state's pod table."""
     process_names: list[ProcessName] = Field(default_factory=list, max_length=16)
     """If set, only processes with these names (AND with the other targets)."""
     pids: list[Pid] = Field(default_factory=list, max_length=64)
@@ -87,6 +121,8 @@ class NodeState(WireModel):
     revision: int = Field(ge=0)
     """Increases with every change the operator makes; an older revision is refused."""
     probes: list[ProbeAssignment] = Field(default_factory=list, max_length=MAX_PROBES_PER_NODE)
+    pods: list[PodEntry] = Field(default_factory=list, max_length=MAX_PODS_PER_NODE)
+    """The pod table: every pod some probe's targets.podRefs name, once."""
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Self:
@@ -95,6 +131,112 @@ class NodeState(WireModel):
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"probe ids must be unique, repeated: {', '.join(dupes)}")
         return self
+
+    @model_validator(mode="after")
+    def _refs_resolve(self) -> Self:
+        table = _pod_table(self.pods)
+        errors: list[InitErrorDetails] = []
+
+        def error(loc: tuple[str | int, ...], text: str, value: object) -> None:
+            kind = PydanticCustomError("pod_ref", text)
+            errors.append(InitErrorDetails(type=kind, loc=loc, input=value))
+
+        seen: set[str] = set()
+        for i, pod in enumerate(self.pods):
+            if pod.uid in seen:
+                error(("pods", i, "uid"), f"pod {pod.uid} is in the pod table twice", pod.uid)
+            seen.add(pod.uid)
+        for i, probe in enumerate(self.probes):
+            for j, ref in enumerate(probe.targets.pod_refs):
+                where = ("probes", i, "targets", "podRefs", j)
+                entry = table.get(ref.uid)
+                if entry is None:
+                    error((*where, "uid"), f"pod {ref.uid} is not in the pod table", ref.uid)
+                elif ref.containers is not None:
+                    names = {c.name for c in entry.containers}
+                    if missing := [n for n in ref.containers if n not in names]:
+                        error(
+                            (*where, "containers"),
+                            f"{', '.join(missing)}: not a container of pod "
+                            f"{entry.namespace}/{entry.name} in the pod table",
+                            ref.containers,
+                        )
+        if errors:
+            # Raised as a ValidationError so that each error keeps its field's location.
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
+    def resolved(self) -> NodeState:
+        """The same state with every probe's podRefs replaced by inline pods (and an empty
+        pod table): what the agent applies."""
+        if not self.pods:
+            return self
+        table = _pod_table(self.pods)
+        probes = [
+            p.model_copy(update={"targets": resolve_targets(p.targets, table)}) for p in self.probes
+        ]
+        return self.model_copy(update={"probes": probes, "pods": []})
+
+
+def _pod_table(pods: list[PodEntry]) -> dict[str, PodEntry]:
+    return {entry.uid: entry for entry in pods}
+
+
+def resolve_targets(targets: ProbeTargets, table: dict[str, PodEntry]) -> ProbeTargets:
+    """`targets` with its podRefs made inline pods (references checked by NodeState)."""
+    if not targets.pod_refs:
+        return targets
+    pods = list(targets.pods)
+    for ref in targets.pod_refs:
+        entry = table[ref.uid]
+        wanted = None if ref.containers is None else set(ref.containers)
+        pods.append(
+            PodTarget(
+                uid=entry.uid,
+                namespace=entry.namespace,
+                name=entry.name,
+                all_containers=wanted is None,
+                containers=[c for c in entry.containers if wanted is None or c.name in wanted],
+            )
+        )
+    return targets.model_copy(update={"pods": pods, "pod_refs": []})
+
+
+def packed_targets(targets: ProbeTargets) -> tuple[ProbeTargets, list[PodEntry]]:
+    """`targets` with its inline pods made podRefs, and the pod table entries they need."""
+    refs = [
+        PodRef(
+            uid=pod.uid,
+            containers=None if pod.all_containers else [c.name for c in pod.containers],
+        )
+        for pod in targets.pods
+    ]
+    entries = [
+        PodEntry(uid=pod.uid, namespace=pod.namespace, name=pod.name, containers=pod.containers)
+        for pod in targets.pods
+    ]
+    return targets.model_copy(update={"pods": [], "pod_refs": [*targets.pod_refs, *refs]}), entries
+
+
+def pack_node_state(node: str, revision: int, probes: Iterable[ProbeAssignment]) -> NodeState:
+    """A node state with each pod once in the pod table. A pod targeted by several probes
+    gets the union of the containers they list (a whole-pod target lists them all)."""
+    packed: list[ProbeAssignment] = []
+    table: dict[str, PodEntry] = {}
+    for probe in probes:
+        targets, entries = packed_targets(probe.targets)
+        packed.append(probe.model_copy(update={"targets": targets}))
+        for entry in entries:
+            known = table.get(entry.uid)
+            if known is None:
+                table[entry.uid] = entry
+                continue
+            names = {c.name for c in known.containers}
+            extra = [c for c in entry.containers if c.name not in names]
+            if extra:
+                containers = [*known.containers, *extra]
+                table[entry.uid] = known.model_copy(update={"containers": containers})
+    return NodeState(node=node, revision=revision, probes=packed, pods=list(table.values()))
 
 
 class EventDrops(WireModel):

@@ -30,6 +30,7 @@ Reason = Literal[
     "NoMatchingPods",
     "NodesPending",
     "NotPermitted",
+    "QuotaExceeded",
     "FilterNotFound",
     "InvalidSpec",
     "AgentUnreachable",

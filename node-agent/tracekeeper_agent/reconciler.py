@@ -292,6 +292,7 @@ class Reconciler:
         meant for another node or an outdated revision; per-probe failures are outcomes.
         Runs to completion (in its own task) even when the caller is cancelled. `now`:
         monotonic seconds (the clock's by default) for retry backoffs."""
+        state = state.resolved()  # pod table -> each probe's inline targets
         report = await self._completing(self._apply(state, now))
         assert report is not None
         return report

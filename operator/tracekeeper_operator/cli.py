@@ -17,6 +17,7 @@ from pathlib import Path
 import kopf
 from prometheus_client import start_http_server
 
+from tracekeeper_api.budgets import Budget, parse_override
 from tracekeeper_operator.handlers import Runtime, configure_kopf, register_handlers
 from tracekeeper_operator.kube_api import KubernetesWrites, can_list_nodes, load_config
 from tracekeeper_operator.metrics import OperatorMetrics
@@ -95,8 +96,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resync-interval", type=float, default=30.0, metavar="SECONDS")
     run.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS")
     run.add_argument("--unload-timeout", type=float, default=120.0, metavar="SECONDS")
+    run.add_argument(
+        "--tenant-budget",
+        type=_budget,
+        default=Budget(),
+        metavar="JSON",
+        help="default per-namespace budget per node, e.g. '{\"probesPerNode\": 16}' "
+        "(fields left out keep their defaults; see README)",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def _budget(text: str) -> Budget:
+    try:
+        return parse_override(text).over(Budget())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def settings_from(args: argparse.Namespace) -> OperatorSettings:
@@ -115,6 +131,7 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
         resync_interval=args.resync_interval,
         backoff_max=args.backoff_max,
         unload_timeout=args.unload_timeout,
+        budget=args.tenant_budget,
     )
 
 

@@ -23,6 +23,8 @@ class ClusterView:
     node_labels: Mapping[str, Mapping[str, str]] | None = field(default_factory=dict)
     """node -> labels; None when the operator may not read Node objects."""
     namespace_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    namespace_annotations: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """namespace -> its tracekeeper.dev/ annotations (budget overrides)."""
     probes: Mapping[str, ProbeRecord] = field(default_factory=dict)
     """namespace/name -> probe."""
     filters: Mapping[str, FilterRecord] = field(default_factory=dict)
@@ -42,6 +44,7 @@ class ClusterView:
         probes: Iterable[ProbeRecord] = (),
         filters: Iterable[FilterRecord] = (),
     ) -> ClusterView:
+        namespaces = list(namespaces)
         by_ns: dict[str, list[PodRecord]] = {}
         for pod in pods:
             by_ns.setdefault(pod.namespace, []).append(pod)
@@ -59,6 +62,7 @@ class ClusterView:
             agents={node: a for node, a in sorted(chosen.items()) if a is not None},
             node_labels=node_labels,
             namespace_labels={n.name: n.labels for n in namespaces},
+            namespace_annotations={n.name: n.annotations for n in namespaces if n.annotations},
             probes={p.id: p for p in sorted(probes, key=lambda p: p.id)},
             filters={f.ref.key: f for f in sorted(filters, key=lambda f: f.ref.key)},
         )

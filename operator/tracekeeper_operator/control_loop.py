@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 
-from tracekeeper_api.protocol import spec_hash
 from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
+from tracekeeper_operator.budgets import NamespaceBudgets
 from tracekeeper_operator.cluster_view import ClusterView
 from tracekeeper_operator.kube_api import KubeWrites
 from tracekeeper_operator.metrics import OperatorMetrics, ProbeReadiness
@@ -57,16 +57,19 @@ class ClusterPlan:
     selections: Mapping[str, Selection]
     rendered: Rendered
     endpoints: Mapping[str, str | None]
+    budget_problems: Mapping[str, str] = field(default_factory=dict)
+    """namespace -> why its budget annotation is ignored."""
 
 
 def plan_cluster(view: ClusterView, settings: OperatorSettings) -> ClusterPlan:
     selections = {pid: select(p, view, settings) for pid, p in view.probes.items()}
     selected = {pid: s for pid, s in selections.items() if isinstance(s, Selected)}
+    budgets = NamespaceBudgets(settings, view.namespace_annotations)
     rendered = render_nodes(
-        view.probes, selected, view.agents, allow_raw=settings.allow_raw_programs
+        view.probes, selected, view.agents, allow_raw=settings.allow_raw_programs, budgets=budgets
     )
     endpoints = {node: agent.endpoint for node, agent in view.agents.items()}
-    return ClusterPlan(selections, rendered, endpoints)
+    return ClusterPlan(selections, rendered, endpoints, budgets.problems)
 
 
 def probe_status(
@@ -85,7 +88,11 @@ def probe_status(
     outcomes = []
     if isinstance(selection, Selected) and probe.spec is not None and not probe.spec.suspend:
         outcomes = node_outcomes(
-            probe.id, spec_hash(probe.spec), selection.nodes, views, plan.rendered.overflow
+            probe.id,
+            plan.rendered.spec_hashes[probe.id],
+            selection.nodes,
+            views,
+            plan.rendered.refused,
         )
         if previous is not None and not all(o.known for o in outcomes):
             return None
@@ -153,6 +160,7 @@ class ControlLoop:
         self._limit = asyncio.Semaphore(WRITE_CONCURRENCY)
         self.plan: ClusterPlan | None = None
         self._readiness: tuple[ProbeReadiness, ...] = ()
+        self._budget_problems: Mapping[str, str] = {}
         self._metrics.watch_probes(self.probe_readiness)
 
     def attach(self, view: Callable[[], ClusterView]) -> None:
@@ -189,6 +197,10 @@ class ControlLoop:
         view = self._view()
         plan = plan_cluster(view, self.settings)
         self.plan = plan
+        for ns, problem in plan.budget_problems.items():
+            if self._budget_problems.get(ns) != problem:  # once per change, not every pass
+                log.warning("namespace %s: %s; the default budget applies", ns, problem)
+        self._budget_problems = plan.budget_problems
         self._metrics.renders.inc()
         self._metrics.desired_nodes.set(len(plan.rendered.nodes))
         self._metrics.desired_assignments.set(sum(len(a) for a in plan.rendered.nodes.values()))

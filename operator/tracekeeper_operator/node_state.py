@@ -15,12 +15,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.protocol import (
-    MAX_PROBES_PER_NODE,
     NodeState,
     ProbeAssignment,
+    pack_node_state,
     spec_hash,
 )
+from tracekeeper_operator.budgets import Candidate, NamespaceBudgets, allocate, effective_spec
 from tracekeeper_operator.records import ProbeRecord
 from tracekeeper_operator.selection import Selected
 
@@ -29,18 +31,18 @@ Assignments = tuple[ProbeAssignment, ...]
 
 @dataclass(frozen=True)
 class Rendered:
-    """Every node's desired probes, and the probes a node could not take (over its cap)."""
+    """Every node's desired probes, and the probes a node did not take (over a budget)."""
 
     nodes: Mapping[str, Assignments]
-    overflow: Mapping[str, tuple[str, ...]]
-    """node -> probe ids left out because the node already has MAX_PROBES_PER_NODE."""
+    refused: Mapping[str, Mapping[str, str]]
+    """node -> probe id -> why it was left out (a QuotaExceeded message)."""
+    spec_hashes: Mapping[str, str]
+    """probe id -> the hash of the spec sent (defaults filled in), as agents report it."""
 
 
 def assignment(
-    probe: ProbeRecord, selected: Selected, node: str, allow_raw: bool
+    probe: ProbeRecord, spec: TraceProbeSpec, selected: Selected, node: str, allow_raw: bool
 ) -> ProbeAssignment:
-    spec = probe.spec
-    assert spec is not None
     return ProbeAssignment(
         id=probe.id,
         spec_hash=spec_hash(spec),
@@ -57,25 +59,31 @@ def render_nodes(
     agent_nodes: Iterable[str],
     *,
     allow_raw: bool,
-    max_probes: int = MAX_PROBES_PER_NODE,
+    budgets: NamespaceBudgets,
 ) -> Rendered:
-    """Desired probes per node. Every node with an agent gets an entry, empty when it runs
-    nothing, so that probes deleted while the operator was away are removed too."""
-    per_node: dict[str, list[ProbeAssignment]] = {node: [] for node in agent_nodes}
+    """Desired probes per node, each node shared out fairly (see budgets.py). Every node
+    with an agent gets an entry, empty when it runs nothing, so that probes deleted while
+    the operator was away are removed too."""
+    per_node: dict[str, list[Candidate]] = {node: [] for node in agent_nodes}
+    hashes: dict[str, str] = {}
     for probe_id in sorted(selections):
         probe = probes[probe_id]
         if probe.deleting or probe.spec is None or probe.spec.suspend:
             continue
+        spec = effective_spec(probe.spec, budgets(probe.ref.namespace))
+        hashes[probe_id] = spec_hash(spec)
         selected = selections[probe_id]
         for node in selected.nodes:
-            per_node.setdefault(node, []).append(assignment(probe, selected, node, allow_raw))
+            a = assignment(probe, spec, selected, node, allow_raw)
+            per_node.setdefault(node, []).append(Candidate(a, probe.created))
     nodes: dict[str, Assignments] = {}
-    overflow: dict[str, tuple[str, ...]] = {}
-    for node, items in sorted(per_node.items()):
-        nodes[node] = tuple(items[:max_probes])
-        if len(items) > max_probes:
-            overflow[node] = tuple(a.id for a in items[max_probes:])
-    return Rendered(nodes=nodes, overflow=overflow)
+    refused: dict[str, Mapping[str, str]] = {}
+    for node, candidates in sorted(per_node.items()):
+        allocation = allocate(node, candidates, budgets)
+        nodes[node] = allocation.admitted
+        if allocation.refused:
+            refused[node] = allocation.refused
+    return Rendered(nodes=nodes, refused=refused, spec_hashes=hashes)
 
 
 class RevisionClock:
@@ -95,4 +103,5 @@ class RevisionClock:
 
 
 def node_state(node: str, revision: int, probes: Assignments) -> NodeState:
-    return NodeState(node=node, revision=revision, probes=list(probes))
+    """What the agent is sent: each pod once, in the state's pod table."""
+    return pack_node_state(node, revision, probes)

@@ -214,17 +214,21 @@ def best_agent(candidates: list[AgentRecord]) -> AgentRecord | None:
 
 @dataclass(frozen=True)
 class LabelledRecord:
-    """A Node or Namespace: only its labels matter here."""
+    """A Node or Namespace: its labels, and its tracekeeper.dev/ annotations (budgets)."""
 
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 def labelled_record(body: Body) -> LabelledRecord | None:
     meta = _meta(body)
     if not meta.get("name"):
         return None
-    return LabelledRecord(meta["name"], dict(meta.get("labels") or {}))
+    ours = {
+        k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("tracekeeper.dev/")
+    }
+    return LabelledRecord(meta["name"], dict(meta.get("labels") or {}), ours)
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,8 @@ class ProbeRecord:
     status: TraceProbeStatus | None = None
     deleting: bool = False
     deletion_timestamp: str = ""
+    created: str = ""
+    """creationTimestamp: within a namespace over its budget, older probes go first."""
 
     @property
     def id(self) -> str:
@@ -310,6 +316,7 @@ def probe_record(body: Body) -> ProbeRecord | None:
         status=_status(TraceProbeStatus, body.get("status")),
         deleting=bool(meta.get("deletionTimestamp")),
         deletion_timestamp=meta.get("deletionTimestamp", ""),
+        created=meta.get("creationTimestamp", ""),
     )
 
 

@@ -143,8 +143,10 @@ def matching_pods(
 
 
 def pod_target(pod: PodRecord, filt: TraceFilterSpec) -> PodTarget | None:
-    """The pod as a target, or None when none of its containers is selected."""
-    containers = pod.containers
+    """The pod as a target, or None when none of its containers is selected. Only the
+    first MAX_CONTAINERS_PER_POD containers exist for tracing, whatever the filter names,
+    so that every probe sees the same containers of a pod (the node's pod table)."""
+    containers = pod.containers[:MAX_CONTAINERS_PER_POD]
     if filt.containers:
         wanted = set(filt.containers)
         containers = tuple(c for c in containers if c.name in wanted)
@@ -155,10 +157,7 @@ def pod_target(pod: PodRecord, filt: TraceFilterSpec) -> PodTarget | None:
         namespace=pod.namespace,
         name=pod.name,
         all_containers=not filt.containers,
-        containers=[
-            ContainerTarget(name=c.name, container_id=c.container_id)
-            for c in containers[:MAX_CONTAINERS_PER_POD]
-        ],
+        containers=[ContainerTarget(name=c.name, container_id=c.container_id) for c in containers],
     )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tracekeeper_api.budgets import Budget
 from tracekeeper_api.status import MAX_FAILURES
 
 NAMESPACE_ENV = "POD_NAMESPACE"
@@ -76,6 +77,9 @@ class OperatorSettings:
     unload_timeout: float = 120.0
     """How long a deleted probe waits for every agent to confirm before its finalizer goes."""
     max_failures: int = MAX_FAILURES
+    budget: Budget = field(default_factory=Budget)
+    """Each tenant namespace's share of a node (privileged namespaces have none); a
+    namespace's tracekeeper.dev/budget annotation overrides fields of it."""
 
     @property
     def privileged(self) -> frozenset[str]:

@@ -9,7 +9,7 @@ folds to exactly the status already stored and nothing is written.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -33,6 +33,7 @@ from tracekeeper_operator.selection import Refusal, Selection
 
 MAX_NODES_NAMED = 5
 """Nodes named in a condition message; the rest are counted."""
+QUOTA_EXCEEDED = "QuotaExceeded"
 
 NodeState = Literal["Loaded", "Failed", "Pending"]
 
@@ -70,13 +71,12 @@ def _named(nodes: Sequence[str]) -> str:
 
 
 def node_outcome(
-    probe_id: str, spec_hash: str, node: str, view: AgentView | None, overflow: bool = False
+    probe_id: str, spec_hash: str, node: str, view: AgentView | None, refused: str | None = None
 ) -> NodeOutcome:
-    """What one node's agent says of the probe, from its latest report."""
-    if overflow:
-        return NodeOutcome(
-            node, "Failed", "Failed", "the node already runs the maximum number of probes"
-        )
+    """What one node's agent says of the probe, from its latest report; `refused`: why the
+    probe was left out of the node's state (over a budget)."""
+    if refused is not None:
+        return NodeOutcome(node, "Failed", QUOTA_EXCEEDED, refused)
     if view is None or view.endpoint is None:
         return NodeOutcome(
             node, "Failed", "AgentUnreachable", "no tracekeeper agent runs on this node"
@@ -101,11 +101,13 @@ def node_outcomes(
     spec_hash: str,
     nodes: Iterable[str],
     views: Mapping[str, AgentView],
-    overflow: Mapping[str, Sequence[str]] | None = None,
+    refused: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[NodeOutcome]:
-    overflow = overflow or {}
+    refused = refused or {}
     return [
-        node_outcome(probe_id, spec_hash, node, views.get(node), probe_id in overflow.get(node, ()))
+        node_outcome(
+            probe_id, spec_hash, node, views.get(node), refused.get(node, {}).get(probe_id)
+        )
         for node in sorted(nodes)
     ]
 
@@ -137,6 +139,22 @@ def _dominant(failures: Sequence[NodeOutcome]) -> str:
     return next(f.reason for f in failures if counts[f.reason] == best)
 
 
+def quota_condition(
+    outcomes: Sequence[NodeOutcome],
+    cond: Callable[[ConditionType, ConditionStatus, str, str], Condition],
+) -> Condition | None:
+    """Accepted=False, QuotaExceeded, when some node left the probe out for a budget."""
+    over = [o for o in outcomes if o.reason == QUOTA_EXCEEDED]
+    if not over:
+        return None
+    detail = "; ".join(o.message for o in over[:MAX_NODES_NAMED])
+    more = len(over) - MAX_NODES_NAMED
+    detail += f"; and {more} more" if more > 0 else ""
+    total = len(outcomes)
+    where = f"left out of {len(over)} of {total} node{'s' if total != 1 else ''}"
+    return cond("Accepted", "False", QUOTA_EXCEEDED, f"{where}: {detail}")
+
+
 def fold_probe_status(
     probe: ProbeRecord,
     selection: Selection,
@@ -164,7 +182,7 @@ def fold_probe_status(
                 no_failures,
             ],
         )
-    accepted = cond("Accepted", "True", "Accepted", "")
+    accepted = quota_condition(outcomes, cond) or cond("Accepted", "True", "Accepted", "")
     targets = TargetCounts(pods=selection.pods, containers=selection.containers)
     note = f" ({selection.note})" if selection.note else ""
 
@@ -237,20 +255,24 @@ def probe_events(previous: TraceProbeStatus | None, new: TraceProbeStatus) -> li
     if (
         acc is not None
         and acc.status == "False"
-        and acc.reason == "NotPermitted"
+        and acc.reason in ("NotPermitted", QUOTA_EXCEEDED)
         and (
             acc0 is None
-            or (acc0.status, acc0.reason, acc0.message) != ("False", acc.reason, acc.message)
+            or (acc0.status, acc0.reason) != ("False", acc.reason)
+            # A quota message carries counts that move with every probe the namespace adds:
+            # one Event when the probe goes over, not one per count.
+            or (acc.reason != QUOTA_EXCEEDED and acc0.message != acc.message)
         )
     ):
-        events.append(EventSpec("Warning", "NotPermitted", acc.message))
+        events.append(EventSpec("Warning", acc.reason, acc.message))
     ld, ld0 = get(new, "Loaded"), get(previous, "Loaded")
     was_loaded = ld0 is not None and ld0.status == "True"
     if ld is not None and ld.status == "True" and not was_loaded:
         events.append(EventSpec("Normal", "ProbeLoaded", ld.message))
     before = {(f.node, f.reason) for f in previous.failures} if previous else set()
     for f in new.failures:
-        if (f.node, f.reason) not in before:
+        # A node that left the probe out for a budget is told by the QuotaExceeded event.
+        if (f.node, f.reason) not in before and f.reason != QUOTA_EXCEEDED:
             events.append(
                 EventSpec("Warning", "ProbeLoadFailed", _clip(f"{f.node}: {f.reason}: {f.message}"))
             )

@@ -315,6 +315,32 @@ def test_tenant_probe_never_sees_another_namespace(world: World) -> None:
     assert outcome is not None and outcome["pods"] == 1 and outcome["filterEntries"] == 1
 
 
+def test_a_namespace_over_its_budget_is_told_and_the_others_keep_theirs(world: World) -> None:
+    crowded, calm = world.namespace("crowded"), world.namespace("calm")
+    budget = 'tracekeeper.dev/budget={"probesPerNode": 1}'
+    res = world.cluster.kubectl("annotate", "namespace", crowded, budget)
+    assert res.returncode == 0, res.stderr
+    a = world.nodes["node-a"]
+    spec = {"tracepoint": "syscalls:sys_enter_openat"}
+    for ns in (crowded, calm):
+        world.create_pod(ns, "app-0", a, {"app": "x"})
+        for name in ("first", "second"):  # created in this order: "first" is the older
+            apply(world, ns, probe_obj(name, spec))
+    obj = wait_condition(world, crowded, "second", "Accepted", "False", "QuotaExceeded")
+    assert condition(obj, "Accepted")["message"] == (  # type: ignore[index]
+        f"left out of 1 of 1 node: {crowded} has 2 probes on node node-a, its budget is 1 "
+        "probes per node"
+    )
+    wait_until(
+        "a QuotaExceeded Event",
+        lambda: [e for e in world.events(crowded, "second") if e["reason"] == "QuotaExceeded"],
+        timeout=30,
+    )
+    for ns, name in ((crowded, "first"), (calm, "first"), (calm, "second")):
+        wait_condition(world, ns, name, "Ready", "True")
+    assert a.agent.outcome(f"{crowded}/second") is None
+
+
 @pytest.mark.parametrize(
     "privileged",
     [

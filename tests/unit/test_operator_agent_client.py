@@ -92,7 +92,7 @@ async def test_requests_are_signed_never_carry_the_token_and_parse_reports(
     (method, auth, body), (method2, auth2, _) = fake.seen
     assert (method, method2) == ("PUT", "GET")
     assert auth.startswith(signing.SCHEME + " ") and TOKEN not in auth + auth2
-    assert body == {"node": "n1", "revision": 7, "probes": []}
+    assert body == {"node": "n1", "revision": 7, "probes": [], "pods": []}
 
 
 @pytest.mark.parametrize(

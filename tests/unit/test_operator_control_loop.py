@@ -101,7 +101,7 @@ async def test_statuses_follow_agents_and_are_not_rewritten_when_unchanged() -> 
         assert written.condition("Ready").reason == "Loaded"  # type: ignore[union-attr]
         assert [e.reason for _, e in writes.events] == ["ProbeLoaded"]
         ((_, sent),) = agents.puts
-        assert [p.name for p in sent.probes[0].targets.pods] == ["web-0"]
+        assert [p.name for p in sent.resolved().probes[0].targets.pods] == ["web-0"]
 
         # The watch shows our writes: folding again writes nothing.
         patched = len(writes.patches)
@@ -139,7 +139,7 @@ async def test_filter_edit_changes_targets_not_the_program() -> None:
         await agents.until(lambda: len(agents.puts) >= 2 and pusher.planner.settled())
         (_, before), (_, after) = agents.puts
         assert before.probes[0].spec_hash == after.probes[0].spec_hash
-        assert [p.name for p in after.probes[0].targets.pods] == ["db-0"]
+        assert [p.name for p in after.resolved().probes[0].targets.pods] == ["db-0"]
     finally:
         task.cancel()
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.protocol import NodeState, PodTarget, ProbeTargets, spec_hash
+from tracekeeper_operator.budgets import NamespaceBudgets
 from tracekeeper_operator.node_state import RevisionClock, node_state, render_nodes
 from tracekeeper_operator.records import ObjectRef, ProbeRecord
 from tracekeeper_operator.selection import Selected
+from tracekeeper_operator.settings import OperatorSettings
+
+BUDGETS = NamespaceBudgets(OperatorSettings(), {})
 
 UID = "00000000-0000-4000-8000-000000000001"
 
@@ -32,6 +36,7 @@ def test_each_node_gets_only_the_probes_with_targets_there() -> None:
         {"team-a/a": on("n1"), "team-a/b": on("n1", "n2")},
         ["n1", "n2", "n3"],
         allow_raw=False,
+        budgets=BUDGETS,
     )
     assert {n: [a.id for a in v] for n, v in rendered.nodes.items()} == {
         "n1": ["team-a/a", "team-a/b"],
@@ -51,17 +56,9 @@ def test_suspended_and_deleting_probes_are_left_out() -> None:
         {"team-a/s": on("n1"), "team-a/d": on("n1")},
         ["n1"],
         allow_raw=True,
+        budgets=BUDGETS,
     )
     assert rendered.nodes == {"n1": ()}
-
-
-def test_nodes_over_the_probe_cap_report_the_overflow() -> None:
-    probes = {f"team-a/p{i}": probe(f"p{i}") for i in range(3)}
-    rendered = render_nodes(
-        probes, {k: on("n1") for k in probes}, ["n1"], allow_raw=False, max_probes=2
-    )
-    assert len(rendered.nodes["n1"]) == 2
-    assert rendered.overflow == {"n1": ("team-a/p2",)}
 
 
 def test_raw_programs_carry_allow_program_only_when_allowed() -> None:
@@ -71,16 +68,22 @@ def test_raw_programs_carry_allow_program_only_when_allowed() -> None:
         TraceProbeSpec.model_validate({"program": {"source": "x"}}),
     )
     for allow in (True, False):
-        rendered = render_nodes({"tk/raw": raw}, {"tk/raw": on("n1")}, [], allow_raw=allow)
+        rendered = render_nodes(
+            {"tk/raw": raw}, {"tk/raw": on("n1")}, [], allow_raw=allow, budgets=BUDGETS
+        )
         assert rendered.nodes["n1"][0].allow_program is allow
 
 
 def test_rendering_is_deterministic_and_validates_as_a_node_state() -> None:
     probes = {"team-a/b": probe("b"), "team-a/a": probe("a")}
     sel = {"team-a/b": on("n1"), "team-a/a": on("n1")}
-    one = render_nodes(probes, sel, ["n1"], allow_raw=False)
+    one = render_nodes(probes, sel, ["n1"], allow_raw=False, budgets=BUDGETS)
     two = render_nodes(
-        dict(reversed(probes.items())), dict(reversed(sel.items())), ["n1"], allow_raw=False
+        dict(reversed(probes.items())),
+        dict(reversed(sel.items())),
+        ["n1"],
+        allow_raw=False,
+        budgets=BUDGETS,
     )
     assert one == two
     state = node_state("n1", 7, one.nodes["n1"])

@@ -78,7 +78,9 @@ def test_a_burst_is_pushed_once_after_the_quiet_window() -> None:
     assert p.due(0.1) == []
     sent = pushes(p.due(0.2101))
     assert [a.node for a in sent] == ["n1", "n2"]
-    assert all(len(a.state.probes[0].targets.pods) == 99 for a in sent)  # the latest state
+    assert all(
+        len(a.state.resolved().probes[0].targets.pods) == 99 for a in sent
+    )  # the latest state
     for a in sent:
         p.pushed(a, report_for(a.state), now=0.3)
     assert p.due(0.5) == [] and p.settled()
@@ -96,7 +98,7 @@ def test_constant_churn_still_pushes_every_max_delay() -> None:
             p.pushed(a, report_for(a.state), now=t)
     assert count == 2  # at 1.0 s and 2.01 s, though it was never quiet
     (last,) = pushes(p.due(t + 0.2))  # and the final state once it is
-    assert len(last.state.probes[0].targets.pods) == 299
+    assert len(last.state.resolved().probes[0].targets.pods) == 299
 
 
 def test_unchanged_rendering_pushes_nothing() -> None:
@@ -137,7 +139,7 @@ def test_a_change_during_a_push_is_sent_after_it() -> None:
     assert p.due(5) == []  # one push per node at a time
     p.pushed(first, report_for(first.state), now=1.2)
     (second,) = pushes(p.due(1.31))
-    assert len(second.state.probes[0].targets.pods) == 2
+    assert len(second.state.resolved().probes[0].targets.pods) == 2
     assert second.state.revision > first.state.revision
 
 
@@ -292,7 +294,7 @@ async def test_pusher_coalesces_100_triggers_into_one_push_per_node() -> None:
             await asyncio.sleep(0)
         await agents.until(pusher.planner.settled)
         assert sorted(e for e, _ in agents.puts) == ["http://n1", "http://n2"]
-        assert all(len(s.probes[0].targets.pods) == 99 for _, s in agents.puts)
+        assert all(len(s.resolved().probes[0].targets.pods) == 99 for _, s in agents.puts)
         assert len(changes) == 2
         assert metrics.pushes.labels("ok")._value.get() == 2
     finally:
