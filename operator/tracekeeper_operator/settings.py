@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tracekeeper_api.status import MAX_FAILURES
+from tracekeeper_api.tenant_rules import TenantRules
 
 NAMESPACE_ENV = "POD_NAMESPACE"
 """Set from the downward API in the operator's Deployment: its own namespace."""
@@ -68,6 +69,8 @@ class OperatorSettings:
     unload_timeout: float = 120.0
     """How long a deleted probe waits for every agent to confirm before its finalizer goes."""
     max_failures: int = MAX_FAILURES
+    tenant_rules: TenantRules = field(default_factory=TenantRules)
+    """Which tracepoints tenants may attach to (defaults plus --tenant-tracepoint)."""
 
     @property
     def privileged(self) -> frozenset[str]:

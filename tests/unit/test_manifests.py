@@ -205,7 +205,10 @@ def _policy_fields(kind: str) -> dict[str, str]:
 
 def test_admission_policy_refuses_exactly_the_privileged_fields() -> None:
     assert set(_policy_fields("TraceFilter")) == {f"spec.{f}" for f in PRIVILEGED_FILTER_FIELDS}
-    assert set(_policy_fields("TraceProbe")) == {"spec.program"} | {
+    # Plus the attach points tenants may not use (tracekeeper_api.tenant_rules; the lists
+    # themselves are checked in test_tenant_rules).
+    tenant_attach = {"spec.kprobe", "spec.tracepoint", "spec.rawTracepoint"}
+    assert set(_policy_fields("TraceProbe")) == {"spec.program"} | tenant_attach | {
         f"spec.filter.{f}" for f in PRIVILEGED_FILTER_FIELDS
     }
 
