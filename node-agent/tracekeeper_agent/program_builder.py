@@ -13,6 +13,7 @@ from pathlib import Path
 from tracekeeper_agent.kernel import FilterKind, LoadFailure, ProgramPlan
 from tracekeeper_agent.kernel_features import KernelFeatures, detect
 from tracekeeper_agent.probe_kinds import REGISTRY, BuildContext, KindRender
+from tracekeeper_agent.probe_kinds.context import DEFAULT_PRIVILEGED_NAMESPACES
 from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
 
 PRELUDE = (Path(__file__).parent / "c_prelude.h").read_text()
@@ -101,9 +102,18 @@ def render_source(assignment: ProbeAssignment, ctx: BuildContext) -> tuple[str, 
     return "".join(parts), kind
 
 
-def build_plan(assignment: ProbeAssignment, ctx: BuildContext | None = None) -> ProgramPlan:
+def build_plan(
+    assignment: ProbeAssignment,
+    ctx: BuildContext | None = None,
+    *,
+    privileged_namespaces: frozenset[str] = DEFAULT_PRIVILEGED_NAMESPACES,
+) -> ProgramPlan:
     """The plan to load for one assignment; LoadFailure when this kernel cannot do it."""
-    ctx = ctx or BuildContext(kernel=node_kernel(), allow_program=assignment.allow_program)
+    ctx = ctx or BuildContext(
+        kernel=node_kernel(),
+        allow_program=assignment.allow_program,
+        privileged=assignment.allow_program or assignment.namespace in privileged_namespaces,
+    )
     if not ctx.kernel.kernel_headers.available:
         raise LoadFailure(
             "KernelHeadersMissing",

@@ -8,6 +8,10 @@ from pathlib import Path
 from tracekeeper_agent.kernel import Attachment, EventField
 from tracekeeper_agent.kernel_features import KernelFeatures
 
+DEFAULT_PRIVILEGED_NAMESPACES = frozenset({"tracekeeper-system"})
+"""Whose probes the agent treats as privileged (the operator's default); a probe the
+operator lets run raw source (allowProgram) is privileged too, as are standalone runs."""
+
 
 @dataclass(frozen=True)
 class BuildContext:
@@ -17,6 +21,9 @@ class BuildContext:
     """Filesystem roots where uprobe binaries are looked up: the target containers' roots
     (/proc/PID/root), or / for host targets."""
     allow_program: bool = False
+    privileged: bool = False
+    """The probe comes from a privileged namespace: it may capture address fields, which
+    tenants' probes may not (tracefs.tenant_field_refusal)."""
 
 
 @dataclass(frozen=True)
