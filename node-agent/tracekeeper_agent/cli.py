@@ -253,6 +253,7 @@ async def running_agent(
         attributor,
         events=hub,
         filter_entries=lambda p: reconciler.filter_entries(p),
+        programs_lock=lambda: reconciler.programs_lock,
     )
     reconciler = Reconciler(
         node=node,
