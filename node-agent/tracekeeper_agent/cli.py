@@ -261,7 +261,8 @@ async def running_agent(
     index = CgroupIndex(root)
     index.rescan()
     cgroups = NodeCgroups(index)
-    planner = Planner(TargetRoots(cgroups))  # uprobes resolve in the targeted containers
+    # Uprobes resolve in the targeted containers; tenants may not capture address fields.
+    planner = Planner(TargetRoots(cgroups), privileged_namespaces)
     attributor = TargetAttributor(cgroups)
     hub = EventHub(attributor, sink=open_events_file(events_file) if events_file else None)
     reconciler: Reconciler
@@ -270,6 +271,7 @@ async def running_agent(
         attributor,
         events=hub,
         filter_entries=lambda p: reconciler.filter_entries(p),
+        programs_lock=lambda: reconciler.programs_lock,
     )
     reconciler = Reconciler(
         node=node,

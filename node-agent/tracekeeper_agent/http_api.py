@@ -148,9 +148,9 @@ def _auth_middleware(token: Callable[[], str]) -> Middleware:
 
 async def _scrape(reconciler: Reconciler, registry: CollectorRegistry) -> web.Response:
     def scrape() -> bytes:
-        # Collectors read kernel maps: off the loop, and never while a program closes.
-        with reconciler.programs_lock:
-            return generate_latest(registry)
+        # Collectors read kernel maps: off the loop. The probe collector takes the programs
+        # lock per probe (never reading a program that closes), not for the whole scrape.
+        return generate_latest(registry)
 
     body = await asyncio.to_thread(scrape)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -2,17 +2,23 @@
 
 The collector keeps no copy of any count: every scrape reads the kernel maps of the probes
 the reconciler has loaded, attributes cgroup ids to pods, and sums what ends up with the
-same labels. Each probe contributes at most `series_cap` series per family; the rest is
-summed into one overflow series, so a probe keyed by pid cannot flood Prometheus.
+same labels. Each probe contributes at most `series_cap` series per family, each namespace
+at most `namespace_series_cap` on this node and the node at most `node_series_cap`; the
+rest is summed into one overflow series per probe (its label sets counted in
+tracekeeper_probe_series_overflowed), so a probe keyed by pid, or a tenant with many
+probes, cannot flood Prometheus. Histograms show only the buckets that hold values.
+
+A scrape holds the programs lock only while it copies one probe's maps (a program being
+closed waits for at most that), and formats everything after.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -29,11 +35,15 @@ from prometheus_client.utils import floatToGoString
 from tracekeeper_agent.active import ActiveProbe
 from tracekeeper_agent.events import EventHub
 from tracekeeper_agent.identity import Attributor
-from tracekeeper_agent.kernel import HistogramSample, KernelCounters, SampleKey
+from tracekeeper_agent.kernel import CountSample, HistogramSample, KernelCounters, SampleKey
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SERIES_CAP = 500
+DEFAULT_NAMESPACE_SERIES_CAP = 10_000
+"""Prometheus series of one namespace's probes on one node: a count label set is one, a
+histogram's is one per used bucket plus +Inf, _sum and _count."""
+DEFAULT_NODE_SERIES_CAP = 40_000
 OVERFLOW = "__overflow__"
 """The pod label of the series that sums a probe's series beyond the cap (pod names are
 DNS labels: no real pod can be called this)."""
@@ -45,6 +55,8 @@ PROBE_LABELS = ("namespace", "probe")
 
 ProbeSource = Callable[[], Sequence[ActiveProbe]]
 FilterEntryCount = Callable[[ActiveProbe], int]
+LockSource = Callable[[], AbstractContextManager[object]]
+"""The reconciler's programs lock (held while a program closes), taken per probe read."""
 
 KeyLabels = tuple[str, str, str, str]
 """pod, container, comm, pid."""
@@ -83,25 +95,47 @@ def cap_series(
     weight: Callable[[_T], int],
     cap: int,
     merge: Callable[[list[_T]], _T],
+    *,
+    cost: Callable[[_T], int] = lambda _: 1,
+    budget: int = sys.maxsize,
+    overflow_cost: int = 1,
 ) -> tuple[list[tuple[KeyLabels, _T]], _T | None]:
-    """Keep the `cap - 1` heaviest series (ties by labels, so the choice is stable) and merge
-    the rest into one overflow value; under the cap everything is kept as it is."""
+    """Keep the heaviest label sets (ties by labels, so the choice is stable) and merge the
+    rest into one overflow value: at most `cap` label sets, and at most `budget` Prometheus
+    series (`cost` each; the overflow's room is reserved). Within both, everything is kept
+    as it is."""
     ranked = sorted(series.items(), key=lambda kv: (-weight(kv[1]), kv[0]))
-    if len(ranked) <= cap:
+    if len(ranked) <= cap and sum(cost(v) for _, v in ranked) <= budget:
         return ranked, None
-    keep = max(cap - 1, 0)
+    room, keep = budget - overflow_cost, 0
+    while keep < min(cap - 1, len(ranked)) and cost(ranked[keep][1]) <= room:
+        room -= cost(ranked[keep][1])
+        keep += 1
     return ranked[:keep], merge([v for _, v in ranked[keep:]])
 
 
-def cumulative_buckets(buckets: Mapping[int, int], top_slot: int) -> list[tuple[str, float]]:
+def histogram_series(buckets: Mapping[int, int]) -> int:
+    """Prometheus series of one histogram label set: its used buckets, +Inf, _sum, _count."""
+    return sum(1 for count in buckets.values() if count) + 3
+
+
+MAX_HISTOGRAM_SERIES = 64 + 3
+"""The most series one histogram label set can cost (every log2 slot used)."""
+
+
+def cumulative_buckets(buckets: Mapping[int, int]) -> list[tuple[str, float]]:
     """log2 slots -> Prometheus `le` buckets: slot s holds [2**s, 2**(s+1)), so its upper
-    bound is le=2**(s+1); every bucket counts all smaller values too, then +Inf."""
+    bound is le=2**(s+1); every bucket counts all smaller values too, then +Inf.
+
+    Only slots holding values get a bucket: a bucket whose count equals the one below says
+    nothing (histogram_quantile interpolates the same without it). Kernel slot counts only
+    grow, so a bucket once shown stays (rate() over `le` keeps its series)."""
     out: list[tuple[str, float]] = []
     running = 0
-    for slot in range(top_slot + 1):
-        running += buckets.get(slot, 0)
+    for slot in sorted(s for s, count in buckets.items() if count):
+        running += buckets[slot]
         out.append((_go_float(float(2 ** (slot + 1))), float(running)))
-    out.append(("+Inf", float(sum(buckets.values()))))
+    out.append(("+Inf", float(running)))
     return out
 
 
@@ -140,6 +174,7 @@ class _Families:
     evictions: CounterMetricFamily
     loaded: GaugeMetricFamily
     filter_entries: GaugeMetricFamily
+    overflowed: GaugeMetricFamily
 
     @classmethod
     def empty(cls) -> _Families:
@@ -191,6 +226,12 @@ class _Families:
                 "Entries in the probe's in-kernel filter maps (cgroups, pids, comms).",
                 labels=probe,
             ),
+            overflowed=GaugeMetricFamily(
+                "tracekeeper_probe_series_overflowed",
+                "Label sets beyond the series caps (per probe, namespace and node), summed "
+                f'into the probe\'s overflow series (pod="{OVERFLOW}").',
+                labels=probe,
+            ),
         )
 
     def __iter__(self) -> Iterator[Metric]:
@@ -204,7 +245,40 @@ class _Families:
             self.evictions,
             self.loaded,
             self.filter_entries,
+            self.overflowed,
         )
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """One probe's maps, copied under the programs lock; formatted after it is released."""
+
+    probe: ActiveProbe
+    counters: KernelCounters
+    counts: list[CountSample]
+    histograms: list[HistogramSample]
+    live_keys: int
+    filter_entries: int | None
+
+
+class _SeriesBudget:
+    """What is left of the namespace and node series caps during one scrape."""
+
+    def __init__(self, namespace_cap: int, node_cap: int) -> None:
+        self._namespace_cap = namespace_cap
+        self._node_left = node_cap
+        self._namespace_left: dict[str, int] = {}
+
+    def left(self, namespace: str) -> int:
+        """Prometheus series this probe may still emit (its overflow series is emitted even
+        at 0: it carries the sum)."""
+        left = self._namespace_left.get(namespace, self._namespace_cap)
+        return max(0, min(left, self._node_left))
+
+    def spend(self, namespace: str, series: int) -> None:
+        left = self._namespace_left.get(namespace, self._namespace_cap)
+        self._namespace_left[namespace] = max(left - series, 0)
+        self._node_left = max(self._node_left - series, 0)
 
 
 class ProbeCollector(Collector):
@@ -219,20 +293,22 @@ class ProbeCollector(Collector):
         attributor: Attributor,
         *,
         series_cap: int = DEFAULT_SERIES_CAP,
+        namespace_series_cap: int = DEFAULT_NAMESPACE_SERIES_CAP,
+        node_series_cap: int = DEFAULT_NODE_SERIES_CAP,
         events: EventHub | None = None,
         filter_entries: FilterEntryCount | None = None,
+        programs_lock: LockSource | None = None,
     ) -> None:
-        if series_cap < 1:
-            raise ValueError("series_cap must be at least 1")
+        if min(series_cap, namespace_series_cap, node_series_cap) < 1:
+            raise ValueError("series caps must be at least 1")
         self._probes = probes
         self._attributor = attributor
         self._cap = series_cap
+        self._namespace_cap = namespace_series_cap
+        self._node_cap = node_series_cap
         self._events = events
         self._filter_entries = filter_entries
-        # The highest histogram slot each probe has shown: its bucket layout only grows, so a
-        # bucket never vanishes between scrapes (which would break rate() over `le`).
-        self._top_slot: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._programs_lock: LockSource = programs_lock or nullcontext
 
     def describe(self) -> Iterator[Metric]:
         # Sample-less families: lets the registry refuse a second collector with our names.
@@ -242,69 +318,98 @@ class ProbeCollector(Collector):
         fam = _Families.empty()
         probes = list(self._probes())
         fam.loaded.add_metric([], float(len(probes)))
+        snapshots = []
         for probe in probes:
             try:
-                self._collect_probe(probe, fam)
+                # One probe at a time: a program closing waits for one map copy, not a scrape.
+                with self._programs_lock():
+                    snapshots.append(self._snapshot(probe))
             except Exception:
                 log.warning("metrics: reading probe %s failed; skipped", probe.id, exc_info=True)
-        with self._lock:
-            live = {p.id for p in probes}
-            for gone in set(self._top_slot) - live:
-                del self._top_slot[gone]
+        # In id order, so that which probes the namespace and node caps cut is stable.
+        budget = _SeriesBudget(self._namespace_cap, self._node_cap)
+        for snap in sorted(snapshots, key=lambda s: s.probe.id):
+            self._add_probe(snap, fam, budget)
         yield from fam
 
-    def _collect_probe(self, probe: ActiveProbe, fam: _Families) -> None:
-        ids = [probe.namespace, probe.name]
-        counters = probe.program.read_counters()
+    def _snapshot(self, probe: ActiveProbe) -> _Snapshot:
         kind = probe.plan.output_kind
+        program = probe.program
+        return _Snapshot(
+            probe=probe,
+            counters=program.read_counters(),
+            counts=program.read_counts() if kind == "count" else [],
+            histograms=program.read_histograms() if kind == "histogram" else [],
+            live_keys=program.live_keys() if kind != "events" else 0,
+            filter_entries=(
+                self._filter_entries(probe) if self._filter_entries is not None else None
+            ),
+        )
+
+    def _add_probe(self, snap: _Snapshot, fam: _Families, budget: _SeriesBudget) -> None:
+        probe, counters = snap.probe, snap.counters
+        ids = [probe.namespace, probe.name]
+        kind = probe.plan.output_kind
+        left = budget.left(probe.namespace)
         if kind == "count":
-            self._add_counts(probe, fam)
+            emitted, overflowed = self._add_counts(snap, fam, left)
         elif kind == "histogram":
-            self._add_histograms(probe, fam)
+            emitted, overflowed = self._add_histograms(snap, fam, left)
         else:
+            emitted, overflowed = 0, 0
             self._add_events(probe, counters, fam)
+        budget.spend(probe.namespace, emitted)
         fam.matched.add_metric(ids, float(counters.matched))
         fam.sampled_out.add_metric(ids, float(counters.sampled_out))
         evicted = 0
         if kind != "events":
-            evicted = max(counters.lru_new_keys - probe.program.live_keys(), 0)
+            evicted = max(counters.lru_new_keys - snap.live_keys, 0)
+            fam.overflowed.add_metric(ids, float(overflowed))
         fam.evictions.add_metric(ids, float(evicted))
-        if self._filter_entries is not None:
-            fam.filter_entries.add_metric(ids, float(self._filter_entries(probe)))
+        if snap.filter_entries is not None:
+            fam.filter_entries.add_metric(ids, float(snap.filter_entries))
 
     def _labels(self, probe: ActiveProbe, key: SampleKey) -> KeyLabels:
         return key_labels(key, probe.plan.by, probe.namespace, self._attributor)
 
-    def _add_counts(self, probe: ActiveProbe, fam: _Families) -> None:
+    def _add_counts(self, snap: _Snapshot, fam: _Families, budget: int) -> tuple[int, int]:
+        """Adds the probe's hit series; returns (series emitted, label sets overflowed)."""
+        probe = snap.probe
         series: dict[KeyLabels, int] = {}
-        for sample in probe.program.read_counts():
+        for sample in snap.counts:
             labels = self._labels(probe, sample.key)
             series[labels] = series.get(labels, 0) + sample.value
-        kept, overflow = cap_series(series, lambda v: v, self._cap, _merge_counts)
+        kept, overflow = cap_series(series, lambda v: v, self._cap, _merge_counts, budget=budget)
         ids = [probe.namespace, probe.name]
         for labels, value in kept:
             fam.hits.add_metric([*ids, *labels], float(value))
-        if overflow is not None:
-            fam.hits.add_metric([*ids, OVERFLOW, "", "", ""], float(overflow))
+        if overflow is None:
+            return len(kept), 0
+        fam.hits.add_metric([*ids, OVERFLOW, "", "", ""], float(overflow))
+        return len(kept) + 1, len(series) - len(kept)
 
-    def _add_histograms(self, probe: ActiveProbe, fam: _Families) -> None:
+    def _add_histograms(self, snap: _Snapshot, fam: _Families, budget: int) -> tuple[int, int]:
+        probe = snap.probe
         series: dict[KeyLabels, dict[int, int]] = {}
-        for sample in probe.program.read_histograms():
+        for sample in snap.histograms:
             labels = self._labels(probe, sample.key)
             series[labels] = _merge_buckets([series.get(labels, {}), _slots(sample)])
-        top = max((slot for b in series.values() for slot in b), default=0)
-        with self._lock:
-            top = max(top, self._top_slot.get(probe.id, 0))
-            self._top_slot[probe.id] = top
-        kept, overflow = cap_series(series, lambda b: sum(b.values()), self._cap, _merge_buckets)
+        kept, overflow = cap_series(
+            series,
+            lambda b: sum(b.values()),
+            self._cap,
+            _merge_buckets,
+            cost=histogram_series,
+            budget=budget,
+            overflow_cost=MAX_HISTOGRAM_SERIES,
+        )
         ids = [probe.namespace, probe.name]
         rows = [([*ids, *labels], b) for labels, b in kept]
         if overflow is not None:
             rows.append(([*ids, OVERFLOW, "", "", ""], overflow))
         for labels_list, buckets in rows:
-            fam.value.add_metric(
-                labels_list, cumulative_buckets(buckets, top), estimated_sum(buckets)
-            )
+            fam.value.add_metric(labels_list, cumulative_buckets(buckets), estimated_sum(buckets))
+        return sum(histogram_series(b) for _, b in rows), len(series) - len(kept)
 
     def _add_events(self, probe: ActiveProbe, counters: KernelCounters, fam: _Families) -> None:
         ids = [probe.namespace, probe.name]
@@ -331,16 +436,22 @@ class AgentMetrics:
         *,
         registry: CollectorRegistry | None = None,
         series_cap: int = DEFAULT_SERIES_CAP,
+        namespace_series_cap: int = DEFAULT_NAMESPACE_SERIES_CAP,
+        node_series_cap: int = DEFAULT_NODE_SERIES_CAP,
         events: EventHub | None = None,
         filter_entries: FilterEntryCount | None = None,
+        programs_lock: LockSource | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.collector = ProbeCollector(
             probes,
             attributor,
             series_cap=series_cap,
+            namespace_series_cap=namespace_series_cap,
+            node_series_cap=node_series_cap,
             events=events,
             filter_entries=filter_entries,
+            programs_lock=programs_lock,
         )
         self.registry.register(self.collector)
         self._compile = Histogram(

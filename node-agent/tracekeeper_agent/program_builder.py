@@ -112,8 +112,12 @@ def build_plan(assignment: ProbeAssignment, ctx: BuildContext | None = None) -> 
     Without a context, uprobe binaries resolve in the host's root (standalone mode)."""
     if ctx is None:
         with host_roots() as roots:
+            # Standalone: the host's root user wrote the file, so it is privileged.
             ctx = BuildContext(
-                kernel=node_kernel(), roots=roots, allow_program=assignment.allow_program
+                kernel=node_kernel(),
+                roots=roots,
+                allow_program=assignment.allow_program,
+                privileged=True,
             )
             return _build(assignment, ctx)
     return _build(assignment, ctx)
@@ -185,8 +189,14 @@ class Planner:
     the probe's targets (the targeted containers' in the agent, the host's standalone).
     `inputs` is cheap (no compile, no ELF scan) and says when `build` must run again."""
 
-    def __init__(self, roots_of: RootsOf = host_root_only) -> None:
+    def __init__(
+        self,
+        roots_of: RootsOf = host_root_only,
+        privileged_namespaces: frozenset[str] | None = None,
+    ) -> None:
         self._roots_of = roots_of
+        self._privileged = privileged_namespaces
+        """Whose probes may capture address fields (None: every probe, standalone)."""
 
     def inputs(self, assignment: ProbeAssignment) -> Hashable:
         base = plan_inputs(assignment)
@@ -211,8 +221,12 @@ class Planner:
     def build(self, assignment: ProbeAssignment) -> ProgramPlan:
         roots = self._roots_of(assignment.targets) if assignment.spec.uprobe else []
         try:
+            privileged = self._privileged is None or assignment.namespace in self._privileged
             ctx = BuildContext(
-                kernel=node_kernel(), roots=tuple(roots), allow_program=assignment.allow_program
+                kernel=node_kernel(),
+                roots=tuple(roots),
+                allow_program=assignment.allow_program,
+                privileged=privileged,
             )
             return _build(assignment, ctx)
         finally:

@@ -4,6 +4,10 @@ The program builder validates a TraceProbe's captured fields against the running
 with these, and picks how to read each one: a `const char *` of a syscall tracepoint is a
 user pointer (bpf_probe_read_user_str), a `__data_loc char[]` is a string stored in the
 record itself (BCC's TP_DATA_LOC_READ_STR), a `char comm[16]` is inline.
+
+For tenants' probes it also says which fields are addresses (tenant_field_refusal): a
+pointer captured as a number, or an integer the kernel itself prints as a pointer (`%p`,
+`%pS`: kmem:kmalloc's `unsigned long call_site`), leaks a kernel address.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ _FIELD_LINE = re.compile(
 )
 _DECL = re.compile(r"^(?P<type>.*?)\s*\b(?P<name>[A-Za-z_]\w*)\s*(?:\[(?P<len>[^\]]*)\])?$")
 _QUALIFIERS = frozenset({"const", "volatile"})
+# printf conversions of a `print fmt` line, to pair them with its arguments. `%p` followed
+# by one of these prints an address (the others format what it points to: %pI4, %pM...).
+_CONVERSION = re.compile(r"%(?:%|[-+ #0]*(\*|\d+)?(?:\.(\*|\d+))?(?:hh|h|ll|l|z|j|t|L)?([A-Za-z]))")
+_ADDRESS_EXTENSIONS = frozenset("SsBFfKx")
+_REC_FIELD = re.compile(r"REC->([A-Za-z_]\w*)")
 
 
 class TracefsError(Exception):
@@ -87,6 +96,9 @@ class TracepointFormat:
     name: str
     id: int
     fields: tuple[TracepointField, ...]
+    printed_as_addresses: frozenset[str] = frozenset()
+    """Fields the kernel's own `print fmt` shows as pointers (%p, %pS...), whatever their
+    declared type."""
 
     @property
     def tracepoint(self) -> str:
@@ -154,8 +166,11 @@ def parse_format(text: str, *, category: str) -> TracepointFormat:
     """Parse a tracefs `format` file (which does not name its category)."""
     header: dict[str, str] = {}
     fields: list[TracepointField] = []
+    addresses: frozenset[str] = frozenset()
     for line in text.splitlines():
-        if m := _FIELD_LINE.match(line):
+        if line.startswith("print fmt:"):
+            addresses = _printed_as_addresses(line.removeprefix("print fmt:"))
+        elif m := _FIELD_LINE.match(line):
             fields.append(_parse_field(m))
         elif ":" in line and not line.startswith((" ", "\t", "print fmt")):
             key, _, value = line.partition(":")
@@ -163,7 +178,76 @@ def parse_format(text: str, *, category: str) -> TracepointFormat:
     name = header.get("name")
     if not name or "ID" not in header:
         raise TracefsError("not a tracepoint format file (no name/ID header)")
-    return TracepointFormat(category, name, int(header["ID"]), tuple(fields))
+    return TracepointFormat(category, name, int(header["ID"]), tuple(fields), addresses)
+
+
+def _printed_as_addresses(print_fmt: str) -> frozenset[str]:
+    """Fields whose argument in the print fmt meets an address conversion (%p, %pS...).
+    Unparseable text yields nothing: the declared types still catch real pointers."""
+    text = print_fmt.strip()
+    if not text.startswith('"'):
+        return frozenset()
+    end = _string_end(text, 0)
+    if end < 0:
+        return frozenset()
+    fmt, args = text[1:end], _split_args(text[end + 1 :].strip().removeprefix(","))
+    found: set[str] = set()
+    index = 0
+    for m in _CONVERSION.finditer(fmt):
+        if m[0] == "%%":
+            continue
+        index += (m[1] == "*") + (m[2] == "*")  # a '*' width or precision takes an argument
+        if index >= len(args):
+            break
+        if m[3] == "p":
+            extension = fmt[m.end() : m.end() + 1]
+            if (not extension or not extension.isalpha() or extension in _ADDRESS_EXTENSIONS) and (
+                names := _REC_FIELD.findall(args[index])
+            ):
+                found.update(names if len(names) == 1 else ())
+        index += 1
+    return frozenset(found)
+
+
+def _string_end(text: str, start: int) -> int:
+    """Index of the quote closing the C string literal that opens at `start`, or -1."""
+    i = start + 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == '"':
+            return i
+        i += 1
+    return -1
+
+
+def _split_args(text: str) -> list[str]:
+    """The comma-separated arguments after the format string, split at depth 0."""
+    args: list[str] = []
+    depth, i = 0, 0
+    current: list[str] = []
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            end = _string_end(text, i)
+            if end < 0:
+                return args
+            current.append(text[i : end + 1])
+            i = end + 1
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c == "," and depth == 0:
+            args.append("".join(current).strip())
+            current = []
+        else:
+            current.append(c)
+        i += 1
+    args.append("".join(current).strip())
+    return args
 
 
 def _parse_field(m: re.Match[str]) -> TracepointField:
@@ -220,3 +304,22 @@ def list_syscalls(*, tracefs: Path | None = None) -> dict[str, SyscallTracepoint
         name: SyscallTracepoints(name, name in enters, name in exits)
         for name in sorted(enters | exits)
     }
+
+
+def tenant_field_refusal(fmt: TracepointFormat, f: TracepointField) -> str | None:
+    """Why a tenant's probe may not capture this field (an address), or None.
+
+    Refused: pointers captured as numbers (a kernel address; a syscall's user pointer too,
+    simpler to state), kernel `char *` read through the pointer (kernel memory at whatever
+    address the record holds), and integers the kernel prints as pointers (call_site).
+    Allowed: integers, inline strings, __data_loc strings, and a syscall's `const char *`
+    read as a user string (openat's filename: the calling task's own memory)."""
+    what = f"field {f.name!r} of {fmt.tracepoint} ({f.c_type})"
+    if f.kind is FieldKind.POINTER:
+        where = "an address in the task" if fmt.user_pointers else "a kernel address"
+        return f"{what} is a pointer: captured as a number it is {where}"
+    if f.kind is FieldKind.STRING_POINTER and not fmt.user_pointers:
+        return f"{what} is a pointer into kernel memory"
+    if f.name in fmt.printed_as_addresses:
+        return f"{what} holds an address (the kernel prints it as a pointer)"
+    return None

@@ -1,8 +1,9 @@
 """tracekeeper-operator run: the kopf operator, cluster-wide, standalone (no peering).
 
 tracekeeper-operator run [--namespace N] [--privileged-namespace N ...]
-    [--allow-raw-programs] [--token-file F] [--metrics-port P] [--kubeconfig K]
-    [--agent-daemonset NAME] [--trust-agent-endpoint-annotation]
+    [--allow-raw-programs] [--tenant-tracepoint C:N ...] [--tenant-raw-tracepoint N ...]
+    [--token-file F] [--metrics-port P] [--kubeconfig K]
+    [--agent-daemonset NAME] [--trust-agent-endpoint-annotation] [--tenant-budget JSON]
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import kopf
 from prometheus_client import start_http_server
 
 from tracekeeper_api.budgets import Budget, parse_override
+from tracekeeper_api.tenant_rules import (
+    TenantRules,
+    check_raw_tracepoint_entry,
+    check_tracepoint_entry,
+)
 from tracekeeper_operator.handlers import Runtime, configure_kopf, register_handlers
 from tracekeeper_operator.kube_api import KubernetesWrites, can_list_nodes, load_config
 from tracekeeper_operator.metrics import OperatorMetrics
@@ -33,6 +39,20 @@ from tracekeeper_operator.settings import (
 )
 
 log = logging.getLogger("tracekeeper_operator")
+
+
+def _tracepoint_entry(text: str) -> str:
+    try:
+        return check_tracepoint_entry(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _raw_tracepoint_entry(text: str) -> str:
+    try:
+        return check_raw_tracepoint_entry(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +74,24 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-raw-programs",
         action="store_true",
         help="allow spec.program (raw BCC C) in privileged namespaces",
+    )
+    run.add_argument(
+        "--tenant-tracepoint",
+        action="append",
+        default=[],
+        type=_tracepoint_entry,
+        metavar="CATEGORY:NAME",
+        help="also let tenants attach to this tracepoint, or CATEGORY:* (repeatable; add "
+        "it to the admission policy's tenantTracepoints too)",
+    )
+    run.add_argument(
+        "--tenant-raw-tracepoint",
+        action="append",
+        default=[],
+        type=_raw_tracepoint_entry,
+        metavar="NAME",
+        help="also let tenants attach to this raw tracepoint (repeatable; add it to the "
+        "admission policy's tenantRawTracepoints too)",
     )
     run.add_argument(
         "--token-file",
@@ -132,6 +170,7 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
         backoff_max=args.backoff_max,
         unload_timeout=args.unload_timeout,
         budget=args.tenant_budget,
+        tenant_rules=TenantRules.extended(args.tenant_tracepoint, args.tenant_raw_tracepoint),
     )
 
 

@@ -102,6 +102,10 @@ def refuse_privileged(
                 "program (raw BCC source) is disabled: the operator runs without "
                 "--allow-raw-programs",
             )
+    if spec is not None and not privileged and (why := settings.tenant_rules.refusal(spec)):
+        return Refusal(
+            "NotPermitted", f"{why}; only the privileged namespaces ({where}), not {namespace!r}"
+        )
     if filt is not None and not privileged and (fields := filt.privileged_fields()):
         owner = f"TraceFilter {filter_name!r}" if filter_name else "the filter"
         return Refusal(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tracekeeper_api.budgets import Budget
 from tracekeeper_api.status import MAX_FAILURES
+from tracekeeper_api.tenant_rules import TenantRules
 
 NAMESPACE_ENV = "POD_NAMESPACE"
 """Set from the downward API in the operator's Deployment: its own namespace."""
@@ -80,6 +81,8 @@ class OperatorSettings:
     budget: Budget = field(default_factory=Budget)
     """Each tenant namespace's share of a node (privileged namespaces have none); a
     namespace's tracekeeper.dev/budget annotation overrides fields of it."""
+    tenant_rules: TenantRules = field(default_factory=TenantRules)
+    """Which tracepoints tenants may attach to (defaults plus --tenant-tracepoint)."""
 
     @property
     def privileged(self) -> frozenset[str]:

@@ -68,6 +68,12 @@ PRIVILEGED: list[tuple[str, Obj, str]] = [
     ("TraceProbe", {"program": {"source": 'TRACEPOINT_PROBE(sched, sched_switch) '
                                           '{ TK_FILTER(); TK_COUNT(); return 0; }'}},
      "spec.program"),
+    # Attach points about other tasks or the kernel (tracekeeper_api.tenant_rules).
+    ("TraceProbe", {"tracepoint": "sched:sched_switch"}, "spec.tracepoint"),
+    ("TraceProbe", {"tracepoint": "irq:irq_handler_entry"}, "spec.tracepoint"),
+    ("TraceProbe", {"tracepoint": "kmem:kmalloc"}, "spec.tracepoint"),
+    ("TraceProbe", {"kprobe": {"function": "tcp_v4_connect"}}, "spec.kprobe"),
+    ("TraceProbe", {"rawTracepoint": "irq_handler_entry"}, "spec.rawTracepoint"),
 ]  # fmt: skip
 
 
@@ -283,6 +289,14 @@ def test_policy_admits_tenant_safe_objects(cluster: LocalCluster, installed: Ins
     assert _create(cluster, ns, _obj("TraceFilter", "web", safe)).returncode == 0
     probe = {"tracepoint": TP, "filter": safe}
     assert _create(cluster, ns, _obj("TraceProbe", "web-opens", probe)).returncode == 0
+    # The tenant allowlist: a listed tracepoint, a whole listed category, a raw one.
+    for name, spec in (
+        ("execs", {"tracepoint": "sched:sched_process_exec"}),
+        ("raw-enter", {"tracepoint": "raw_syscalls:sys_enter"}),
+        ("switches", {"rawTracepoint": "sched_switch"}),
+    ):
+        res = _create(cluster, ns, _obj("TraceProbe", name, spec))
+        assert res.returncode == 0, res.stderr
 
 
 def test_policy_lets_an_older_privileged_object_be_relabelled_and_deleted(

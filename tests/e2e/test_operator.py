@@ -20,6 +20,8 @@ import pytest
 from tests.controlplane.local_cluster import LocalCluster
 from tests.e2e.agents import (
     EXAMPLES_DIR,
+    GROUP_PATH,
+    OPERATOR_NS,
     SimNode,
     World,
     bpf_prog_ids,
@@ -371,31 +373,53 @@ def test_privileged_fields_are_refused_outside_privileged_namespaces(
         assert node.agent.outcome(f"{ns}/sneaky") is None
 
 
-# --- 7. a kernel without kprobes: Unsupported from each node --------------------------------
+# --- 7. kprobes: privileged for tenants; a kernel without kprobes: Unsupported -------------
+
+
+def test_kprobe_is_not_permitted_in_a_tenant_namespace(world: World) -> None:
+    ns = world.namespace("kprobe")
+    world.create_pod(ns, "a-0", world.nodes["node-a"], {"app": "x"}, run=False)
+    apply(world, ns, EXAMPLES_DIR / "kprobe-tcp-connect.yaml")
+    obj = wait_condition(world, ns, "tcp-connects", "Accepted", "False", "NotPermitted")
+    message = condition(obj, "Accepted")["message"]  # type: ignore[index]
+    assert "kprobe 'tcp_v4_connect' is privileged" in message, message
+    for node in world.nodes.values():
+        assert node.agent.outcome(f"{ns}/tcp-connects") is None
 
 
 def test_kprobe_probe_is_degraded_unsupported_on_each_node(world: World) -> None:
-    ns = world.namespace("kprobe")
-    world.create_pod(ns, "a-0", world.nodes["node-a"], {"app": "x"}, run=False)
-    world.create_pod(ns, "b-0", world.nodes["node-b"], {"app": "x"}, run=False)
-    apply(world, ns, EXAMPLES_DIR / "kprobe-tcp-connect.yaml")
-    obj = wait_condition(world, ns, "tcp-connects", "Degraded", "True", "Unsupported")
-    status = obj["status"]
-    assert status["nodes"] == {"targeted": 2, "loaded": 0, "failed": 2}
-    assert [(f["node"], f["reason"]) for f in status["failures"]] == [
-        ("node-a", "Unsupported"),
-        ("node-b", "Unsupported"),
+    # In the privileged namespace (kprobes are privileged), on this machine's kernel.
+    ns, app = OPERATOR_NS, f"kprobe-{os.getpid()}"
+    pods = [
+        world.create_pod(ns, f"{app}-a", world.nodes["node-a"], {"app": app}, run=False),
+        world.create_pod(ns, f"{app}-b", world.nodes["node-b"], {"app": app}, run=False),
     ]
-    assert all(f["message"] for f in status["failures"])
-    assert condition(obj, "Ready")["reason"] == "Unsupported"  # type: ignore[index]
-    report("kprobe failure message", status["failures"][0]["message"])
-    wait_until(
-        "ProbeLoadFailed Events",
-        lambda: (
-            len([e for e in world.events(ns, "tcp-connects") if e["reason"] == "ProbeLoadFailed"])
-            >= 2
-        ),
-    )
+    spec = {
+        "kprobe": {"function": "tcp_v4_connect"},
+        "filter": {"podSelector": {"matchLabels": {"app": app}}},
+    }
+    apply(world, ns, probe_obj(app, spec))
+    try:
+        obj = wait_condition(world, ns, app, "Degraded", "True", "Unsupported")
+        status = obj["status"]
+        assert status["nodes"] == {"targeted": 2, "loaded": 0, "failed": 2}
+        assert [(f["node"], f["reason"]) for f in status["failures"]] == [
+            ("node-a", "Unsupported"),
+            ("node-b", "Unsupported"),
+        ]
+        assert all(f["message"] for f in status["failures"])
+        assert condition(obj, "Ready")["reason"] == "Unsupported"  # type: ignore[index]
+        report("kprobe failure message", status["failures"][0]["message"])
+        wait_until(
+            "ProbeLoadFailed Events",
+            lambda: (
+                len([e for e in world.events(ns, app) if e["reason"] == "ProbeLoadFailed"]) >= 2
+            ),
+        )
+    finally:
+        world.kube.delete(f"{GROUP_PATH}/namespaces/{ns}/traceprobes/{app}")
+        for pod in pods:
+            world.delete_pod(pod)
 
 
 # --- nodeSelector, suspend, and a pod churn burst ---------------------------------------------

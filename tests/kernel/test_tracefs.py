@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tracekeeper_agent.kernel import LoadFailure
+from tracekeeper_agent.program_builder import Planner, build_plan
 from tracekeeper_agent.tracefs import (
     FieldKind,
     TracepointNotFound,
@@ -13,6 +15,7 @@ from tracekeeper_agent.tracefs import (
     read_format,
     tracepoint_exists,
 )
+from tracekeeper_api.protocol import ProbeAssignment
 
 pytestmark = pytest.mark.kernel
 
@@ -69,3 +72,25 @@ def test_syscalls() -> None:
     assert syscalls["openat"].exit
     assert syscalls["getppid"].exit
     assert len(syscalls) > 300
+
+
+def _kmalloc_events(ns: str, field: str) -> ProbeAssignment:
+    return ProbeAssignment.model_validate({
+        "id": f"{ns}/allocs", "specHash": "0" * 16,
+        "spec": {"tracepoint": "kmem:kmalloc", "output": {"kind": "events", "fields": [field]}},
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("field", ["ptr", "call_site"])
+def test_this_kernels_kmalloc_addresses_are_not_permitted_for_tenants(field: str) -> None:
+    # The agent's own planner: privileged is decided by the probe's namespace.
+    planner = Planner(privileged_namespaces=frozenset({"tracekeeper-system"}))
+    with pytest.raises(LoadFailure) as exc:
+        planner.build(_kmalloc_events("team-a", field))
+    assert exc.value.reason == "NotPermitted" and f"field {field!r} of kmem:kmalloc" in (
+        exc.value.message
+    )
+    plan = planner.build(_kmalloc_events("tracekeeper-system", field))
+    assert [f.name for f in plan.event_fields] == [field]
+    # Standalone mode (no context, the host's root user's own file) may capture it too.
+    assert [f.name for f in build_plan(_kmalloc_events("team-a", field)).event_fields] == [field]

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client import CollectorRegistry
 
 from tests.unit.agent_fakes import CID_A, UID_A, FakeCgroups, FakeLoader, fake_build_plan, probe
+from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe
 from tracekeeper_agent.events import EventHub
 from tracekeeper_agent.http_api import (
     TOKEN_ENV,
@@ -348,7 +348,12 @@ async def test_waiting_scrapes_of_the_metrics_listener_hold_one_worker_thread() 
     reconciler = Reconciler(
         node="node-1", loader=FakeLoader(), build_plan=fake_build_plan, cgroups=FakeCgroups()
     )
-    app = create_metrics_app(reconciler, CollectorRegistry())
+    # The probe collector takes the programs lock per probe read (not the whole scrape).
+    busy = make_probe("team-a/busy", FakeProgram())
+    metrics = AgentMetrics(
+        lambda: [busy], FakeAttributor(), programs_lock=lambda: reconciler.programs_lock
+    )
+    app = create_metrics_app(reconciler, metrics.registry)
     async with TestClient(TestServer(app)) as client:
 
         async def scrape() -> int:

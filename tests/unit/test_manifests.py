@@ -208,7 +208,10 @@ def _policy_fields(kind: str) -> dict[str, str]:
 
 def test_admission_policy_refuses_exactly_the_privileged_fields() -> None:
     assert set(_policy_fields("TraceFilter")) == {f"spec.{f}" for f in PRIVILEGED_FILTER_FIELDS}
-    assert set(_policy_fields("TraceProbe")) == {"spec.program"} | {
+    # Plus the attach points tenants may not use (tracekeeper_api.tenant_rules; the lists
+    # themselves are checked in test_tenant_rules).
+    tenant_attach = {"spec.kprobe", "spec.tracepoint", "spec.rawTracepoint"}
+    assert set(_policy_fields("TraceProbe")) == {"spec.program"} | tenant_attach | {
         f"spec.filter.{f}" for f in PRIVILEGED_FILTER_FIELDS
     }
 
@@ -543,6 +546,7 @@ def test_service_monitor_scrapes_the_operator_metrics_service() -> None:
     assert [e["port"] for e in monitor["endpoints"]] == [
         p["name"] for p in service["spec"]["ports"]
     ]
+    assert all(e["honorLabels"] is True for e in monitor["endpoints"])  # probe_ready's namespace
 
 
 def test_pod_monitor_scrapes_only_the_agents_metrics_port() -> None:
@@ -557,6 +561,9 @@ def test_pod_monitor_scrapes_only_the_agents_metrics_port() -> None:
     # Never the API port, and no credential: that port needs none, and the API token must
     # not reach Prometheus.
     assert not {"authorization", "bearerTokenSecret", "basicAuth", "oauth2"} & set(endpoint)
+    # The agent's namespace/pod/container labels (the traced tenant's) win over the
+    # target's (tests/unit/test_monitoring_scrape.py scrapes it with a real Prometheus).
+    assert endpoint["honorLabels"] is True
     (relabel,) = endpoint["relabelings"]
     assert relabel == {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}
 

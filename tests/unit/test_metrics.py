@@ -129,42 +129,34 @@ def test_histogram_buckets_are_cumulative_le_powers_of_two() -> None:
     samples = fams["tracekeeper_probe_value"]
     web0 = [s for s in samples if s.labels.get("pod") == "web-0"]
     buckets = {s.labels["le"]: s.value for s in web0 if s.name.endswith("_bucket")}
-    # slot s holds [2**s, 2**(s+1)): its bound is le=2**(s+1); slots up to the probe's top (5).
-    assert buckets == {
-        "2.0": 1.0,
-        "4.0": 1.0,
-        "8.0": 1.0,
-        "16.0": 6.0,
-        "32.0": 6.0,
-        "64.0": 8.0,
-        "+Inf": 8.0,
-    }
+    # slot s holds [2**s, 2**(s+1)): its bound is le=2**(s+1); only slots holding values.
+    assert buckets == {"2.0": 1.0, "16.0": 6.0, "64.0": 8.0, "+Inf": 8.0}
     count = next(s.value for s in web0 if s.name == "tracekeeper_probe_value_count")
     total = next(s.value for s in web0 if s.name == "tracekeeper_probe_value_sum")
     assert count == 8.0
     assert total == 1.0 + 5 * 12.0 + 2 * 48.0
-    # web-1 has the same bucket layout (same `le` set) as web-0.
-    web1 = {s.labels["le"] for s in samples if s.labels.get("pod") == "web-1" and "le" in s.labels}
-    assert web1 == set(buckets)
+    # web-1 has its own buckets: slot 1 only.
+    web1 = {
+        s.labels["le"]: s.value
+        for s in samples
+        if s.labels.get("pod") == "web-1" and s.name.endswith("_bucket")
+    }
+    assert web1 == {"4.0": 6.0, "+Inf": 6.0}
 
 
-def test_histogram_layout_never_shrinks_between_scrapes() -> None:
+def test_a_bucket_once_shown_stays_as_the_kernel_counts_grow() -> None:
     program = FakeProgram(histograms=[HistogramSample(SampleKey(cgroup_id=11), {9: 1})])
     probe = make_probe("team-a/read-latency", program, kind="histogram")
     metrics = AgentMetrics(lambda: [probe], PODS)
-    generate_latest(metrics.registry)
-    program.histograms = [HistogramSample(SampleKey(cgroup_id=11), {2: 1})]
+    assert 'le="1024.0"' in generate_latest(metrics.registry).decode()
+    program.histograms = [HistogramSample(SampleKey(cgroup_id=11), {2: 1, 9: 1})]
     text = generate_latest(metrics.registry).decode()
-    assert 'le="1024.0"' in text
+    assert 'le="8.0"' in text and 'le="1024.0"' in text
 
 
 def test_cumulative_buckets_and_sum_helpers() -> None:
-    assert cumulative_buckets({1: 2}, 2) == [
-        ("2.0", 0.0),
-        ("4.0", 2.0),
-        ("8.0", 2.0),
-        ("+Inf", 2.0),
-    ]
+    assert cumulative_buckets({1: 2, 3: 0, 4: 1}) == [("4.0", 2.0), ("32.0", 3.0), ("+Inf", 3.0)]
+    assert cumulative_buckets({}) == [("+Inf", 0.0)]
     assert estimated_sum({0: 2, 10: 1}) == 2.0 + 1536.0
 
 

@@ -26,6 +26,9 @@ class BuildContext:
     """Where uprobe binaries are looked up: the targeted containers' roots, or the host's
     for host targets. Empty: no targeted container runs a process yet."""
     allow_program: bool = False
+    privileged: bool = False
+    """The probe comes from a privileged namespace: it may capture address fields, which
+    tenants' probes may not (tracefs.tenant_field_refusal)."""
 
 
 @dataclass(frozen=True)

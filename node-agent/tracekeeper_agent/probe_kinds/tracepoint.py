@@ -11,6 +11,7 @@ from tracekeeper_agent.tracefs import (
     TracepointField,
     TracepointFormat,
     read_format,
+    tenant_field_refusal,
 )
 from tracekeeper_api.probes import TraceProbeSpec
 
@@ -95,7 +96,14 @@ def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
         value = f"(u64)args->{vf.name}"
     fields, decls, stmts = [], [], []
     for name in out.fields:
-        ef, decl, stmt = capture(fmt, _field(fmt, name))
+        f = _field(fmt, name)
+        if not ctx.privileged and (why := tenant_field_refusal(fmt, f)):
+            raise LoadFailure(
+                "Failed",
+                "NotPermitted",
+                f"{why}; only probes of the privileged namespaces may capture it",
+            )
+        ef, decl, stmt = capture(fmt, f)
         fields.append(ef)
         decls.append(decl)
         stmts.append(f"    {stmt}\n")
