@@ -582,6 +582,12 @@ class World:
         for node in self.nodes.values():
             node.agent.stop()
             remove_cgroup_tree(node.sandbox, evacuate_to=self.cgroup_root)
+            # The apiserver outlives this world: leave no agent pod or Node for the next
+            # world's operator to push to.
+            self.kube.delete(
+                f"/api/v1/namespaces/{OPERATOR_NS}/pods/tracekeeper-agent-{node.name}", force=True
+            )
+            self.kube.delete(f"/api/v1/nodes/{node.name}")
 
 
 def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:

@@ -107,12 +107,13 @@ def _impostor(world: World, namespace: str, name: str, node: str, listener: List
 
 def test_no_pod_but_the_daemonsets_gets_a_push(world: World) -> None:
     listener = Listener()
+    ns = world.namespace("impostor")
+    ghost = f"tracekeeper-agent-ghost-{ns}"
     try:
         node = world.nodes["trust-node"]
-        ns = world.namespace("impostor")
         _impostor(world, ns, "tracekeeper-agent-fake", node.name, listener)
         # In the operator's namespace, owned by the DaemonSet, but on no real node.
-        _impostor(world, OPERATOR_NS, f"tracekeeper-agent-ghost-{ns}", f"ghost-{ns}", listener)
+        _impostor(world, OPERATOR_NS, ghost, f"ghost-{ns}", listener)
         world.create_pod(ns, "web-0", node, {"app": "web"})
         world.kube.create(
             f"/apis/tracekeeper.dev/v1alpha1/namespaces/{ns}/traceprobes",
@@ -151,3 +152,4 @@ def test_no_pod_but_the_daemonsets_gets_a_push(world: World) -> None:
         assert status["nodes"]["targeted"] == 1 and status["nodes"]["loaded"] == 1
     finally:
         listener.close()
+        world.kube.delete(f"/api/v1/namespaces/{OPERATOR_NS}/pods/{ghost}", force=True)
