@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TextIO
 
 from tracekeeper_agent.active import ActiveProbe
@@ -18,18 +18,15 @@ from tracekeeper_agent.events import EventHub, encode, rfc3339
 from tracekeeper_agent.identity import Attributor
 from tracekeeper_agent.kernel import CountSample, HistogramSample
 from tracekeeper_agent.metrics import KeyLabels, key_labels
-
-COLUMNS = ("pod", "container", "comm", "pid")
-DEFAULT_TOP = 10
-STARS = 40
-"""Width of a histogram bar, as in BCC's tools."""
+from tracekeeper_api.output_text import (
+    COLUMNS,
+    DEFAULT_TOP,
+    columns,
+    count_table,
+    histogram_text,
+)
 
 OutputFormat = Literal["table", "json"]
-
-
-def columns(by: Sequence[str]) -> list[str]:
-    """The key columns a probe shows, in a fixed order whatever the order of `by`."""
-    return [c for c in COLUMNS if c in by]
 
 
 def _pick(labels: KeyLabels, cols: Sequence[str]) -> tuple[str, ...]:
@@ -61,85 +58,6 @@ def aggregate_histograms(
         for slot, n in s.buckets.items():
             buckets[slot] = buckets.get(slot, 0) + n
     return sorted(rows.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
-
-
-def count_table(
-    title: str,
-    by: Sequence[str],
-    rows: Sequence[tuple[tuple[str, ...], int]],
-    *,
-    top: int = DEFAULT_TOP,
-) -> str:
-    """A title line, then the `top` largest rows: key columns left-aligned, COUNT right."""
-    cols = columns(by)
-    shown = list(rows[:top])
-    head = f"{title}: count by {', '.join(cols) or 'probe'}"
-    if len(rows) > len(shown):
-        head += f" (top {len(shown)} of {len(rows)})"
-    table = [[c.upper() for c in cols] + ["COUNT"]]
-    table += [[v or "-" for v in key] + [str(n)] for key, n in shown]
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = [head]
-    for r in table:
-        cells = [r[i].ljust(widths[i]) for i in range(len(cols))]
-        cells.append(r[-1].rjust(widths[-1]))
-        lines.append("  ".join(cells))
-    if not shown:
-        lines.append("(no hits yet)")
-    return "\n".join(lines) + "\n"
-
-
-def _stars(value: int, value_max: int, width: int) -> str:
-    # BCC's _stars: proportional bar, at most `width` wide.
-    n = min(width, int(width * value / value_max)) if value_max else 0
-    return "*" * n
-
-
-def log2_hist(buckets: Mapping[int, int], unit: str) -> str:
-    """BCC's print_log2_hist for our slots: slot s holds [2**s, 2**(s+1)) and slot 0 holds
-    0 and 1, i.e. BCC's index s + 1, so the rows read the same as BCC's tools."""
-    nonzero = [s for s, n in buckets.items() if n > 0]
-    if not nonzero:
-        return ""
-    top = max(nonzero)
-    value_max = max(buckets.values())
-    # BCC widens the columns when values pass 2**32.
-    num, label, stars = (10, 19, STARS) if top + 1 <= 32 else (20, 29, STARS // 2)
-    lines = [f"{' ' * (num - 5)}{unit:<{label}} : count     distribution"]
-    for slot in range(top + 1):
-        low, high = (0, 1) if slot == 0 else (1 << slot, (1 << (slot + 1)) - 1)
-        n = buckets.get(slot, 0)
-        bar = _stars(n, value_max, stars)
-        lines.append(f"{low:>{num}} -> {high:<{num}} : {n:<8} |{bar:<{stars}}|")
-    return "\n".join(lines) + "\n"
-
-
-def histogram_text(
-    title: str,
-    by: Sequence[str],
-    rows: Sequence[tuple[tuple[str, ...], Mapping[int, int]]],
-    *,
-    unit: str,
-    top: int = DEFAULT_TOP,
-) -> str:
-    """A title line, then one log2 histogram per key (the `top` keys with most values)."""
-    cols = columns(by)
-    shown = list(rows[:top])
-    head = f"{title}: histogram of {unit}"
-    if cols:
-        head += f" by {', '.join(cols)}"
-    if len(rows) > len(shown):
-        head += f" (top {len(shown)} of {len(rows)})"
-    parts = [head + "\n"]
-    for key, buckets in shown:
-        if cols:
-            parts.append(
-                "\n" + ", ".join(f"{c} = {v or '-'}" for c, v in zip(cols, key, strict=True)) + "\n"
-            )
-        parts.append(log2_hist(buckets, unit))
-    if not shown:
-        parts.append("(no values yet)\n")
-    return "".join(parts)
 
 
 def unit_of(probe: ActiveProbe) -> str:

@@ -10,9 +10,6 @@ from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe, raw
 from tracekeeper_agent.console import (
     aggregate_counts,
     aggregate_histograms,
-    count_table,
-    histogram_text,
-    log2_hist,
     render_frame,
     run_console,
     snapshot,
@@ -20,6 +17,7 @@ from tracekeeper_agent.console import (
 from tracekeeper_agent.events import EventHub
 from tracekeeper_agent.identity import PodIdentity
 from tracekeeper_agent.kernel import CountSample, HistogramSample, KernelCounters, SampleKey
+from tracekeeper_api.output_text import count_table, histogram_text, log2_hist
 
 PODS = FakeAttributor(
     {

@@ -30,6 +30,7 @@ from tracekeeper_agent.kernel import CountSample, RawEvent, SampleKey
 from tracekeeper_agent.metrics import AgentMetrics
 from tracekeeper_agent.reconciler import Reconciler
 from tracekeeper_api import signing
+from tracekeeper_api.output import ProbeValues
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -109,6 +110,7 @@ async def test_every_api_route_needs_the_token(api: Api, headers: dict[str, str]
         ("GET", "/v1/state"),
         ("PUT", "/v1/state"),
         ("GET", "/v1/events"),
+        ("GET", "/v1/values"),
         ("GET", "/metrics"),
         ("GET", "/nonexistent"),
     ]:
@@ -300,6 +302,30 @@ async def test_metrics_read_the_loaded_programs(api: Api) -> None:
     assert "tracekeeper_probe_hits_total{" in text
     assert 'pod="web-0"' in text and "} 42.0" in text
     assert 'tracekeeper_agent_filter_entries{namespace="team-a",probe="opens"} 1.0' in text
+
+
+async def test_values_answer_one_probe_by_id_signed(api: Api) -> None:
+    """GET /v1/values?probe=: that probe's rows only (another probe's stay out), as JSON
+    the output API sums, signed back like every non-stream answer."""
+    other = probe(name="other")
+    await put(api, state(1, probe(), other))
+    api.loader.only("team-a/opens").counts = [CountSample(SampleKey(cgroup_id=500), 42)]
+    api.loader.only("team-a/other").counts = [CountSample(SampleKey(cgroup_id=500), 9)]
+    path = "/v1/values?probe=team-a/opens"
+    signed = signing.sign_request(TOKEN, "GET", path, b"")
+    async with api.client.get(path, headers={"Authorization": signed.header}) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+        signing.verify_response(
+            TOKEN, resp.headers[signing.RESPONSE_HEADER], signed.nonce, 200, body
+        )
+    values = ProbeValues.model_validate_json(body)
+    assert values.probe == "team-a/opens" and values.kind == "count"
+    assert [(r.key, r.count) for r in values.counts] == [({"pod": "web-0"}, 42)]
+    async with api.client.get("/v1/values?probe=team-a/nope", headers=AUTH) as resp:
+        assert resp.status == 404
+    async with api.client.get("/v1/values?probe=team-a/opens") as resp:
+        assert resp.status == 401
 
 
 async def test_the_metrics_listener_serves_the_same_metrics_without_a_token(api: Api) -> None:
