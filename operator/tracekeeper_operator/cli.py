@@ -4,6 +4,7 @@ tracekeeper-operator run [--namespace N] [--privileged-namespace N ...]
     [--allow-raw-programs] [--tenant-tracepoint C:N ...] [--tenant-raw-tracepoint N ...]
     [--token-file F] [--metrics-port P] [--kubeconfig K]
     [--agent-daemonset NAME] [--trust-agent-endpoint-annotation] [--tenant-budget JSON]
+    [--output-api-port P] [--output-api-cert-file F --output-api-key-file F]
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from tracekeeper_api.tenant_rules import (
 from tracekeeper_operator.handlers import Runtime, configure_kopf, register_handlers
 from tracekeeper_operator.kube_api import KubernetesWrites, can_list_nodes, load_config
 from tracekeeper_operator.metrics import OperatorMetrics
+from tracekeeper_operator.output_api.listener import (
+    DEFAULT_APISERVICE,
+    DEFAULT_OUTPUT_SERVICE,
+    OutputApiSettings,
+)
+from tracekeeper_operator.output_api.listener import (
+    DEFAULT_PORT as DEFAULT_OUTPUT_PORT,
+)
 from tracekeeper_operator.settings import (
     AGENT_ENDPOINT_ANNOTATION,
     DEFAULT_AGENT_DAEMONSET,
@@ -142,8 +151,44 @@ def _parser() -> argparse.ArgumentParser:
         help="default per-namespace budget per node, e.g. '{\"probesPerNode\": 16}' "
         "(fields left out keep their defaults; see README)",
     )
+    run.add_argument(
+        "--output-api-port",
+        type=int,
+        default=DEFAULT_OUTPUT_PORT,
+        help="HTTPS port of the aggregated output API (output.tracekeeper.dev; 0: off)",
+    )
+    run.add_argument("--output-api-address", default="0.0.0.0")
+    run.add_argument(
+        "--output-api-cert-file",
+        type=Path,
+        help="its serving certificate (with --output-api-key-file); default: made at start, "
+        "self-signed, and put into the APIService's caBundle",
+    )
+    run.add_argument("--output-api-key-file", type=Path)
+    run.add_argument(
+        "--output-api-service",
+        default=DEFAULT_OUTPUT_SERVICE,
+        help="the Service the APIService points at (the made certificate's DNS names)",
+    )
+    run.add_argument("--output-apiservice", default=DEFAULT_APISERVICE, metavar="NAME")
     run.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def output_settings_from(args: argparse.Namespace, namespace: str) -> OutputApiSettings | None:
+    if not args.output_api_port:
+        return None
+    if (args.output_api_cert_file is None) != (args.output_api_key_file is None):
+        raise SystemExit("--output-api-cert-file and --output-api-key-file go together")
+    return OutputApiSettings(
+        namespace=namespace,
+        port=args.output_api_port,
+        address=args.output_api_address,
+        cert_file=args.output_api_cert_file,
+        key_file=args.output_api_key_file,
+        service=args.output_api_service,
+        apiservice=args.output_apiservice,
+    )
 
 
 def _budget(text: str) -> Budget:
@@ -193,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address, registry=metrics.registry)
     registry = kopf.OperatorRegistry()
-    runtime = Runtime.build(settings, KubernetesWrites(), metrics, args.kubeconfig)
+    output = output_settings_from(args, settings.namespace)
+    runtime = Runtime.build(settings, KubernetesWrites(), metrics, args.kubeconfig, output)
     register_handlers(registry, runtime)
     kopf_settings = kopf.OperatorSettings()
     configure_kopf(kopf_settings)

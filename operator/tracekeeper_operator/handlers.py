@@ -21,6 +21,8 @@ from tracekeeper_operator.indexes import INDEX_IDS, register_indexes, snapshot
 from tracekeeper_operator.kube_api import KubeWrites, connection_info
 from tracekeeper_operator.metrics import OperatorMetrics
 from tracekeeper_operator.node_state import RevisionClock
+from tracekeeper_operator.output_api.listener import OutputApiSettings, OutputServer
+from tracekeeper_operator.output_api.placement import placements
 from tracekeeper_operator.pushes import Pusher, PushPlanner
 from tracekeeper_operator.records import ObjectRef
 from tracekeeper_operator.settings import OperatorSettings
@@ -42,6 +44,8 @@ class Runtime:
     client: HttpAgentClient
     loop: ControlLoop
     kubeconfig: str | None = None
+    output: OutputServer | None = None
+    """The aggregated output API (output_api/), when its listener is on."""
     indices: dict[str, Any] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -52,8 +56,10 @@ class Runtime:
         writes: KubeWrites,
         metrics: OperatorMetrics,
         kubeconfig: str | None = None,
+        output: OutputApiSettings | None = None,
     ) -> Runtime:
-        client = HttpAgentClient(TokenSource(settings.token_file), timeout=settings.push_timeout)
+        tokens = TokenSource(settings.token_file)
+        client = HttpAgentClient(tokens, timeout=settings.push_timeout)
         planner = PushPlanner(
             revisions=RevisionClock(),
             debounce=settings.push_debounce,
@@ -65,7 +71,12 @@ class Runtime:
         pusher = Pusher(planner, client, metrics=metrics)
         loop = ControlLoop(settings, pusher, writes, metrics=metrics)
         pusher.on_change = loop.poke  # agent reports feed statuses
-        return cls(settings, writes, metrics, client, loop, kubeconfig)
+        server = None
+        if output is not None:
+            server = OutputServer(
+                output, lambda probe_id: placements(probe_id, planner.views()), tokens
+            )
+        return cls(settings, writes, metrics, client, loop, kubeconfig, server)
 
     def indexes_complete(self) -> None:
         if not self.loop.ready:
@@ -104,6 +115,14 @@ def register_handlers(registry: kopf.OperatorRegistry, runtime: Runtime) -> None
             asyncio.create_task(runtime.loop.run(), name="tracekeeper control loop"),
             asyncio.create_task(runtime.loop.pusher.run(), name="tracekeeper pusher"),
         ]
+        if runtime.output is not None:
+            try:
+                await runtime.output.start()
+            except Exception:
+                # Pushes and statuses do not depend on it: the operator goes on without it,
+                # and the APIService shows it unavailable (kubectl get apiservice).
+                log.exception("the output API is not served")
+                runtime.output = None
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
@@ -111,6 +130,8 @@ def register_handlers(registry: kopf.OperatorRegistry, runtime: Runtime) -> None
             task.cancel()
         await asyncio.gather(*runtime.tasks, return_exceptions=True)
         await runtime.client.close()
+        if runtime.output is not None:
+            await runtime.output.close()
 
     # Async on purpose: kopf runs sync handlers in threads, and the loop's state is not
     # thread-safe.

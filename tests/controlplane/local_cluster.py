@@ -177,6 +177,47 @@ def _ec_key(path: str, cwd: Path) -> None:
              "-out", path, cwd=cwd)  # fmt: skip
 
 
+FRONT_PROXY_CLIENT = "front-proxy-client"
+
+
+def _write_front_proxy_pki(pki: Path) -> None:
+    """The aggregation layer's own CA (not the cluster CA: a client certificate of the
+    cluster CA must not pass for the front proxy) and the apiserver's client certificate,
+    which it presents to aggregated APIs with the user in X-Remote-* headers."""
+    _ec_key("front-proxy-ca.key", pki)
+    _openssl("req", "-x509", "-new", "-key", "front-proxy-ca.key", "-out", "front-proxy-ca.crt",
+             "-days", "3650", "-subj", "/CN=tracekeeper-front-proxy-ca",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=pki)  # fmt: skip
+    _ec_key("front-proxy-client.key", pki)
+    _openssl("req", "-new", "-key", "front-proxy-client.key", "-out", "front-proxy-client.csr",
+             "-subj", f"/CN={FRONT_PROXY_CLIENT}", cwd=pki)  # fmt: skip
+    (pki / "front-proxy-client.ext").write_text(
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=clientAuth\n"
+    )
+    _openssl("x509", "-req", "-in", "front-proxy-client.csr", "-CA", "front-proxy-ca.crt",
+             "-CAkey", "front-proxy-ca.key", "-CAcreateserial", "-out", "front-proxy-client.crt",
+             "-days", "3650", "-extfile", "front-proxy-client.ext", cwd=pki)  # fmt: skip
+
+
+def _aggregation_flags(pki: Path) -> list[str]:
+    """The aggregation layer. No --enable-aggregator-routing: an aggregated server running
+    as a local process is reached through an ExternalName Service (localhost), which only
+    the default (service) routing resolves; endpoint routing takes ClusterIP Services only
+    and Endpoints refuse loopback addresses."""
+    return [
+        f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+        f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+    ]
+
+
 class LocalCluster:
     """etcd and kube-apiserver on free loopback ports, RBAC on, token authentication."""
 
@@ -408,6 +449,7 @@ class LocalCluster:
         # Service account token signing key pair (ES256).
         _ec_key("sa.key", pki)
         _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+        _write_front_proxy_pki(pki)
 
     def _write_tokens(self) -> None:
         lines = []
@@ -557,6 +599,7 @@ class LocalCluster:
                 # No kubelets or controllers: nothing to reconcile the kubernetes
                 # Endpoints for, and a loopback address there is invalid anyway.
                 "--endpoint-reconciler-type=none",
+                *_aggregation_flags(pki),
                 "--profiling=false",
                 "--v=1",
                 *self.extra_apiserver_args,

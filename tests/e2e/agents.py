@@ -495,7 +495,8 @@ class World:
 
     # -- the operator ---------------------------------------------------------------------
 
-    def start_operator(self) -> None:
+    def start_operator(self, output_api_port: int = 0) -> None:
+        """`output_api_port`: serve the aggregated output API on 127.0.0.1 there (0: off)."""
         self.operator = _spawn_logged(
             self.operator_log,
             [
@@ -523,6 +524,10 @@ class World:
                 "1",
                 "--unload-timeout",
                 "60",
+                "--output-api-port",
+                str(output_api_port),
+                "--output-api-address",
+                "127.0.0.1",
             ],
         )
 

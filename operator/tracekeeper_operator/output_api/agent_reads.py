@@ -1,0 +1,114 @@
+"""Reading one probe's output from an agent: GET /v1/values and the GET /v1/events stream.
+
+Requests are signed with the agent token like the operator's pushes (the token never
+travels); a values answer is believed only when the agent signed it back. The event stream
+is not signed by the agent (it is not state); what it carries is bounded per line and
+parsed as JSON objects only. The probe is always selected on the agent, by its id.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import aiohttp
+from pydantic import ValidationError
+from yarl import URL
+
+from tracekeeper_api import signing
+from tracekeeper_api.output import ProbeValues
+from tracekeeper_operator.agent_client import AgentError, TokenSource, _TooLarge, read_bounded
+
+MAX_VALUES_BYTES = 4 * 1024 * 1024
+MAX_EVENT_LINE = 256 * 1024
+
+
+class AgentReads(Protocol):
+    async def values(self, endpoint: str, probe_id: str) -> ProbeValues: ...
+
+    def events(self, endpoint: str, probe_id: str) -> AsyncIterator[dict[str, Any]]: ...
+
+
+def _path(route: str, probe_id: str) -> str:
+    return f"{route}?probe={quote(probe_id, safe='/')}"
+
+
+class HttpAgentReads:
+    def __init__(self, tokens: TokenSource, *, timeout: float = 10.0) -> None:
+        self._tokens = tokens
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                read_bufsize=MAX_EVENT_LINE, max_line_size=MAX_EVENT_LINE
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def values(self, endpoint: str, probe_id: str) -> ProbeValues:
+        key = self._tokens.token()
+        path = _path("/v1/values", probe_id)
+        signed = signing.sign_request(key, "GET", path, b"")
+        try:
+            async with self._client().get(
+                URL(endpoint + path, encoded=True),
+                headers={signing.REQUEST_HEADER: signed.header},
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+            ) as resp:
+                status = resp.status
+                body = await read_bounded(resp, MAX_VALUES_BYTES)
+                signature = resp.headers.get(signing.RESPONSE_HEADER, "")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise AgentError(f"agent unreachable ({type(exc).__name__})") from exc
+        except _TooLarge:
+            raise AgentError(f"agent answer larger than {MAX_VALUES_BYTES} bytes") from None
+        try:
+            signing.verify_response(key, signature, signed.nonce, status, body)
+        except signing.SignatureError:
+            raise AgentError(
+                f"agent answer not signed with the API token (HTTP {status})"
+            ) from None
+        if status == 404:
+            raise AgentError("probe not loaded on this node")
+        if status != 200:
+            raise AgentError(f"agent refused the request (HTTP {status})")
+        try:
+            values = ProbeValues.model_validate_json(body)
+        except ValidationError as exc:
+            raise AgentError("agent answer is not ProbeValues") from exc
+        if values.probe != probe_id:
+            raise AgentError("agent answered for another probe")
+        return values
+
+    async def events(self, endpoint: str, probe_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The probe's events until the agent ends the stream; AgentError on failure."""
+        key = self._tokens.token()
+        path = _path("/v1/events", probe_id)
+        signed = signing.sign_request(key, "GET", path, b"")
+        try:
+            async with self._client().get(
+                URL(endpoint + path, encoded=True),
+                headers={signing.REQUEST_HEADER: signed.header},
+                timeout=aiohttp.ClientTimeout(total=None, connect=self._timeout),
+            ) as resp:
+                if resp.status != 200:
+                    raise AgentError(f"agent refused the stream (HTTP {resp.status})")
+                async for line in resp.content:
+                    if not line.strip():
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        raise AgentError("agent sent a line that is not JSON") from None
+                    if not isinstance(event, dict) or event.get("probe") != probe_id:
+                        raise AgentError("agent sent an event of another probe")
+                    yield event
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise AgentError(f"agent stream failed ({type(exc).__name__})") from exc
