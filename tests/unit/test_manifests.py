@@ -60,6 +60,11 @@ def _kustomization(directory: Path) -> Obj:
 
 def _load(directory: Path) -> list[Obj]:
     kustomization = _kustomization(directory)
+    unset_only = None  # a NamespaceTransformer with unsetOnly: what has no namespace gets one
+    for transformer in kustomization.get("transformers", []):
+        spec = yaml.safe_load(transformer)
+        if spec["kind"] == "NamespaceTransformer" and spec.get("unsetOnly"):
+            unset_only = spec["metadata"]["namespace"]
     docs: list[Obj] = []
     for resource in kustomization["resources"]:
         path = directory / resource
@@ -71,6 +76,8 @@ def _load(directory: Path) -> list[Obj]:
                 continue
             if "namespace" in kustomization and not _cluster_scoped(doc):
                 doc["metadata"]["namespace"] = kustomization["namespace"]
+            if unset_only and not _cluster_scoped(doc):
+                doc["metadata"].setdefault("namespace", unset_only)
             docs.append(doc)
     return docs
 
@@ -82,6 +89,7 @@ _CLUSTER_KINDS = {
     "ClusterRoleBinding",
     "ValidatingAdmissionPolicy",
     "ValidatingAdmissionPolicyBinding",
+    "APIService",
 }
 
 
@@ -145,12 +153,24 @@ def test_base_lists_every_file() -> None:
     assert listed == on_disk
 
 
+KUBE_SYSTEM_READER = "tracekeeper-operator:extension-apiserver-authentication-reader"
+"""The one object outside tracekeeper-system: the output API reads the front-proxy
+configuration in kube-system, where that Role is."""
+
+
 def test_everything_namespaced_is_in_tracekeeper_system() -> None:
-    assert _kustomization(BASE)["namespace"] == DEFAULT_NAMESPACE
+    (transformer,) = _kustomization(BASE)["transformers"]
+    assert yaml.safe_load(transformer)["metadata"]["namespace"] == DEFAULT_NAMESPACE
     assert _one("Namespace")["metadata"]["name"] == DEFAULT_NAMESPACE
     for doc in BASE_DOCS:
-        if not _cluster_scoped(doc):
-            assert doc["metadata"]["namespace"] == DEFAULT_NAMESPACE, doc["metadata"]["name"]
+        if _cluster_scoped(doc):
+            continue
+        name = doc["metadata"]["name"]
+        if name == KUBE_SYSTEM_READER:
+            assert doc["metadata"]["namespace"] == "kube-system"
+            assert doc["roleRef"]["name"] == "extension-apiserver-authentication-reader"
+            continue
+        assert doc["metadata"]["namespace"] == DEFAULT_NAMESPACE, name
 
 
 def test_crd_copies_match_crds() -> None:
@@ -436,8 +456,11 @@ def _prometheus_peer() -> Obj:
     """Who the operator's metrics admit: Prometheus pods of the monitoring namespace only
     (a tenant pod labelled as Prometheus must not read every tenant's metrics)."""
     policy = _one("NetworkPolicy", "tracekeeper-operator")["spec"]
-    (rule,) = policy["ingress"]
+    rule, output_api = policy["ingress"]
     assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    # The output API is open to every source (the kube-apiserver is no pod): it answers
+    # only the front proxy's client certificate.
+    assert output_api == {"ports": [{"port": "output-api", "protocol": "TCP"}]}
     (peer,) = rule["from"]
     assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
     assert peer["namespaceSelector"] == {
@@ -449,6 +472,8 @@ def _prometheus_peer() -> Obj:
 def test_no_policy_admits_peers_from_every_namespace() -> None:
     for policy in (d for d in BASE_DOCS if d["kind"] == "NetworkPolicy"):
         for rule in policy["spec"]["ingress"]:
+            if rule["ports"] == [{"port": "output-api", "protocol": "TCP"}]:
+                continue  # see _prometheus_peer
             for peer in rule["from"]:
                 selector = peer.get("namespaceSelector")
                 assert (
