@@ -1,0 +1,1 @@
+"""kubectl tracekeeper: read a TraceProbe's output with your own kubectl credentials."""
