@@ -32,14 +32,19 @@ def duration(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    def connection(p: argparse.ArgumentParser, default: object) -> None:
+        # Before or after the command, as with kubectl's own flags.
+        p.add_argument("-n", "--namespace", default=default, help="default: the context's")
+        p.add_argument("--kubeconfig", default=default, help="default: $KUBECONFIG")
+        p.add_argument("--context", default=default, help="the kubeconfig context to use")
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("name", help="the TraceProbe")
-    common.add_argument("-n", "--namespace", help="default: the context's namespace")
-    common.add_argument("--kubeconfig", help="default: $KUBECONFIG, else ~/.kube/config")
-    common.add_argument("--context", help="the kubeconfig context to use")
+    connection(common, argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="kubectl tracekeeper", description=(__doc__ or "").splitlines()[0]
     )
+    connection(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
     tail = sub.add_parser("tail", parents=[common], help="follow the probe's events, all nodes")
     tail.add_argument("--for", dest="duration", type=duration, help="stop after this long")
