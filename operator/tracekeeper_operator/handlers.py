@@ -138,10 +138,10 @@ def register_handlers(registry: kopf.OperatorRegistry, runtime: Runtime) -> None
     async def changed(**_: Any) -> None:
         runtime.indexes_complete()
 
-    kopf.on.event("pods", registry=registry, id="pod_changed")(changed)
-    kopf.on.event("namespaces", registry=registry, id="namespace_changed")(changed)
+    kopf.on.event("v1", "pods", registry=registry, id="pod_changed")(changed)
+    kopf.on.event("v1", "namespaces", registry=registry, id="namespace_changed")(changed)
     if runtime.settings.read_nodes:
-        kopf.on.event("nodes", registry=registry, id="node_changed")(changed)
+        kopf.on.event("v1", "nodes", registry=registry, id="node_changed")(changed)
     kopf.on.event(GROUP, VERSION, "traceprobes", registry=registry, id="probe_changed")(changed)
     kopf.on.event(GROUP, VERSION, "tracefilters", registry=registry, id="filter_changed")(changed)
 

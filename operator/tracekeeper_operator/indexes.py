@@ -39,7 +39,7 @@ INDEX_IDS = (PODS, AGENTS, NODES, NAMESPACES, PROBES, FILTERS)
 
 
 def register_indexes(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
-    @kopf.index("pods", id=PODS, registry=registry)
+    @kopf.index("v1", "pods", id=PODS, registry=registry)
     def tk_pods(*, body: kopf.Body, **_: Any) -> dict[str, PodRecord] | None:
         record = pod_record(body)
         return {record.namespace: record} if record else None
@@ -52,19 +52,19 @@ def register_indexes(registry: kopf.OperatorRegistry, settings: OperatorSettings
     )
 
     # The labels only narrow the watch; agent_record decides (namespace, owning DaemonSet).
-    @kopf.index("pods", id=AGENTS, labels=dict(settings.agent_labels), registry=registry)
+    @kopf.index("v1", "pods", id=AGENTS, labels=dict(settings.agent_labels), registry=registry)
     def tk_agents(*, body: kopf.Body, **_: Any) -> dict[str, AgentRecord] | None:
         record = agent_record(body, trust)
         return {record.node: record} if record else None
 
     if settings.read_nodes:
 
-        @kopf.index("nodes", id=NODES, registry=registry)
+        @kopf.index("v1", "nodes", id=NODES, registry=registry)
         def tk_nodes(*, body: kopf.Body, **_: Any) -> dict[str, LabelledRecord] | None:
             record = labelled_record(body)
             return {record.name: record} if record else None
 
-    @kopf.index("namespaces", id=NAMESPACES, registry=registry)
+    @kopf.index("v1", "namespaces", id=NAMESPACES, registry=registry)
     def tk_namespaces(*, body: kopf.Body, **_: Any) -> dict[str, LabelledRecord] | None:
         record = labelled_record(body)
         return {record.name: record} if record else None
