@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tracekeeper_agent.cli import Agent, running_agent
-from tracekeeper_agent.kernel import ProgramLoader
+from tracekeeper_agent.ports import ProgramLoader
+from tracekeeper_agent.service.cli import Agent, running_agent
 
 NODE = "bench-node"
 TOKEN = "bench-token"

@@ -34,7 +34,7 @@ from bench.common import (
     require_root,
     run_loop,
 )
-from tracekeeper_agent.cgroups import cgroup_id, detect_root
+from tracekeeper_agent.targets.cgroups import cgroup_id, detect_root
 
 CALLS = 3000
 SPACING_NS = 10_000

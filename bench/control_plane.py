@@ -44,7 +44,7 @@ from tests.controlplane.local_cluster import LocalCluster, build_binaries
 from tests.e2e.agents import GROUP_PATH, FakePod, SimNode, World, condition, wait_until
 
 from bench.common import Table, percentile, require_root
-from tracekeeper_agent.cgroups import detect_root
+from tracekeeper_agent.targets.cgroups import detect_root
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACES = 4

@@ -45,9 +45,9 @@ from bench.common import (
     run_loop,
 )
 from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
-from tracekeeper_agent.cgroups import cgroup_id, create_cgroup, detect_root
-from tracekeeper_agent.kernel import Attachment, FilterEntries, KernelCounters, ProgramPlan
-from tracekeeper_agent.program_builder import build_plan
+from tracekeeper_agent.ports import Attachment, FilterEntries, KernelCounters, ProgramPlan
+from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.targets.cgroups import cgroup_id, create_cgroup, detect_root
 from tracekeeper_api.protocol import ProbeAssignment
 
 TRACEPOINT = "syscalls:sys_enter_getppid"

@@ -35,7 +35,7 @@ sys.path.append(str(ROOT))  # the simulated node and kubelet live with the e2e t
 from tests.controlplane.local_cluster import LocalCluster, build_binaries  # noqa: E402
 from tests.e2e.agents import World, condition, hits_by_pod, wait_until  # noqa: E402
 
-from tracekeeper_agent.cgroups import detect_root  # noqa: E402
+from tracekeeper_agent.targets.cgroups import detect_root  # noqa: E402
 
 NAMESPACE = "shop"
 TENANT = "alice"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.controlplane.local_cluster import LocalCluster, find_free_ports
-from tracekeeper_agent.cgroups import create_cgroup, remove_cgroup_tree
+from tracekeeper_agent.targets.cgroups import create_cgroup, remove_cgroup_tree
 
 BIN = Path(sys.executable).parent
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"

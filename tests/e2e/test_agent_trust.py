@@ -22,7 +22,7 @@ from tests.e2e.agents import (
     condition,
     wait_until,
 )
-from tracekeeper_agent.cgroups import detect_root
+from tracekeeper_agent.targets.cgroups import detect_root
 
 pytestmark = pytest.mark.e2e
 

@@ -28,7 +28,7 @@ from tests.e2e.agents import (
     samples,
     wait_until,
 )
-from tracekeeper_agent.cgroups import detect_root
+from tracekeeper_agent.targets.cgroups import detect_root
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
-from tracekeeper_agent.cgroups import (
+from tracekeeper_agent.targets.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
+from tracekeeper_agent.targets.cgroups import (
     CgroupDriver,
     CgroupIndex,
     CgroupOwner,

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from tests.kernel.conftest import run_in_cgroup
-from tracekeeper_agent.cgroups import (
+from tracekeeper_agent.targets.cgroups import (
     DEFAULT_ROOT_CANDIDATES,
     CgroupDriver,
     CgroupIndex,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tracekeeper_agent.tracefs import (
+from tracekeeper_agent.host.tracefs import (
     FieldKind,
     TracepointNotFound,
     find_tracefs,

@@ -12,7 +12,7 @@ from typing import Literal
 
 from tracekeeper_agent.active import ActiveProbe
 from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import (
+from tracekeeper_agent.ports import (
     CountSample,
     FilterEntries,
     HistogramSample,

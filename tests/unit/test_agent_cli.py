@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.cli import (
+from tracekeeper_agent.service.cli import (
     EXIT_USAGE,
     StandaloneError,
     build_parser,

@@ -5,7 +5,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from tracekeeper_agent.cgroups import (
+from tracekeeper_agent.targets.cgroups import (
     CgroupDriver,
     CgroupError,
     CgroupIndex,

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.unit.agent_fakes import CID_A, UID_A, UID_B, FakeCgroups, FakeProcesses
-from tracekeeper_agent.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
-from tracekeeper_agent.cgroups import CgroupIndex
 from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.targets import (
+from tracekeeper_agent.targets.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
+from tracekeeper_agent.targets.cgroups import CgroupIndex
+from tracekeeper_agent.targets.resolution import (
     BINDING,
     CgroupChanges,
     NodeCgroups,

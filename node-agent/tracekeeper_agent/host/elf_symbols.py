@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from tracekeeper_agent.rootfs import (
+from tracekeeper_agent.host.rootfs import (
     OpenedFile,
     RootPathError,
     elf_machine_ok,

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tracekeeper_agent.tracefs import TracefsNotFound, find_tracefs
+from tracekeeper_agent.host.tracefs import TracefsNotFound, find_tracefs
 
 RING_BUFFER_SINCE = (5, 8)
 # BCC attaches through the *_EVENTS perf PMUs: the probe support alone is not enough.

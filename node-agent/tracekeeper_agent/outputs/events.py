@@ -28,7 +28,7 @@ from aiohttp import web
 
 from tracekeeper_agent.active import ActiveProbe
 from tracekeeper_agent.identity import Attributor
-from tracekeeper_agent.kernel import RawEvent
+from tracekeeper_agent.ports import RawEvent
 from tracekeeper_api.protocol import EventDrops
 
 log = logging.getLogger(__name__)

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.kernel import LoadedProgram, LoadFailure, ProgramLoader, ProgramPlan
-from tracekeeper_agent.probe_kinds.uprobe import NothingToAttach
-from tracekeeper_agent.program_builder import plan_inputs
-from tracekeeper_agent.state_store import StateStore
-from tracekeeper_agent.targets import (
+from tracekeeper_agent.ports import LoadedProgram, LoadFailure, ProgramLoader, ProgramPlan
+from tracekeeper_agent.programs.builder import plan_inputs
+from tracekeeper_agent.programs.kinds.uprobe import NothingToAttach
+from tracekeeper_agent.reconcile.state_store import StateStore
+from tracekeeper_agent.reconcile.tenancy import DEFAULT_PRIVILEGED, refusal
+from tracekeeper_agent.targets.resolution import (
     CgroupChanges,
     CgroupLookup,
     ProcessTable,
@@ -39,7 +40,6 @@ from tracekeeper_agent.targets import (
     needs_polling,
     resolve_targets,
 )
-from tracekeeper_agent.tenancy import DEFAULT_PRIVILEGED, refusal
 from tracekeeper_api.protocol import (
     EventDrops,
     KernelInfo,

@@ -8,7 +8,7 @@ for probes outside the privileged namespaces, as a NotPermitted outcome of that 
 
 from __future__ import annotations
 
-from tracekeeper_agent.kernel import LoadFailure
+from tracekeeper_agent.ports import LoadFailure
 from tracekeeper_api.protocol import ProbeAssignment
 
 DEFAULT_PRIVILEGED = frozenset({"tracekeeper-system"})

@@ -24,10 +24,14 @@ import yaml
 from aiohttp import web
 from pydantic import ValidationError
 
-from tracekeeper_agent.cgroup_watch import CgroupWatcher
-from tracekeeper_agent.cgroups import CgroupError, CgroupIndex, detect_root
-from tracekeeper_agent.events import EventHub, open_events_file
-from tracekeeper_agent.http_api import (
+from tracekeeper_agent.host.kernel_features import KernelFeatures
+from tracekeeper_agent.outputs.events import EventHub, open_events_file
+from tracekeeper_agent.outputs.metrics import AgentMetrics
+from tracekeeper_agent.ports import ProgramLoader
+from tracekeeper_agent.reconcile.reconciler import Reconciler
+from tracekeeper_agent.reconcile.state_store import DEFAULT_STATE_DIR, StateStore
+from tracekeeper_agent.reconcile.tenancy import DEFAULT_PRIVILEGED
+from tracekeeper_agent.service.http_api import (
     API_LIMITS,
     METRICS_LIMITS,
     Listener,
@@ -36,19 +40,15 @@ from tracekeeper_agent.http_api import (
     start_listener,
     token_source,
 )
-from tracekeeper_agent.kernel import ProgramLoader
-from tracekeeper_agent.kernel_features import KernelFeatures
-from tracekeeper_agent.metrics import AgentMetrics
-from tracekeeper_agent.reconciler import Reconciler
-from tracekeeper_agent.state_store import DEFAULT_STATE_DIR, StateStore
-from tracekeeper_agent.targets import (
+from tracekeeper_agent.targets.cgroup_watch import CgroupWatcher
+from tracekeeper_agent.targets.cgroups import CgroupError, CgroupIndex, detect_root
+from tracekeeper_agent.targets.resolution import (
     NodeCgroups,
     ProcTable,
     TargetAttributor,
     TargetRoots,
     follow_cgroups,
 )
-from tracekeeper_agent.tenancy import DEFAULT_PRIVILEGED
 from tracekeeper_api.filters import TraceFilterSpec
 from tracekeeper_api.protocol import KernelInfo, NodeReport, NodeState, ProbeTargets, spec_hash
 from tracekeeper_api.resources import (
@@ -252,7 +252,7 @@ async def running_agent(
     """The agent with its cgroup watcher and target polling running, and the persisted
     state being restored (`ready` is set when done). Serve `agent.app` meanwhile: /healthz
     must answer while the restored programs compile."""
-    from tracekeeper_agent.program_builder import Planner, node_kernel
+    from tracekeeper_agent.programs.builder import Planner, node_kernel
 
     root = detect_root(cgroup_root)
     # Watch first, then index: a directory created in between is seen by one or the other.
@@ -356,8 +356,8 @@ def load_standalone(path: Path, cgroup_root: Path | None) -> tuple[NodeState, Pa
 
 
 async def run(args: argparse.Namespace, state: NodeState, root: Path) -> int:
-    from tracekeeper_agent.console import run_console
-    from tracekeeper_agent.program_builder import Planner
+    from tracekeeper_agent.outputs.console import run_console
+    from tracekeeper_agent.programs.builder import Planner
 
     cgroups = NodeCgroups(CgroupIndex(root))  # host paths only: no pod index to build
     planner = Planner()  # uprobes resolve in the host's root: the host's root user asks

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from tracekeeper_agent.cgroups import find_kubepods_dirs, is_kubepods_name
+from tracekeeper_agent.targets.cgroups import find_kubepods_dirs, is_kubepods_name
 
 log = logging.getLogger(__name__)
 

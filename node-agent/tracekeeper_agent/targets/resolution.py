@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from tracekeeper_agent.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
-from tracekeeper_agent.cgroups import (
+from tracekeeper_agent.host.rootfs import cgroup_pids, open_process_root, open_root
+from tracekeeper_agent.identity import PodIdentity
+from tracekeeper_agent.ports import FilterEntries
+from tracekeeper_agent.programs.kinds.context import TargetRoot
+from tracekeeper_agent.targets.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
+from tracekeeper_agent.targets.cgroups import (
     CgroupError,
     CgroupIndex,
     CgroupOwner,
     parse_cgroup_path,
     split_container_id,
 )
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import FilterEntries
-from tracekeeper_agent.probe_kinds.context import TargetRoot
-from tracekeeper_agent.rootfs import cgroup_pids, open_process_root, open_root
 from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
 
 BINDING = 1

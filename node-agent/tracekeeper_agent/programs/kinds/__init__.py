@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tracekeeper_agent.probe_kinds import (
+from tracekeeper_agent.programs.kinds import (
     kprobe,
     program,
     raw_tracepoint,
@@ -17,7 +17,7 @@ from tracekeeper_agent.probe_kinds import (
     tracepoint,
     uprobe,
 )
-from tracekeeper_agent.probe_kinds.context import BuildContext, KindRender
+from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender
 from tracekeeper_api.probes import TraceProbeSpec
 
 Renderer = Callable[[TraceProbeSpec, BuildContext], KindRender]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracekeeper_agent.kernel import Attachment, EventField
-from tracekeeper_agent.kernel_features import KernelFeatures
+from tracekeeper_agent.host.kernel_features import KernelFeatures
+from tracekeeper_agent.ports import Attachment, EventField
 
 
 @dataclass(frozen=True)

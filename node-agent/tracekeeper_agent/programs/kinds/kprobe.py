@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tracekeeper_agent.kernel import Attachment, LoadFailure
-from tracekeeper_agent.probe_kinds.context import BuildContext, KindRender
-from tracekeeper_agent.probe_kinds.outputs import regs_function
+from tracekeeper_agent.ports import Attachment, LoadFailure
+from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender
+from tracekeeper_agent.programs.kinds.outputs import regs_function
 from tracekeeper_api.probes import TraceProbeSpec
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tracekeeper_agent.kernel import EventField
+from tracekeeper_agent.ports import EventField
 from tracekeeper_api.probes import OutputSpec
 
 

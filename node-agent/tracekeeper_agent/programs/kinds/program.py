@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tracekeeper_agent.kernel import Attachment, LoadFailure
-from tracekeeper_agent.probe_kinds.context import BuildContext, KindRender
+from tracekeeper_agent.ports import Attachment, LoadFailure
+from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender
 from tracekeeper_api.probes import TraceProbeSpec
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from tracekeeper_agent.kernel import Attachment, LoadFailure
-from tracekeeper_agent.probe_kinds.context import BuildContext, KindRender
-from tracekeeper_agent.probe_kinds.outputs import emit
-from tracekeeper_agent.tracefs import find_tracefs
+from tracekeeper_agent.host.tracefs import find_tracefs
+from tracekeeper_agent.ports import Attachment, LoadFailure
+from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender
+from tracekeeper_agent.programs.kinds.outputs import emit
 from tracekeeper_api.probes import TraceProbeSpec
 
 

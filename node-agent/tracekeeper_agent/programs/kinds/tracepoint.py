@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from tracekeeper_agent.kernel import Attachment, EventField, LoadFailure
-from tracekeeper_agent.probe_kinds.context import BuildContext, KindRender
-from tracekeeper_agent.probe_kinds.outputs import emit
-from tracekeeper_agent.tracefs import (
+from tracekeeper_agent.host.tracefs import (
     FieldKind,
     TracefsError,
     TracepointField,
     TracepointFormat,
     read_format,
 )
+from tracekeeper_agent.ports import Attachment, EventField, LoadFailure
+from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender
+from tracekeeper_agent.programs.kinds.outputs import emit
 from tracekeeper_api.probes import TraceProbeSpec
 
 STRING_BYTES = 256

@@ -7,10 +7,10 @@ counts). Attachments go through /proc/self/fd/N of the fd that was checked.
 
 from __future__ import annotations
 
-from tracekeeper_agent.elf_symbols import UprobeFile, UprobeTargetError, resolve_uprobe
-from tracekeeper_agent.kernel import AttachKind, Attachment, LoadFailure
-from tracekeeper_agent.probe_kinds.context import BuildContext, KindRender, TargetRoot
-from tracekeeper_agent.probe_kinds.outputs import regs_function
+from tracekeeper_agent.host.elf_symbols import UprobeFile, UprobeTargetError, resolve_uprobe
+from tracekeeper_agent.ports import AttachKind, Attachment, LoadFailure
+from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender, TargetRoot
+from tracekeeper_agent.programs.kinds.outputs import regs_function
 from tracekeeper_api.probes import TraceProbeSpec
 
 NO_ROOT_YET = "no process runs in the targeted containers yet"
