@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from tracekeeper_agent.ports import ProgramLoader
-from tracekeeper_agent.service.cli import Agent, running_agent
+from tracekeeper_agent.service.agent import Agent, running_agent
 
 NODE = "bench-node"
 TOKEN = "bench-token"

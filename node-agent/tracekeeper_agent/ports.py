@@ -1,8 +1,10 @@
-"""The seam between the agent's logic and the kernel.
+"""The agent's seams: the kernel, and who a cgroup belongs to.
 
 The reconciler, exporters and HTTP API talk to loaded programs only through these
 Protocols and plain data types, so their logic is unit-testable with fakes; the real
 implementation lives in `tracekeeper_agent.bpf` (the only package importing bcc).
+Targets and outputs meet at `Attributor` (cgroup id -> pod names), builders and targets at
+`TargetRoot` (a container's root filesystem).
 """
 
 from __future__ import annotations
@@ -182,3 +184,28 @@ class LoadedProgram(Protocol):
 class ProgramLoader(Protocol):
     def load(self, plan: ProgramPlan) -> LoadedProgram:
         """Compile (cached) and attach; raises LoadFailure with the compiler/verifier text."""
+
+
+# --- who a cgroup belongs to, and the roots targets see -----------------------------------------
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    namespace: str
+    pod: str
+    container: str = ""
+    """Empty when the cgroup is the pod's own (pod-level) cgroup or not known yet."""
+
+
+class Attributor(Protocol):
+    def identify(self, cgroup_id: int) -> PodIdentity | None:
+        """The pod/container of a cgroup id (the current task's cgroup), if a target's."""
+
+
+@dataclass(frozen=True)
+class TargetRoot:
+    """A root filesystem whom the probe targets, open as a dirfd (the caller closes it)."""
+
+    fd: int
+    label: str
+    """Names it in messages with the tenant's own words (`pod team-a/web-0`, `host`)."""

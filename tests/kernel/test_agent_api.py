@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.controlplane.local_cluster import find_free_ports
 from tests.kernel.conftest import run_in_cgroup
-from tracekeeper_agent.service.cli import Agent, running_agent
+from tracekeeper_agent.service.agent import Agent, running_agent
 from tracekeeper_agent.targets.cgroups import create_cgroup
 
 pytestmark = pytest.mark.kernel

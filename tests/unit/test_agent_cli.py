@@ -8,15 +8,13 @@ import pytest
 
 from tracekeeper_agent.service.cli import (
     EXIT_USAGE,
-    StandaloneError,
     build_parser,
     check_listeners,
     main,
-    outcome_lines,
     parse_duration,
     parse_listen,
-    standalone_state,
 )
+from tracekeeper_agent.service.standalone import StandaloneError, outcome_lines, standalone_state
 from tracekeeper_api.protocol import NodeReport, ProbeOutcome
 from tracekeeper_api.resources import load_documents
 

@@ -7,7 +7,6 @@ import io
 import json
 
 from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe, raw_event, until
-from tracekeeper_agent.identity import PodIdentity
 from tracekeeper_agent.outputs.console import (
     aggregate_counts,
     aggregate_histograms,
@@ -19,7 +18,13 @@ from tracekeeper_agent.outputs.console import (
     snapshot,
 )
 from tracekeeper_agent.outputs.events import EventHub
-from tracekeeper_agent.ports import CountSample, HistogramSample, KernelCounters, SampleKey
+from tracekeeper_agent.ports import (
+    CountSample,
+    HistogramSample,
+    KernelCounters,
+    PodIdentity,
+    SampleKey,
+)
 
 PODS = FakeAttributor(
     {

@@ -14,7 +14,6 @@ from prometheus_client.samples import Sample
 
 from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe, raw_event, until
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.identity import PodIdentity
 from tracekeeper_agent.outputs.events import EventHub
 from tracekeeper_agent.outputs.metrics import (
     OVERFLOW,
@@ -24,7 +23,13 @@ from tracekeeper_agent.outputs.metrics import (
     cumulative_buckets,
     estimated_sum,
 )
-from tracekeeper_agent.ports import CountSample, HistogramSample, KernelCounters, SampleKey
+from tracekeeper_agent.ports import (
+    CountSample,
+    HistogramSample,
+    KernelCounters,
+    PodIdentity,
+    SampleKey,
+)
 
 PODS = FakeAttributor(
     {

@@ -36,7 +36,7 @@ from tracekeeper_agent.reconcile.reconciler import (
 )
 from tracekeeper_agent.reconcile.state_store import StateStore
 from tracekeeper_agent.reconcile.tenancy import DEFAULT_PRIVILEGED
-from tracekeeper_agent.targets.resolution import CgroupChanges
+from tracekeeper_agent.targets.node import CgroupChanges
 from tracekeeper_api.protocol import NodeReport, ProbeAssignment, ProbeOutcome
 
 

@@ -14,10 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TextIO
 
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.identity import Attributor
 from tracekeeper_agent.outputs.events import EventHub, encode, rfc3339
 from tracekeeper_agent.outputs.metrics import KeyLabels, key_labels
-from tracekeeper_agent.ports import CountSample, HistogramSample
+from tracekeeper_agent.ports import Attributor, CountSample, HistogramSample
 
 COLUMNS = ("pod", "container", "comm", "pid")
 DEFAULT_TOP = 10

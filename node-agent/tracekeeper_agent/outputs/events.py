@@ -19,16 +19,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from aiohttp import web
-
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.identity import Attributor
-from tracekeeper_agent.ports import RawEvent
+from tracekeeper_agent.ports import Attributor, RawEvent
 from tracekeeper_api.protocol import EventDrops
 
 log = logging.getLogger(__name__)
@@ -38,8 +35,6 @@ Event = dict[str, Any]
 DEFAULT_QUEUE_SIZE = 4096
 DEFAULT_POLL_TIMEOUT_MS = 100
 DEFAULT_INFLIGHT_BATCHES = 8
-IDLE_CHECK_SECONDS = 5.0
-"""How often an idle NDJSON stream checks that its client is still there."""
 
 # Keys every event has; a captured tracepoint field with one of these names is written as
 # field_<name> so that it never hides what the agent knows about the task.
@@ -382,44 +377,3 @@ class EventHub:
 def open_events_file(path: str | Path) -> TextIO:
     """The --events-file sink: JSON lines appended (an agent restart keeps what was there)."""
     return open(path, "a", encoding="utf-8")  # closed by EventHub.close
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def ndjson_handler(hub: EventHub) -> Handler:
-    """GET handler streaming a subscription as NDJSON; `?probe=ns/name` selects one probe.
-
-    The stream ends when the probe is removed or the hub closes; a client that goes away
-    ends the subscription at the next event or idle check."""
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        probe = request.query.get("probe") or None
-        if probe is not None and not hub.has_probe(probe):
-            raise web.HTTPNotFound(
-                text=json.dumps({"error": f"no events probe {probe} on this node"}),
-                content_type="application/json",
-            )
-        response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
-        response.content_type = "application/x-ndjson"
-        async with hub.subscribe(probe) as sub:
-            await response.prepare(request)
-            while True:
-                try:
-                    async with asyncio.timeout(IDLE_CHECK_SECONDS):
-                        event = await sub.next()
-                except TimeoutError:
-                    if request.transport is None or request.transport.is_closing():
-                        break
-                    continue
-                if event is None:
-                    await response.write_eof()
-                    break
-                chunk = "".join(encode(e) for e in [event, *sub.drain()])
-                try:
-                    await response.write(chunk.encode())
-                except ConnectionResetError:
-                    break
-        return response
-
-    return handle

@@ -27,9 +27,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.identity import Attributor
 from tracekeeper_agent.outputs.events import EventHub
-from tracekeeper_agent.ports import HistogramSample, KernelCounters, SampleKey
+from tracekeeper_agent.ports import Attributor, HistogramSample, KernelCounters, SampleKey
 
 log = logging.getLogger(__name__)
 

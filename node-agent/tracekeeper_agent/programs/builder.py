@@ -16,9 +16,8 @@ from pathlib import Path
 from tracekeeper_agent.host.elf_symbols import UprobeTargetError, find_binary
 from tracekeeper_agent.host.kernel_features import KernelFeatures, detect
 from tracekeeper_agent.host.rootfs import RootPathError, open_root
-from tracekeeper_agent.ports import FilterKind, HeldFiles, LoadFailure, ProgramPlan
+from tracekeeper_agent.ports import FilterKind, HeldFiles, LoadFailure, ProgramPlan, TargetRoot
 from tracekeeper_agent.programs.kinds import REGISTRY, BuildContext, KindRender
-from tracekeeper_agent.programs.kinds.context import TargetRoot
 from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
 
 PRELUDE = (Path(__file__).parent / "c_prelude.h").read_text()

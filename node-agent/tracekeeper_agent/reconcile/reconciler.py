@@ -31,12 +31,12 @@ from tracekeeper_agent.programs.builder import plan_inputs
 from tracekeeper_agent.programs.kinds.uprobe import NothingToAttach
 from tracekeeper_agent.reconcile.state_store import StateStore
 from tracekeeper_agent.reconcile.tenancy import DEFAULT_PRIVILEGED, refusal
+from tracekeeper_agent.targets.attribution import TargetAttributor
+from tracekeeper_agent.targets.node import CgroupChanges
 from tracekeeper_agent.targets.resolution import (
-    CgroupChanges,
     CgroupLookup,
     ProcessTable,
     Resolution,
-    TargetAttributor,
     needs_polling,
     resolve_targets,
 )

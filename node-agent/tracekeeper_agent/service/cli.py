@@ -1,7 +1,8 @@
-"""`tracekeeper-agent`: the node agent (`serve`) and standalone tracing on a host (`run`).
+"""`tracekeeper-agent`: the node agent (`serve`), standalone tracing on a host (`run`) and
+the C a probe compiles to (`render`): arguments and commands.
 
-Only the commands import the BCC loader (lazily), so that this module and everything it
-imports at the top stay importable without bcc.
+Only the commands import the BCC loader (lazily, in `agent`), so that this module and
+everything it imports at the top stay importable without bcc.
 """
 
 from __future__ import annotations
@@ -13,66 +14,42 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, cast
 
 import yaml
-from aiohttp import web
-from pydantic import ValidationError
 
-from tracekeeper_agent.host.kernel_features import KernelFeatures
-from tracekeeper_agent.outputs.events import EventHub, open_events_file
-from tracekeeper_agent.outputs.metrics import AgentMetrics
-from tracekeeper_agent.ports import ProgramLoader
+from tracekeeper_agent.outputs.events import EventHub
 from tracekeeper_agent.reconcile.reconciler import Reconciler
-from tracekeeper_agent.reconcile.state_store import DEFAULT_STATE_DIR, StateStore
+from tracekeeper_agent.reconcile.state_store import DEFAULT_STATE_DIR
 from tracekeeper_agent.reconcile.tenancy import DEFAULT_PRIVILEGED
+from tracekeeper_agent.service.agent import real_loader, running_agent
 from tracekeeper_agent.service.http_api import (
     API_LIMITS,
     METRICS_LIMITS,
     Listener,
-    create_app,
-    create_metrics_app,
     start_listener,
     token_source,
 )
-from tracekeeper_agent.targets.cgroup_watch import CgroupWatcher
-from tracekeeper_agent.targets.cgroups import CgroupError, CgroupIndex, detect_root
-from tracekeeper_agent.targets.resolution import (
-    NodeCgroups,
-    ProcTable,
-    TargetAttributor,
-    TargetRoots,
-    follow_cgroups,
-)
-from tracekeeper_api.filters import TraceFilterSpec
-from tracekeeper_api.protocol import KernelInfo, NodeReport, NodeState, ProbeTargets, spec_hash
+from tracekeeper_agent.service.standalone import StandaloneError, load_standalone, outcome_lines
+from tracekeeper_agent.targets.cgroups import CgroupError, CgroupIndex
+from tracekeeper_agent.targets.node import NodeCgroups
+from tracekeeper_agent.targets.processes import ProcTable
+from tracekeeper_api.protocol import NodeState
 from tracekeeper_api.resources import (
     DocumentError,
-    Resource,
-    TraceFilter,
-    TraceProbe,
-    format_errors,
-    load_documents,
 )
 
 log = logging.getLogger("tracekeeper_agent")
 
 DEFAULT_LISTEN = "0.0.0.0:9440"
-DEFAULT_NAMESPACE = "default"
 EXIT_USAGE = 2
 EXIT_NOTHING_LOADED = 1
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class StandaloneError(ValueError):
-    """A file that standalone mode cannot run; the message names the document and field."""
 
 
 # --- pure helpers ------------------------------------------------------------------------------
@@ -109,207 +86,13 @@ def check_listeners(api: tuple[str, int], metrics: tuple[str, int]) -> None:
         )
 
 
-def kernel_info(features: KernelFeatures) -> KernelInfo:
-    return KernelInfo(
-        release=features.release,
-        kprobes=features.kprobes.available,
-        uprobes=features.uprobes.available,
-        btf=features.btf.available,
-        headers=features.kernel_headers.available,
-    )
-
-
-def host_targets(spec: TraceFilterSpec | None, where: str, prefix: str) -> ProbeTargets:
-    """A filter's targets on this host. Pod selection needs Kubernetes: refused, as is a
-    filter that selects no host process (it would trace nothing, silently)."""
-    if spec is not None:
-        for field, used in (
-            ("podSelector", spec.pod_selector is not None),
-            ("namespaceSelector", spec.namespace_selector is not None),
-            ("containers", bool(spec.containers)),
-        ):
-            if used:
-                raise StandaloneError(
-                    f"{where}: {prefix}{field} selects Kubernetes pods, which standalone mode "
-                    "does not have; trace host processes with pids, cgroupPaths or hostWide"
-                )
-    if spec is None:
-        raise StandaloneError(
-            f"{where}: no filter or filterRef; in Kubernetes that traces every pod of the "
-            "namespace, on a host set filter.pids, filter.cgroupPaths or filter.hostWide: true"
-        )
-    if not (spec.pids or spec.cgroup_paths or spec.host_wide):
-        raise StandaloneError(
-            f"{where}: {prefix.rstrip('.')} selects no host process; set pids, cgroupPaths or "
-            "hostWide: true (processNames only narrow those down)"
-        )
-    return ProbeTargets(
-        pids=spec.pids,
-        follow_children=spec.follow_children,
-        cgroup_paths=spec.cgroup_paths,
-        process_names=spec.process_names,
-        host_wide=spec.host_wide,
-    )
-
-
-def standalone_state(resources: Sequence[Resource], *, node: str, source: str) -> NodeState:
-    """TraceProbes of one file as a NodeState for this host, filterRefs resolved within the
-    file (same namespace)."""
-    filters = {
-        (r.metadata.namespace or DEFAULT_NAMESPACE, r.metadata.name): r.spec
-        for r in resources
-        if isinstance(r, TraceFilter)
-    }
-    probes = [r for r in resources if isinstance(r, TraceProbe)]
-    if not probes:
-        raise StandaloneError(f"{source}: no TraceProbe in the file")
-    assignments = []
-    for probe in probes:
-        namespace = probe.metadata.namespace or DEFAULT_NAMESPACE
-        where = f"{source}: TraceProbe {namespace}/{probe.metadata.name}"
-        spec = probe.spec
-        if spec.filter_ref is not None:
-            found = filters.get((namespace, spec.filter_ref))
-            if found is None:
-                raise StandaloneError(
-                    f"{where}: spec.filterRef {spec.filter_ref!r} names no TraceFilter of "
-                    f"namespace {namespace} in this file"
-                )
-            filter_where = f"{source}: TraceFilter {namespace}/{spec.filter_ref}"
-            targets = host_targets(found, filter_where, "spec.")
-        else:
-            targets = host_targets(spec.filter, where, "spec.filter.")
-        assignments.append(
-            {
-                "id": f"{namespace}/{probe.metadata.name}",
-                "specHash": spec_hash(spec),
-                "spec": spec.to_wire(),
-                "targets": targets.to_wire(),
-                "allowProgram": True,  # whoever runs this is root on this host already
-            }
-        )
-    try:
-        return NodeState.model_validate({"node": node, "revision": 1, "probes": assignments})
-    except ValidationError as exc:
-        raise StandaloneError(f"{source}: cannot run these probes:\n{format_errors(exc)}") from exc
-
-
-def outcome_lines(report: NodeReport) -> list[str]:
-    lines = []
-    for p in report.probes:
-        if p.state == "Loaded":
-            ids = ", ".join(str(i) for i in p.program_ids)
-            detail = f"program ids {ids}; {p.filter_entries} filter entries"
-            if p.message:
-                detail += f"; {p.message}"
-        else:
-            detail = f"{p.reason}: {p.message}" if p.message else p.reason
-        lines.append(f"{p.id}: {p.state} ({detail})")
-    return lines
-
-
 # --- commands ----------------------------------------------------------------------------------
-
-
-def _real_loader() -> ProgramLoader:
-    from tracekeeper_agent.bpf.loader import BccLoader  # the only path to bcc
-
-    return BccLoader()
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-
-
-@dataclass
-class Agent:
-    """The node agent's parts, wired; `running_agent` starts and stops them."""
-
-    reconciler: Reconciler
-    hub: EventHub
-    metrics: AgentMetrics
-    app: web.Application
-    """The API: state, events, and /metrics, behind the token."""
-    metrics_app: web.Application
-    """GET /metrics only, no token (serve --metrics-listen)."""
-    ready: asyncio.Event
-    cgroups: NodeCgroups
-
-
-@contextlib.asynccontextmanager
-async def running_agent(
-    *,
-    node: str,
-    token: str | Callable[[], str],
-    state_dir: Path,
-    cgroup_root: Path | None = None,
-    events_file: Path | None = None,
-    loader: ProgramLoader | None = None,
-    privileged_namespaces: frozenset[str] = DEFAULT_PRIVILEGED,
-) -> AsyncIterator[Agent]:
-    """The agent with its cgroup watcher and target polling running, and the persisted
-    state being restored (`ready` is set when done). Serve `agent.app` meanwhile: /healthz
-    must answer while the restored programs compile."""
-    from tracekeeper_agent.programs.builder import Planner, node_kernel
-
-    root = detect_root(cgroup_root)
-    # Watch first, then index: a directory created in between is seen by one or the other.
-    watcher = CgroupWatcher(root)
-    watcher.start()
-    index = CgroupIndex(root)
-    index.rescan()
-    cgroups = NodeCgroups(index)
-    planner = Planner(TargetRoots(cgroups))  # uprobes resolve in the targeted containers
-    attributor = TargetAttributor(cgroups)
-    hub = EventHub(attributor, sink=open_events_file(events_file) if events_file else None)
-    reconciler: Reconciler
-    metrics = AgentMetrics(
-        lambda: reconciler.active_probes(),
-        attributor,
-        events=hub,
-        filter_entries=lambda p: reconciler.filter_entries(p),
-    )
-    reconciler = Reconciler(
-        node=node,
-        loader=loader or _real_loader(),
-        build_plan=planner.build,
-        plan_inputs=planner.inputs,
-        privileged_namespaces=privileged_namespaces,
-        cgroups=cgroups,
-        processes=ProcTable(),
-        store=StateStore(state_dir),
-        kernel=kernel_info(node_kernel()),
-        backlog_drops=lambda probe_id: hub.counts(probe_id).backlog,
-        compile_observer=metrics.observe_compile,
-        attributor=attributor,
-    )
-    reconciler.readers.append(hub)
-    ready = asyncio.Event()
-    app = create_app(reconciler, token=token, registry=metrics.registry, events=hub, ready=ready)
-    metrics_app = create_metrics_app(reconciler, metrics.registry)
-
-    async def restore() -> None:
-        restored = await reconciler.restore()
-        if restored is not None:
-            log.info("resumed revision %d (%d probes)", restored.revision, len(restored.probes))
-        ready.set()
-
-    background = [
-        asyncio.create_task(follow_cgroups(watcher, cgroups, reconciler.refresh_targets)),
-        asyncio.create_task(reconciler.poll_targets()),
-        asyncio.create_task(restore()),
-    ]
-    try:
-        yield Agent(reconciler, hub, metrics, app, metrics_app, ready, cgroups)
-    finally:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        await hub.close()
-        await reconciler.close()
-        watcher.close()
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -346,15 +129,6 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_standalone(path: Path, cgroup_root: Path | None) -> tuple[NodeState, Path]:
-    """The file's probes as this host's state, and the cgroup root (for cgroupPaths)."""
-    source = str(path)
-    state = standalone_state(
-        list(load_documents(path.read_text(), source)), node=socket.gethostname(), source=source
-    )
-    return state, detect_root(cgroup_root)
-
-
 async def run(args: argparse.Namespace, state: NodeState, root: Path) -> int:
     from tracekeeper_agent.outputs.console import run_console
     from tracekeeper_agent.programs.builder import Planner
@@ -363,7 +137,7 @@ async def run(args: argparse.Namespace, state: NodeState, root: Path) -> int:
     planner = Planner()  # uprobes resolve in the host's root: the host's root user asks
     reconciler = Reconciler(
         node=state.node,
-        loader=_real_loader(),
+        loader=real_loader(),
         build_plan=planner.build,
         plan_inputs=planner.inputs,
         privileged_namespaces=None,  # the file is the host root user's own

@@ -26,8 +26,9 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
-from tracekeeper_agent.outputs.events import EventHub, ndjson_handler
+from tracekeeper_agent.outputs.events import EventHub
 from tracekeeper_agent.reconcile.reconciler import Reconciler, StaleRevision, StateRefused
+from tracekeeper_agent.service.event_stream import ndjson_handler
 from tracekeeper_api import signing
 from tracekeeper_api.protocol import NodeState
 

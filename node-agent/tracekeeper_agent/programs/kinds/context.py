@@ -6,16 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tracekeeper_agent.host.kernel_features import KernelFeatures
-from tracekeeper_agent.ports import Attachment, EventField
-
-
-@dataclass(frozen=True)
-class TargetRoot:
-    """A root filesystem whom the probe targets, open as a dirfd (the caller closes it)."""
-
-    fd: int
-    label: str
-    """Names it in messages with the tenant's own words (`pod team-a/web-0`, `host`)."""
+from tracekeeper_agent.ports import Attachment, EventField, TargetRoot
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ counts). Attachments go through /proc/self/fd/N of the fd that was checked.
 from __future__ import annotations
 
 from tracekeeper_agent.host.elf_symbols import UprobeFile, UprobeTargetError, resolve_uprobe
-from tracekeeper_agent.ports import AttachKind, Attachment, LoadFailure
-from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender, TargetRoot
+from tracekeeper_agent.ports import AttachKind, Attachment, LoadFailure, TargetRoot
+from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender
 from tracekeeper_agent.programs.kinds.outputs import regs_function
 from tracekeeper_api.probes import TraceProbeSpec
 
