@@ -10,7 +10,7 @@ are plain users (only ``system:authenticated``), so RBAC decides what they may d
 
 CLI (the demo uses it)::
 
-    python tests/controlplane/local_cluster.py start --dir DIR
+    python -m tracekeeper_sim.local_cluster start --dir DIR
 
 starts the cluster, writes DIR/pids and the kubeconfigs, prints the admin kubeconfig
 path and stays in the foreground until SIGINT or SIGTERM, then stops it cleanly.
@@ -41,7 +41,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-CONTROLPLANE_DIR = Path(__file__).resolve().parent
+CONTROLPLANE_DIR = Path(__file__).resolve().parents[2] / "tests" / "controlplane"
+"""The Go module that builds the binaries (go.mod, build.sh), kept beside the tests."""
 BUILD_SCRIPT = CONTROLPLANE_DIR / "build.sh"
 BINARIES = ("etcd", "kube-apiserver", "kubectl")
 ADMIN = "admin"

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from tracekeeper_agent.ports import ProgramLoader
 from tracekeeper_agent.service.agent import Agent, running_agent
+from tracekeeper_sim import kubelet
 
 NODE = "bench-node"
 TOKEN = "bench-token"
@@ -30,25 +31,27 @@ class FakePod:
     name: str
     directory: Path
     container_id: str
+    """Bare hex, as containerd names it."""
+    namespace: str = "bench"
 
     @classmethod
-    def new(cls, kubepods_qos: Path, name: str) -> FakePod:
+    def new(cls, kubepods_qos: Path, name: str, namespace: str = "bench") -> FakePod:
         uid = str(uuid.uuid4())
-        directory = kubepods_qos / f"kubepods-burstable-pod{uid.replace('-', '_')}.slice"
-        return cls(uid, name, directory, uuid.uuid4().hex + uuid.uuid4().hex)
+        directory = kubelet.pod_dir(kubepods_qos, uid)
+        return cls(uid, name, directory, uuid.uuid4().hex + uuid.uuid4().hex, namespace)
 
     @property
     def container_dir(self) -> Path:
-        return self.directory / f"cri-containerd-{self.container_id}.scope"
+        return kubelet.container_dir(self.directory, self.container_id)
 
-    def target(self, namespace: str = "bench") -> dict[str, Any]:
-        return {"uid": self.uid, "namespace": namespace, "name": self.name}
+    def target(self, namespace: str | None = None) -> dict[str, Any]:
+        return {"uid": self.uid, "namespace": namespace or self.namespace, "name": self.name}
 
 
 def kubepods_qos(top: Path) -> Path:
     """top/kubepods.slice/kubepods-burstable.slice, made before the agent starts (it finds
     kubepods trees within two levels of the root)."""
-    qos = top / "kubepods.slice" / "kubepods-burstable.slice"
+    qos = kubelet.qos_dir(top)
     qos.mkdir(parents=True, exist_ok=True)
     return qos
 

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.controlplane.local_cluster import LocalCluster, find_free_ports
-from tracekeeper_agent.targets.cgroups import create_cgroup, remove_cgroup_tree
+from tracekeeper_sim import kubelet
+from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
+from tracekeeper_sim.local_cluster import LocalCluster, find_free_ports
 
 BIN = Path(sys.executable).parent
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
@@ -277,7 +278,7 @@ class SimNode:
 
     @property
     def besteffort(self) -> Path:
-        return self.sandbox / "kubepods.slice" / "kubepods-besteffort.slice"
+        return kubelet.qos_dir(self.sandbox, kubelet.QosClass.BESTEFFORT)
 
 
 @dataclass
@@ -292,10 +293,10 @@ class FakePod:
 
     @property
     def directory(self) -> Path:
-        return self.node.besteffort / f"kubepods-besteffort-pod{self.uid.replace('-', '_')}.slice"
+        return kubelet.pod_dir(self.node.besteffort, self.uid, kubelet.QosClass.BESTEFFORT)
 
     def container_dir(self, name: str) -> Path:
-        return self.directory / f"cri-containerd-{self.containers[name]}.scope"
+        return kubelet.container_dir(self.directory, self.containers[name])
 
     def start(self, container: str) -> None:
         """A process in the container's cgroup (placed before it execs, as a runtime does)
@@ -380,7 +381,7 @@ class World:
         self.kube.create("/api/v1/nodes", _meta("Node", name, labels=labels or {}))
         sandbox = self.cgroup_root / f"tk-e2e-{self.run_id}-{name}"
         # Made before the agent starts: it looks for kubepods trees when it starts.
-        create_cgroup(sandbox / "kubepods.slice" / "kubepods-besteffort.slice")
+        create_cgroup(kubelet.qos_dir(sandbox, kubelet.QosClass.BESTEFFORT))
         port, metrics_port = find_free_ports(2)
         agent = AgentProcess(
             name,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.controlplane.local_cluster import ControlPlaneError, LocalCluster
+from tracekeeper_sim.local_cluster import ControlPlaneError, LocalCluster
 
 pytestmark = pytest.mark.e2e
 

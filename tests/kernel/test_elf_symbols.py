@@ -17,7 +17,8 @@ from tracekeeper_agent.host.elf_symbols import (
     resolve_uprobe,
 )
 from tracekeeper_agent.host.rootfs import open_process_root, open_root
-from tracekeeper_agent.targets.cgroups import detect_root, pid_cgroup
+from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim.kubelet import pid_cgroup
 
 pytestmark = pytest.mark.kernel
 

@@ -20,8 +20,9 @@ from tracekeeper_agent.outputs.events import EventHub
 from tracekeeper_agent.outputs.metrics import AgentMetrics, cumulative_buckets
 from tracekeeper_agent.ports import FilterEntries, PodIdentity
 from tracekeeper_agent.programs.builder import build_plan
-from tracekeeper_agent.targets.cgroups import cgroup_id, create_cgroup
+from tracekeeper_agent.targets.cgroups import cgroup_id
 from tracekeeper_api.protocol import ProbeAssignment
+from tracekeeper_sim.kubelet import create_cgroup
 
 pytestmark = pytest.mark.kernel
 
