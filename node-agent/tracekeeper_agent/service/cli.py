@@ -33,6 +33,7 @@ from tracekeeper_agent.service.http_api import (
     start_listener,
     token_source,
 )
+from tracekeeper_agent.service.render import render_state
 from tracekeeper_agent.service.standalone import StandaloneError, load_standalone, outcome_lines
 from tracekeeper_agent.targets.cgroups import CgroupError, CgroupIndex
 from tracekeeper_agent.targets.node import NodeCgroups
@@ -226,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", choices=["table", "json"], default="table")
     r.add_argument("--interval", type=_duration, default=1.0, help="refresh period (1s)")
     r.add_argument("--cgroup-root", type=Path, default=None, help="cgroup v2 root (detected)")
+
+    c = commands.add_parser(
+        "render", help="print the C text each TraceProbe of a file compiles to (loads nothing)"
+    )
+    c.add_argument("-f", "--file", type=Path, required=True, help="YAML with TraceProbe/Filter")
+    c.add_argument("--cgroup-root", type=Path, default=None, help="cgroup v2 root (detected)")
     return parser
 
 
@@ -244,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, DocumentError, StandaloneError, CgroupError, yaml.YAMLError) as exc:
             print(f"tracekeeper-agent: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        if args.command == "render":
+            return EXIT_NOTHING_LOADED if render_state(state, sys.stdout, sys.stderr) else 0
         return asyncio.run(run(args, state, root))
     except (ValueError, CgroupError, OSError) as exc:  # configuration errors: no traceback
         print(f"tracekeeper-agent: {exc}", file=sys.stderr)
