@@ -30,11 +30,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.agent_harness import TOKEN, FakePod, ServedAgent, kubepods_qos, served_agent
 from bench.common import Table, cgroup_sandbox, met, profile_table, rate, require_root, run_loop
 from tracekeeper_agent.bpf.loader import BccLoader
-from tracekeeper_agent.cgroups import detect_root
-from tracekeeper_agent.kernel import (
+from tracekeeper_agent.ports import (
     CountSample,
     FilterEntries,
     HistogramSample,
@@ -43,6 +41,8 @@ from tracekeeper_agent.kernel import (
     ProgramPlan,
     RawEvent,
 )
+from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim.served_agent import TOKEN, FakePod, ServedAgent, kubepods_qos, served_agent
 
 PROBE_ID = "bench/events"
 GOAL_RATE = 300_000

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tracekeeper_agent.bpf_ids import NotABpfObject, map_id, prog_id
+from tracekeeper_agent.host.bpf_ids import NotABpfObject, map_id, prog_id
 
 pytestmark = pytest.mark.kernel
 

@@ -16,13 +16,13 @@ from tests.kernel.conftest import run_in_cgroup
 from tests.unit.output_fakes import until
 from tracekeeper_agent.active import ActiveProbe
 from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
-from tracekeeper_agent.cgroups import cgroup_id, create_cgroup
-from tracekeeper_agent.events import EventHub
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import FilterEntries
-from tracekeeper_agent.metrics import AgentMetrics, cumulative_buckets
-from tracekeeper_agent.program_builder import build_plan
+from tracekeeper_agent.outputs.events import EventHub
+from tracekeeper_agent.outputs.metrics import AgentMetrics, cumulative_buckets
+from tracekeeper_agent.ports import FilterEntries, PodIdentity
+from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.targets.cgroups import cgroup_id
 from tracekeeper_api.protocol import ProbeAssignment
+from tracekeeper_sim.kubelet import create_cgroup
 
 pytestmark = pytest.mark.kernel
 

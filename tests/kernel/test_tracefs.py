@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tracekeeper_agent.kernel import LoadFailure
-from tracekeeper_agent.program_builder import Planner, build_plan
-from tracekeeper_agent.tracefs import (
+from tracekeeper_agent.host.tracefs import (
     FieldKind,
     TracepointNotFound,
     find_tracefs,
@@ -15,6 +13,8 @@ from tracekeeper_agent.tracefs import (
     read_format,
     tracepoint_exists,
 )
+from tracekeeper_agent.ports import LoadFailure
+from tracekeeper_agent.programs.builder import Planner, build_plan
 from tracekeeper_api.protocol import ProbeAssignment
 
 pytestmark = pytest.mark.kernel

@@ -8,8 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracekeeper_agent.cgroups import CgroupOwner
-from tracekeeper_agent.kernel import (
+from tracekeeper_agent.ports import (
     CountSample,
     FilterEntries,
     FilterKind,
@@ -19,6 +18,7 @@ from tracekeeper_agent.kernel import (
     ProgramPlan,
     RawEvent,
 )
+from tracekeeper_agent.targets.cgroups import CgroupOwner
 from tracekeeper_api.protocol import NodeState, ProbeAssignment
 
 UID_A = "11111111-aaaa-4000-8000-000000000001"

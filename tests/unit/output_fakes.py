@@ -11,12 +11,12 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import (
+from tracekeeper_agent.ports import (
     CountSample,
     FilterEntries,
     HistogramSample,
     KernelCounters,
+    PodIdentity,
     ProgramPlan,
     RawEvent,
 )

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.bpf_ids import NotABpfObject, map_id, prog_id
+from tracekeeper_agent.host.bpf_ids import NotABpfObject, map_id, prog_id
 
 PROG_FDINFO = """\
 pos:\t0

@@ -7,7 +7,7 @@ import io
 import json
 
 from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe, raw_event, until
-from tracekeeper_agent.console import (
+from tracekeeper_agent.outputs.console import (
     aggregate_counts,
     aggregate_histograms,
     count_table,
@@ -17,9 +17,14 @@ from tracekeeper_agent.console import (
     run_console,
     snapshot,
 )
-from tracekeeper_agent.events import EventHub
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import CountSample, HistogramSample, KernelCounters, SampleKey
+from tracekeeper_agent.outputs.events import EventHub
+from tracekeeper_agent.ports import (
+    CountSample,
+    HistogramSample,
+    KernelCounters,
+    PodIdentity,
+    SampleKey,
+)
 
 PODS = FakeAttributor(
     {

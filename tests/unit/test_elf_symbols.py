@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from tracekeeper_agent.elf_symbols import (
+from tracekeeper_agent.host.elf_symbols import (
     BinaryNotFound,
     NotAnElf,
     SymbolKind,
@@ -24,7 +24,7 @@ from tracekeeper_agent.elf_symbols import (
     read_ld_cache,
     resolve_uprobe,
 )
-from tracekeeper_agent.rootfs import (
+from tracekeeper_agent.host.rootfs import (
     NotFoundInRoot,
     OpenedFile,
     PathRefused,

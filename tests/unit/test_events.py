@@ -11,15 +11,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe, raw_event, until
-from tracekeeper_agent.events import (
+from tracekeeper_agent.outputs.events import (
     EventHub,
     enrich,
-    ndjson_handler,
     open_events_file,
     rfc3339,
 )
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import RawEvent
+from tracekeeper_agent.ports import PodIdentity, RawEvent
+from tracekeeper_agent.service.event_stream import ndjson_handler
 from tracekeeper_api.protocol import EventDrops
 
 PODS = FakeAttributor({1001: PodIdentity("team-a", "web-0", "app")})

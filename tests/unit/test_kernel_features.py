@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.kernel_features import (
+from tracekeeper_agent.host.kernel_features import (
     KernelFeatures,
     detect,
     parse_kernel_config,

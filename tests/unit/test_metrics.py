@@ -14,16 +14,21 @@ from prometheus_client.samples import Sample
 
 from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe, raw_event, until
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.events import EventHub
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import CountSample, HistogramSample, KernelCounters, SampleKey
-from tracekeeper_agent.metrics import (
+from tracekeeper_agent.outputs.events import EventHub
+from tracekeeper_agent.outputs.metrics import (
     OVERFLOW,
     SAMPLE_LABELS,
     AgentMetrics,
     cap_series,
     cumulative_buckets,
     estimated_sum,
+)
+from tracekeeper_agent.ports import (
+    CountSample,
+    HistogramSample,
+    KernelCounters,
+    PodIdentity,
+    SampleKey,
 )
 
 PODS = FakeAttributor(

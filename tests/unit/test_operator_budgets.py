@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from tests.unit.test_program_builder import CTX
-from tracekeeper_agent.http_api import MAX_BODY
-from tracekeeper_agent.program_builder import build_plan
+from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.service.http_api import MAX_BODY
 from tracekeeper_api.budgets import BUDGET_ANNOTATION, Budget, parse_override
 from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.protocol import MAX_STATE_BYTES, NodeState, spec_hash

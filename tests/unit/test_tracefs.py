@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.tracefs import (
+from tracekeeper_agent.host.tracefs import (
     FieldKind,
     SyscallTracepoints,
     TracefsError,

@@ -14,8 +14,8 @@ from bcc import BPF  # the only place bcc is imported (see the import-linter con
 
 from tracekeeper_agent.bpf.maps import KERNEL_OWNED, bump_generation, sync_table
 from tracekeeper_agent.bpf.stderr_capture import capture_fd2
-from tracekeeper_agent.bpf_ids import prog_id
-from tracekeeper_agent.kernel import (
+from tracekeeper_agent.host.bpf_ids import prog_id
+from tracekeeper_agent.ports import (
     CountSample,
     FilterEntries,
     HistogramSample,
