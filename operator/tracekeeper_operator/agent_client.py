@@ -20,23 +20,12 @@ from pydantic import ValidationError
 
 from tracekeeper_api import signing
 from tracekeeper_api.protocol import MAX_PROBES_PER_NODE, NodeReport, NodeState
+from tracekeeper_operator.agent_errors import AgentError, StaleRevision
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "TRACEKEEPER_TOKEN"
 STATE_PATH = "/v1/state"
-
-
-class AgentError(Exception):
-    """The agent could not be reached, or answered with an error or nonsense."""
-
-
-class StaleRevision(AgentError):
-    """409: the agent applied a newer revision than the one sent."""
-
-    def __init__(self, message: str, applied_revision: int) -> None:
-        super().__init__(message)
-        self.applied_revision = applied_revision
 
 
 class AgentClient(Protocol):

@@ -21,7 +21,8 @@ from tracekeeper_operator.indexes import INDEX_IDS, register_indexes, snapshot
 from tracekeeper_operator.kube_api import KubeWrites, connection_info
 from tracekeeper_operator.metrics import OperatorMetrics
 from tracekeeper_operator.node_state import RevisionClock
-from tracekeeper_operator.pushes import Pusher, PushPlanner
+from tracekeeper_operator.push_planner import PushPlanner
+from tracekeeper_operator.pusher import Pusher
 from tracekeeper_operator.records import ObjectRef
 from tracekeeper_operator.settings import OperatorSettings
 from tracekeeper_operator.unloading import unload_verdict

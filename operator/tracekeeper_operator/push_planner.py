@@ -1,10 +1,10 @@
-"""Getting each node's desired state to its agent: coalesced, retried, re-sent when needed.
+"""Which pushes and resyncs are due for each node: the pure part of getting desired state
+to the agents (times are passed in; `pusher.Pusher` runs it against a clock and a client).
 
-`PushPlanner` is the pure part (times are passed in): per node it keeps the desired probes,
-what was sent and acknowledged, and the agent's last report, and says which pushes and
-resyncs are due. A churn storm only moves a node's "changed at" time: the node is pushed
+Per node the planner keeps the desired probes, what was sent and acknowledged, and the
+agent's last report. A churn storm only moves a node's "changed at" time: the node is pushed
 once it has been quiet for `debounce` (or after `max_delay` at the latest), with its latest
-full state. `Pusher` runs the planner against a real clock and an AgentClient.
+full state.
 
 An agent is sent the full state again when it restarted (another bootId), or when its report
 does not match what it was sent (revision, probe ids or spec hashes).
@@ -12,16 +12,13 @@ does not match what it was sent (revision, probe ids or spec hashes).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tracekeeper_api.protocol import NodeReport, NodeState
-from tracekeeper_operator.agent_client import AgentClient, AgentError, StaleRevision
-from tracekeeper_operator.metrics import OperatorMetrics
+from tracekeeper_operator.agent_errors import AgentError, StaleRevision
+from tracekeeper_operator.agent_views import AgentView
 from tracekeeper_operator.node_state import Assignments, RevisionClock, node_state
 
 log = logging.getLogger(__name__)
@@ -41,21 +38,6 @@ class ResyncAction:
 
 
 Action = PushAction | ResyncAction
-
-
-@dataclass(frozen=True)
-class AgentView:
-    """One node's agent as status folding and unloading see it."""
-
-    node: str
-    endpoint: str | None
-    report: NodeReport | None
-    error: str | None
-    """Why the last contact failed; None when it succeeded (or none was made yet)."""
-    in_flight: frozenset[str] = frozenset()
-    """Probe ids of a push on its way (not yet confirmed either way)."""
-    desired: frozenset[str] = frozenset()
-    """Probe ids the node should run (pushed or about to be)."""
 
 
 @dataclass
@@ -280,124 +262,3 @@ class PushPlanner:
             ch.endpoint is None or (ch.dirty_since is None and ch.in_flight is None)
             for ch in self._channels.values()
         )
-
-
-def status_inputs(view: AgentView) -> tuple[object, ...]:
-    """What status folding and unloading read of a view (not the agents' live counters)."""
-    probes: tuple[tuple[str, ...], ...] = ()
-    if view.report is not None:
-        probes = tuple(
-            (p.id, p.spec_hash, p.state, p.reason, p.message) for p in view.report.probes
-        )
-    return (view.endpoint, view.error, view.report is None, probes, view.in_flight)
-
-
-def holding_nodes(probe_id: str, views: Mapping[str, AgentView]) -> list[str]:
-    """Nodes whose agent may still run `probe_id`: its last report lists the probe, or it
-    answered at least once and the probe is still desired there or on its way in a push.
-    An agent that never answered this operator holds nothing: it is not known to run the
-    probe, and if it does (a predecessor's push) it drops it with the next state it gets."""
-    holding = []
-    for node, view in sorted(views.items()):
-        if view.endpoint is None or view.report is None:
-            continue
-        if (
-            probe_id in view.desired
-            or probe_id in view.in_flight
-            or any(p.id == probe_id for p in view.report.probes)
-        ):
-            holding.append(node)
-    return holding
-
-
-class Pusher:
-    """Runs the planner: starts due pushes and resyncs, and reports their outcomes."""
-
-    def __init__(
-        self,
-        planner: PushPlanner,
-        client: AgentClient,
-        *,
-        metrics: OperatorMetrics | None = None,
-        on_change: Callable[[], None] = lambda: None,
-        clock: Callable[[], float] = time.monotonic,
-        concurrency: int = 64,
-    ) -> None:
-        self.planner = planner
-        self._client = client
-        self._metrics = metrics
-        self.on_change = on_change
-        """Called after every agent answer (or failure): statuses may have changed."""
-        self._clock = clock
-        self._limit = asyncio.Semaphore(concurrency)
-        self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def update(
-        self, desired: Mapping[str, Assignments], endpoints: Mapping[str, str | None]
-    ) -> None:
-        if self.planner.set_desired(desired, endpoints, self._clock()):
-            self._wake.set()
-
-    async def run(self) -> None:
-        try:
-            while True:
-                self._wake.clear()
-                for action in self.planner.due(self._clock()):
-                    task = asyncio.create_task(self._run_action(action))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                wake_at = self.planner.next_wakeup()
-                timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-        finally:
-            for task in list(self._tasks):
-                task.cancel()
-
-    async def _run_action(self, action: Action) -> None:
-        async with self._limit:
-            before = self.planner.views().get(action.node)
-            started = time.perf_counter()
-            if isinstance(action, PushAction):
-                await self._push(action, started)
-            else:
-                await self._resync(action)
-        self._wake.set()
-        after = self.planner.views().get(action.node)
-        # A resync that found the agent as it was (the common case, every node every
-        # interval) must not cost a render pass.
-        if before is None or after is None or status_inputs(before) != status_inputs(after):
-            self.on_change()
-
-    async def _push(self, action: PushAction, started: float) -> None:
-        outcome = "ok"
-        try:
-            report = await self._client.put_state(action.endpoint, action.state)
-        except StaleRevision as exc:
-            outcome = "stale"
-            log.info("push to %s: %s", action.node, exc)
-            self.planner.push_failed(action, exc, self._clock())
-        except AgentError as exc:
-            outcome = "error"
-            log.warning("push to %s failed: %s", action.node, exc)
-            self.planner.push_failed(action, exc, self._clock())
-        else:
-            self.planner.pushed(action, report, self._clock())
-        if self._metrics is not None:
-            self._metrics.observe_push(
-                outcome, time.perf_counter() - started, len(action.state.model_dump_json())
-            )
-
-    async def _resync(self, action: ResyncAction) -> None:
-        try:
-            report = await self._client.get_state(action.endpoint)
-        except AgentError as exc:
-            log.warning("reading the state of %s failed: %s", action.node, exc)
-            self.planner.resync_failed(action, exc, self._clock())
-            if self._metrics is not None:
-                self._metrics.resyncs.labels("error").inc()
-            return
-        self.planner.resynced(action, report, self._clock())
-        if self._metrics is not None:
-            self._metrics.resyncs.labels("ok").inc()

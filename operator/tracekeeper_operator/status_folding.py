@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Literal
 
 from tracekeeper_api.protocol import truncate_message
@@ -27,7 +26,8 @@ from tracekeeper_api.status import (
     TraceFilterStatus,
     TraceProbeStatus,
 )
-from tracekeeper_operator.pushes import AgentView
+from tracekeeper_operator.agent_views import AgentView
+from tracekeeper_operator.kube_events import EventSpec
 from tracekeeper_operator.records import FilterRecord, ProbeRecord
 from tracekeeper_operator.selection import Refusal, Selection
 
@@ -48,17 +48,6 @@ class NodeOutcome:
     message: str = ""
     known: bool = True
     """False until this operator has heard from the node's agent at all (just started)."""
-
-
-@dataclass(frozen=True)
-class EventSpec:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-def rfc3339(when: datetime | None = None) -> str:
-    return (when or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _clip(text: str) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from tracekeeper_operator.status_folding import EventSpec
+from tracekeeper_operator.kube_events import EventSpec
 
 MAX_NODES_NAMED = 10
 
