@@ -266,6 +266,14 @@ class ProbeOutcome(WireModel):
     drops: EventDrops = Field(default_factory=EventDrops)
 
 
+class StaleRevisionBody(WireModel):
+    """The agent's 409 answer to a PUT /v1/state older than the revision it applied: the
+    operator moves its revision clock past `appliedRevision`."""
+
+    error: str = ""
+    applied_revision: int = 0
+
+
 class KernelInfo(WireModel):
     release: str = ""
     kprobes: bool = False

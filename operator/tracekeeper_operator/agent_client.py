@@ -8,7 +8,6 @@ rotated token needs no restart).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -19,7 +18,12 @@ import aiohttp
 from pydantic import ValidationError
 
 from tracekeeper_api import signing
-from tracekeeper_api.protocol import MAX_PROBES_PER_NODE, NodeReport, NodeState
+from tracekeeper_api.protocol import (
+    MAX_PROBES_PER_NODE,
+    NodeReport,
+    NodeState,
+    StaleRevisionBody,
+)
 from tracekeeper_operator.agent_errors import AgentError, StaleRevision
 
 log = logging.getLogger(__name__)
@@ -146,8 +150,8 @@ class HttpAgentClient:
             ) from None
         if status == 409:
             applied = 0
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                applied = int(json.loads(text).get("appliedRevision", 0))
+            with contextlib.suppress(ValidationError):
+                applied = StaleRevisionBody.model_validate_json(text).applied_revision
             raise StaleRevision("agent applied a newer revision (HTTP 409)", applied)
         if status != 200:
             log.warning(

@@ -30,7 +30,7 @@ from tracekeeper_agent.outputs.events import EventHub
 from tracekeeper_agent.reconcile.reconciler import Reconciler, StaleRevision, StateRefused
 from tracekeeper_agent.service.event_stream import ndjson_handler
 from tracekeeper_api import signing
-from tracekeeper_api.protocol import NodeState
+from tracekeeper_api.protocol import NodeState, StaleRevisionBody
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ class _Routes:
         try:
             report = await self.reconciler.apply(state)
         except StaleRevision as exc:
-            return _error(409, str(exc), appliedRevision=exc.applied_revision)
+            answer = StaleRevisionBody(error=str(exc), applied_revision=exc.applied_revision)
+            return web.json_response(answer.to_wire(), status=409)
         except StateRefused as exc:
             return _error(exc.status, str(exc), fields=[])
         return web.json_response(report.to_wire())
