@@ -301,10 +301,3 @@ def spec_hash(spec: TraceProbeSpec) -> str:
         relevant.pop(key, None)
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def truncate_message(text: str, limit: int = MAX_MESSAGE) -> str:
-    """Bound a verifier/compiler message: keep its end, where the error is."""
-    if len(text) <= limit:
-        return text
-    return "…" + text[-(limit - 1) :]

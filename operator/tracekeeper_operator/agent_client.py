@@ -24,6 +24,7 @@ from tracekeeper_api.protocol import (
     NodeState,
     StaleRevisionBody,
 )
+from tracekeeper_api.text import one_line
 from tracekeeper_operator.agent_errors import AgentError, StaleRevision
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,8 @@ async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(body)
 
 
-def _detail(body: bytes) -> str:
-    """An authenticated agent's error text, for the operator's log only (never status)."""
-    text = " ".join(body[:MAX_DETAIL_BYTES].decode(errors="replace").split())
-    return text
-
-
 MAX_DETAIL_BYTES = 300
+"""An authenticated agent's error text logged at most (for the operator's log, never status)."""
 
 
 class HttpAgentClient:
@@ -155,7 +151,12 @@ class HttpAgentClient:
             raise StaleRevision("agent applied a newer revision (HTTP 409)", applied)
         if status != 200:
             log.warning(
-                "agent at %s: %s %s: HTTP %d: %s", endpoint, method, path, status, _detail(text)
+                "agent at %s: %s %s: HTTP %d: %s",
+                endpoint,
+                method,
+                path,
+                status,
+                one_line(text, MAX_DETAIL_BYTES),
             )
             raise AgentError(f"agent refused the request (HTTP {status})")
         try:

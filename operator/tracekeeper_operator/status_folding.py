@@ -13,10 +13,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from tracekeeper_api.protocol import truncate_message
 from tracekeeper_api.status import (
     MAX_FAILURES,
-    MAX_MESSAGE,
     Condition,
     ConditionStatus,
     ConditionType,
@@ -26,6 +24,7 @@ from tracekeeper_api.status import (
     TraceFilterStatus,
     TraceProbeStatus,
 )
+from tracekeeper_api.text import clip_message, first_of, truncate_message
 from tracekeeper_operator.agent_views import AgentView
 from tracekeeper_operator.kube_events import EventSpec
 from tracekeeper_operator.records import FilterRecord, ProbeRecord
@@ -50,13 +49,8 @@ class NodeOutcome:
     """False until this operator has heard from the node's agent at all (just started)."""
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
-
-
 def _named(nodes: Sequence[str]) -> str:
-    more = len(nodes) - MAX_NODES_NAMED
-    return ", ".join(nodes[:MAX_NODES_NAMED]) + (f" and {more} more" if more > 0 else "")
+    return first_of(nodes, MAX_NODES_NAMED)
 
 
 def node_outcome(
@@ -116,7 +110,7 @@ def _condition(
         type=type_,
         status=status,
         reason=reason,
-        message=_clip(message),
+        message=clip_message(message),
         observed_generation=generation,
         last_transition_time=previous.last_transition_time if kept and previous else now,
     )
@@ -136,9 +130,7 @@ def quota_condition(
     over = [o for o in outcomes if o.reason == QUOTA_EXCEEDED]
     if not over:
         return None
-    detail = "; ".join(o.message for o in over[:MAX_NODES_NAMED])
-    more = len(over) - MAX_NODES_NAMED
-    detail += f"; and {more} more" if more > 0 else ""
+    detail = first_of([o.message for o in over], MAX_NODES_NAMED, sep="; ", more_sep="; ")
     total = len(outcomes)
     where = f"left out of {len(over)} of {total} node{'s' if total != 1 else ''}"
     return cond("Accepted", "False", QUOTA_EXCEEDED, f"{where}: {detail}")
@@ -208,9 +200,12 @@ def fold_probe_status(
     ]
     if failed:
         reason = _dominant(failed)
-        detail = "; ".join(f"{f.node}: {f.reason}: {f.message}" for f in failed[:MAX_NODES_NAMED])
-        more = len(failed) - MAX_NODES_NAMED
-        detail += f"; and {more} more" if more > 0 else ""
+        detail = first_of(
+            [f"{f.node}: {f.reason}: {f.message}" for f in failed],
+            MAX_NODES_NAMED,
+            sep="; ",
+            more_sep="; ",
+        )
         degraded = cond("Degraded", "True", reason, f"failed on {len(failed)} of {total}: {detail}")
         short = f"{summary}; {reason} on {len(failed)}: {detail}"
     else:
@@ -263,7 +258,9 @@ def probe_events(previous: TraceProbeStatus | None, new: TraceProbeStatus) -> li
         # A node that left the probe out for a budget is told by the QuotaExceeded event.
         if (f.node, f.reason) not in before and f.reason != QUOTA_EXCEEDED:
             events.append(
-                EventSpec("Warning", "ProbeLoadFailed", _clip(f"{f.node}: {f.reason}: {f.message}"))
+                EventSpec(
+                    "Warning", "ProbeLoadFailed", clip_message(f"{f.node}: {f.reason}: {f.message}")
+                )
             )
     if was_loaded and ld is not None and ld.status == "False" and ld.reason == "Suspended":
         events.append(EventSpec("Normal", "ProbeUnloaded", ld.message))
@@ -276,7 +273,7 @@ def filter_events(previous: TraceFilterStatus | None, new: TraceFilterStatus) ->
     def accepted(status: TraceFilterStatus | None) -> Condition | None:
         if status is None:
             return None
-        return next((c for c in status.conditions if c.type == "Accepted"), None)
+        return status.condition("Accepted")
 
     now, before = accepted(new), accepted(previous)
     if now is None or (now.status, now.reason) != ("False", "NotPermitted"):
@@ -307,9 +304,7 @@ def fold_filter_status(
     previous: TraceFilterStatus | None,
     now: str,
 ) -> TraceFilterStatus:
-    before = (
-        next((c for c in previous.conditions if c.type == "Accepted"), None) if previous else None
-    )
+    before = previous.condition("Accepted") if previous else None
     if refusal is not None:
         accepted = _condition(
             "Accepted",

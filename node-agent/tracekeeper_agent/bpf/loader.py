@@ -25,7 +25,8 @@ from tracekeeper_agent.ports import (
     RawEvent,
     SampleKey,
 )
-from tracekeeper_api.protocol import ProbeState, truncate_message
+from tracekeeper_api.protocol import ProbeState
+from tracekeeper_api.text import truncate_message
 
 log = logging.getLogger(__name__)
 

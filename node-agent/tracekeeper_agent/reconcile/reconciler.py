@@ -48,8 +48,8 @@ from tracekeeper_api.protocol import (
     ProbeAssignment,
     ProbeOutcome,
     ProbeState,
-    truncate_message,
 )
+from tracekeeper_api.text import truncate_message
 
 log = logging.getLogger(__name__)
 

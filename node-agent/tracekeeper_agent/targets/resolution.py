@@ -23,6 +23,7 @@ from tracekeeper_agent.targets.cgroups import (
     CgroupOwner,
 )
 from tracekeeper_api.protocol import ProbeTargets
+from tracekeeper_api.text import first_of
 
 BINDING = 1
 """The map value of every entry: one filter per program until shared probes (several
@@ -68,10 +69,7 @@ class Resolution:
     def pending_message(self) -> str:
         if not self.pending:
             return ""
-        listed = ", ".join(self.pending[:MAX_PENDING_LISTED])
-        more = len(self.pending) - MAX_PENDING_LISTED
-        suffix = f" and {more} more" if more > 0 else ""
-        return f"waiting for the cgroups of {listed}{suffix}"
+        return f"waiting for the cgroups of {first_of(self.pending, MAX_PENDING_LISTED)}"
 
 
 def resolve_targets(
