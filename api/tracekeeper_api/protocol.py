@@ -255,8 +255,9 @@ class ProbeOutcome(WireModel):
     spec_hash: str
     state: ProbeState
     reason: str = Field(max_length=64)
-    """CamelCase: Loaded, CompileFailed, AttachFailed, Unsupported, KernelHeadersMissing,
-    InvalidSpec, NotPermitted, Suspended."""
+    """CamelCase, one of tracekeeper_api.reasons.OutcomeReason: Loaded, CompileFailed,
+    AttachFailed, Unsupported, KernelHeadersMissing, InvalidSpec, NotPermitted, Suspended,
+    Failed (a string on the wire: an agent of another version may know more)."""
     message: str = Field(default="", max_length=MAX_MESSAGE)
     program_ids: list[int] = Field(default_factory=list)
     """The kernel's BPF program ids (bpftool prog show); unchanged across filter updates."""

@@ -19,28 +19,6 @@ MAX_MESSAGE = 1024
 ConditionType = Literal["Ready", "Accepted", "Loaded", "Degraded"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
-# Stable CamelCase reasons: alerts and scripts key on them.
-Reason = Literal[
-    "Loaded",
-    "Accepted",
-    "Suspended",
-    "CompileFailed",
-    "AttachFailed",
-    "Unsupported",
-    "KernelHeadersMissing",
-    "NoMatchingPods",
-    "NodesPending",
-    "NotPermitted",
-    "QuotaExceeded",
-    "FilterNotFound",
-    "InvalidSpec",
-    "AgentUnreachable",
-    "Failed",
-    "AllNodesLoaded",
-    "SomeNodesFailed",
-    "NoFailures",
-]
-
 
 class Condition(WireModel):
     """A condition, as in every Kubernetes status."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from tracekeeper_api.protocol import ProbeState
+from tracekeeper_api.reasons import OutcomeReason
 
 FilterKind = Literal["cgroup", "pid", "comm"]
 AttachKind = Literal[
@@ -149,10 +150,10 @@ class KernelCounters:
 class LoadFailure(Exception):
     """A probe that could not be loaded, with the outcome to report."""
 
-    def __init__(self, state: ProbeState, reason: str, message: str) -> None:
+    def __init__(self, state: ProbeState, reason: OutcomeReason, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.state: ProbeState = state
-        self.reason = reason
+        self.reason: OutcomeReason = reason
         self.message = message
 
 

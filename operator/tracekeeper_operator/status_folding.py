@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
+from tracekeeper_api.reasons import Reason, ReportedReason
 from tracekeeper_api.status import (
     MAX_FAILURES,
     Condition,
@@ -32,7 +33,7 @@ from tracekeeper_operator.selection import Refusal, Selection
 
 MAX_NODES_NAMED = 5
 """Nodes named in a condition message; the rest are counted."""
-QUOTA_EXCEEDED = "QuotaExceeded"
+QUOTA_EXCEEDED: Final = "QuotaExceeded"
 
 NodeState = Literal["Loaded", "Failed", "Pending"]
 
@@ -43,7 +44,7 @@ class NodeOutcome:
 
     node: str
     state: NodeState
-    reason: str
+    reason: Reason | ReportedReason
     message: str = ""
     known: bool = True
     """False until this operator has heard from the node's agent at all (just started)."""
@@ -76,7 +77,8 @@ def node_outcome(
         return NodeOutcome(node, "Loaded", "Loaded", outcome.message)
     if outcome.state == "Suspended":
         return NodeOutcome(node, "Pending", "NodesPending", "suspended on the agent")
-    return NodeOutcome(node, "Failed", outcome.reason or outcome.state, outcome.message)
+    reported = ReportedReason(outcome.reason or outcome.state)
+    return NodeOutcome(node, "Failed", reported, outcome.message)
 
 
 def node_outcomes(
@@ -98,7 +100,7 @@ def node_outcomes(
 def _condition(
     type_: ConditionType,
     status: ConditionStatus,
-    reason: str,
+    reason: Reason | ReportedReason,
     message: str,
     *,
     generation: int,
@@ -116,7 +118,7 @@ def _condition(
     )
 
 
-def _dominant(failures: Sequence[NodeOutcome]) -> str:
+def _dominant(failures: Sequence[NodeOutcome]) -> Reason | ReportedReason:
     counts = Counter(f.reason for f in failures)
     best = max(counts.values())
     return next(f.reason for f in failures if counts[f.reason] == best)
@@ -124,7 +126,7 @@ def _dominant(failures: Sequence[NodeOutcome]) -> str:
 
 def quota_condition(
     outcomes: Sequence[NodeOutcome],
-    cond: Callable[[ConditionType, ConditionStatus, str, str], Condition],
+    cond: Callable[[ConditionType, ConditionStatus, Reason | ReportedReason, str], Condition],
 ) -> Condition | None:
     """Accepted=False, QuotaExceeded, when some node left the probe out for a budget."""
     over = [o for o in outcomes if o.reason == QUOTA_EXCEEDED]
@@ -147,7 +149,9 @@ def fold_probe_status(
 ) -> TraceProbeStatus:
     gen = probe.generation
 
-    def cond(type_: ConditionType, status: ConditionStatus, reason: str, msg: str) -> Condition:
+    def cond(
+        type_: ConditionType, status: ConditionStatus, reason: Reason | ReportedReason, msg: str
+    ) -> Condition:
         before = previous.condition(type_) if previous is not None else None
         return _condition(type_, status, reason, msg, generation=gen, previous=before, now=now)
 
@@ -167,7 +171,7 @@ def fold_probe_status(
     targets = TargetCounts(pods=selection.pods, containers=selection.containers)
     note = f" ({selection.note})" if selection.note else ""
 
-    def loaded_nowhere(reason: str, msg: str) -> TraceProbeStatus:
+    def loaded_nowhere(reason: Reason, msg: str) -> TraceProbeStatus:
         """Accepted, on purpose not loaded anywhere: nothing failed."""
         return TraceProbeStatus(
             observed_generation=gen,

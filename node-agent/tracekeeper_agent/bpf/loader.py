@@ -26,6 +26,7 @@ from tracekeeper_agent.ports import (
     SampleKey,
 )
 from tracekeeper_api.protocol import ProbeState
+from tracekeeper_api.reasons import OutcomeReason
 from tracekeeper_api.text import truncate_message
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ _TASK_COMM_LEN = 16
 _CFLAGS = ["-Wno-macro-redefined", "-Wno-unused-function"]
 
 
-def _failure_reason(text: str) -> str:
+def _failure_reason(text: str) -> OutcomeReason:
     if re.search(r"Unable to find kernel headers|linux/kconfig.h.*not found", text):
         return "KernelHeadersMissing"
     if re.search(r"error:|Failed to compile", text):
