@@ -252,10 +252,6 @@ class PushPlanner:
             for node, ch in self._channels.items()
         }
 
-    def desired(self, node: str) -> Assignments:
-        ch = self._channels.get(node)
-        return ch.desired if ch else ()
-
     def settled(self) -> bool:
         """Nothing to push and nothing in flight (tests and benchmarks wait on this)."""
         return all(
