@@ -13,6 +13,7 @@ import pytest
 
 from tracekeeper_agent.host.elf_symbols import (
     BinaryNotFound,
+    ElfSymbol,
     NotAnElf,
     SymbolKind,
     SymbolNotFound,
@@ -20,7 +21,7 @@ from tracekeeper_agent.host.elf_symbols import (
     UprobeTargetError,
     elf_symbols,
     find_binary,
-    find_symbol,
+    find_symbol_in,
     read_ld_cache,
     resolve_uprobe,
 )
@@ -32,6 +33,12 @@ from tracekeeper_agent.host.rootfs import (
     open_in_root,
     open_root,
 )
+
+
+def find_symbol(path: Path, symbol: str) -> ElfSymbol:
+    """The defined symbol `symbol` of `path`; SymbolNotFound says why not."""
+    return find_symbol_in(elf_symbols(path), symbol, str(path))
+
 
 MACHINE = {"x86_64": 62, "aarch64": 183}.get(platform.machine(), 62)
 TRIPLET = {"aarch64": "aarch64-linux-gnu"}.get(platform.machine(), "x86_64-linux-gnu")

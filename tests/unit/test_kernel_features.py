@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def test_this_build_machine(machine: Machine) -> None:
     assert f.headers_dir == str(build.resolve())
     assert f.headers_release == RELEASE
     # The snapshot is what the agent reports: plain JSON.
-    assert json.loads(json.dumps(f.to_dict()))["kprobes"]["available"] is False
+    assert json.loads(json.dumps(asdict(f)))["kprobes"]["available"] is False
 
 
 def test_config_wins_over_runtime_signs(machine: Machine) -> None:

@@ -1,4 +1,4 @@
-"""Kernel ids of BPF objects held by fd: what `bpftool prog show` / `map show` print.
+"""Kernel ids of BPF objects held by fd: what `bpftool prog show` prints.
 
 The reconciler compares program ids to prove that a filter update did not reload the
 program. Takes an fd so that this module needs no bcc (BCC keeps it in `b.funcs[n].fd`).
@@ -16,11 +16,6 @@ class NotABpfObject(ValueError):
 def prog_id(fd: int, *, proc: Path = Path("/proc")) -> int:
     """The kernel's id of the BPF program behind `fd` in this process."""
     return _fdinfo_value(fd, "prog_id", proc)
-
-
-def map_id(fd: int, *, proc: Path = Path("/proc")) -> int:
-    """The kernel's id of the BPF map behind `fd` in this process."""
-    return _fdinfo_value(fd, "map_id", proc)
 
 
 def _fdinfo_value(fd: int, key: str, proc: Path) -> int:

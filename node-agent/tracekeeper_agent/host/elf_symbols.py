@@ -240,11 +240,6 @@ def _table(
         yield ElfSymbol(name, value, sym_size, kind, shndx != _SHN_UNDEF, table)
 
 
-def find_symbol(path: Path, symbol: str) -> ElfSymbol:
-    """The defined symbol `symbol` of `path`; SymbolNotFound says why not."""
-    return find_symbol_in(elf_symbols(path), symbol, str(path))
-
-
 def find_symbol_in(symbols: Iterator[ElfSymbol], symbol: str, path: str) -> ElfSymbol:
     imported = False
     for sym in symbols:

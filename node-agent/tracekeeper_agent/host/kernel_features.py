@@ -10,9 +10,8 @@ from __future__ import annotations
 import gzip
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tracekeeper_agent.host.tracefs import TracefsNotFound, find_tracefs
 
@@ -43,9 +42,6 @@ class KernelFeatures:
     kernel_headers: FeatureCheck  # what BCC compiles against
     headers_dir: str | None
     headers_release: str | None  # from the headers' utsrelease.h; may differ from release
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def parse_release(release: str) -> tuple[int, int, int]:

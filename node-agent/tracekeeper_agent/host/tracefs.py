@@ -74,21 +74,6 @@ class TracepointField:
         """common_* header fields: not part of the tracepoint's own payload."""
         return self.name.startswith("common_")
 
-    @property
-    def is_string(self) -> bool:
-        return self.kind in (
-            FieldKind.STRING_POINTER,
-            FieldKind.CHAR_ARRAY,
-            FieldKind.DATA_LOC_STRING,
-        )
-
-    @property
-    def int_type(self) -> str | None:
-        """The fixed-width type of an integer field as stored (s32, u64...), else None."""
-        if self.kind is not FieldKind.INTEGER:
-            return None
-        return f"{'s' if self.signed else 'u'}{self.size * 8}"
-
 
 @dataclass(frozen=True, slots=True)
 class TracepointFormat:
@@ -118,13 +103,6 @@ class TracepointFormat:
             if f.name == name:
                 return f
         return None
-
-
-@dataclass(frozen=True, slots=True)
-class SyscallTracepoints:
-    name: str
-    enter: bool
-    exit: bool
 
 
 def find_tracefs(candidates: Sequence[Path] = DEFAULT_TRACEFS) -> Path:
@@ -284,26 +262,6 @@ def _array_len(text: str) -> int:
 def _is_char(c_type: str) -> bool:
     words = [w for w in c_type.replace("*", " ").split() if w not in _QUALIFIERS]
     return words == ["char"]
-
-
-def list_syscalls(*, tracefs: Path | None = None) -> dict[str, SyscallTracepoints]:
-    """Syscalls that have an enter and/or an exit tracepoint, by name."""
-    directory = (tracefs or find_tracefs()) / "events" / "syscalls"
-    enters: set[str] = set()
-    exits: set[str] = set()
-    try:
-        names = [p.name for p in directory.iterdir() if p.is_dir()]
-    except FileNotFoundError:
-        return {}
-    for entry in names:
-        if entry.startswith("sys_enter_"):
-            enters.add(entry.removeprefix("sys_enter_"))
-        elif entry.startswith("sys_exit_"):
-            exits.add(entry.removeprefix("sys_exit_"))
-    return {
-        name: SyscallTracepoints(name, name in enters, name in exits)
-        for name in sorted(enters | exits)
-    }
 
 
 def tenant_field_refusal(fmt: TracepointFormat, f: TracepointField) -> str | None:
