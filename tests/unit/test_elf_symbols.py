@@ -19,7 +19,7 @@ from tracekeeper_agent.host.elf_symbols import (
     SymbolNotFound,
     UprobeFile,
     UprobeTargetError,
-    elf_symbols,
+    fd_symbols,
     find_binary,
     find_symbol_in,
     read_ld_cache,
@@ -33,6 +33,12 @@ from tracekeeper_agent.host.rootfs import (
     open_in_root,
     open_root,
 )
+
+
+def elf_symbols(path: Path) -> Iterator[ElfSymbol]:
+    """Every symbol of an ELF64 file's .symtab and .dynsym (in that order)."""
+    with path.open("rb") as f:
+        yield from fd_symbols(f.fileno(), str(path))
 
 
 def find_symbol(path: Path, symbol: str) -> ElfSymbol:

@@ -15,7 +15,6 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
 from tracekeeper_agent.host.rootfs import (
     OpenedFile,
@@ -172,12 +171,6 @@ def _name_candidates(name: str, root_fd: int, searched: list[str]) -> Iterator[s
 
 
 # --- ELF symbols ---------------------------------------------------------------------------
-
-
-def elf_symbols(path: Path) -> Iterator[ElfSymbol]:
-    """Every symbol of an ELF64 file's .symtab and .dynsym (in that order)."""
-    with path.open("rb") as f:
-        yield from fd_symbols(f.fileno(), str(path))
 
 
 def fd_symbols(fd: int, label: str) -> Iterator[ElfSymbol]:
