@@ -34,7 +34,8 @@ class OnePod:
 @pytest.fixture
 def container(cgroup_sandbox: Path) -> Path:
     create_cgroup(cgroup_sandbox / "p")
-    return create_cgroup(cgroup_sandbox / "p" / "c1")
+    create_cgroup(cgroup_sandbox / "p" / "c1")
+    return cgroup_sandbox / "p" / "c1"
 
 
 def both_paths(

@@ -172,6 +172,13 @@ def test_batch_encoder_writes_the_same_lines_as_the_per_event_path() -> None:
         expected = [encode(enrich("team-a/opens", e, PODS, offset)) for e in batch.to_raw()]
         assert lines == expected
     assert json.loads(lines[0])["probe"] == "team-a/opens"
+    # The usual batch: one cgroup, one second (both written as constant parts).
+    same = [RawEvent(5_000 + i, e.pid, e.tid, 1001, e.comm, e.fields) for i, e in enumerate(events)]
+    one = batch_of(same, fields)
+    for records in (one.records, one.records[:7], one.records):  # shapes change and return
+        got = encoder.encode(records, offset).decode().splitlines(keepends=True)
+        raw = EventBatch(records, one.layout).to_raw()
+        assert got == [encode(enrich("team-a/opens", e, PODS, offset)) for e in raw]
 
 
 def test_batch_encoder_follows_identity_changes_of_a_cgroup() -> None:
