@@ -389,7 +389,8 @@ async def measure(pod: FakePod, seconds: float) -> Results:
         profiled = await step(served, pod, label, ["-r", top, "-t", str(seconds)])
         loop_profile.disable()
         loader.on.clear()
-        await served.put_state(2, [probe(pod, RATE_LIMIT)])  # a new program: fresh counters
+        pushes.revision += 1  # a new program: fresh counters
+        await served.put_state(pushes.revision, [probe(pod, RATE_LIMIT)])
         label = f"unthrottled, rateLimit {rate(RATE_LIMIT)}/s"
         steps.append(await step(served, pod, label, ["-n", UNTHROTTLED_CALLS]))
     return Results(

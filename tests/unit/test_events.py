@@ -270,3 +270,18 @@ async def test_events_no_queue_can_take_are_not_encoded() -> None:
         assert [e["seq"] for e in parse(stalled.drain())] == list(range(500))
     finally:
         await hub.close()
+
+
+async def test_a_subscription_is_bounded_in_bytes_and_loses_whole_chunks() -> None:
+    hub = EventHub(PODS, queue_bytes=100)
+    sub = hub.subscribe(None)
+    assert sub.offer(b"x" * 300 + b"\n", 1)  # an empty queue takes any chunk
+    assert not sub.has_room()
+    assert not sub.offer(b"y\n", 1)  # lost whole, counted
+    assert (sub.events, sub.dropped) == (1, 1)
+    assert await sub.next() == b"x" * 300 + b"\n"
+    assert sub.offer(b"a\n" * 10, 10) and sub.offer(b"b\n" * 10, 10)  # 40 bytes: both fit
+    assert sub.drain() == b"a\n" * 10 + b"b\n" * 10  # one write for everything queued
+    sub.close()
+    assert await sub.next() is None
+    assert not sub.offer(b"z\n", 1) and sub.dropped == 1  # closed: no longer counted
