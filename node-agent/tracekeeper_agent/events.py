@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -46,8 +47,12 @@ DEFAULT_POLL_TIMEOUT_MS = 100
 DEFAULT_INFLIGHT_BATCHES = 8
 DEFAULT_BATCH_INTERVAL = 0.002
 """A poller reads its ring at most once per interval (unless the last read was full)."""
-DEFAULT_MAX_BATCH = 16384
-"""Records per read at most: one chunk (about 3 MB of NDJSON)."""
+DEFAULT_MAX_BATCH = 4096
+"""Records per read at most: one chunk (about 0.7 MB of NDJSON). Also bounds how long one
+encoding step holds the GIL (the longest C call, the final translate, ~0.5 ms)."""
+SWITCH_INTERVAL = 0.0005
+"""While pollers run, the interpreter's GIL switch interval (default 5 ms): how long the
+event loop thread may wait for the GIL a busy poller holds, per handoff."""
 IDLE_CHECK_SECONDS = 5.0
 """How often an idle NDJSON stream checks that its client is still there."""
 
@@ -200,6 +205,9 @@ class _Poller:
         self.thread = threading.Thread(target=self._run, name=f"tk-events:{probe.id}", daemon=True)
 
     def start(self) -> None:
+        # A poller busy encoding holds the GIL; the loop thread (the API) gets it back
+        # after at most a switch interval. Process-wide, lowered only.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self.thread.start()
 
     def stop(self) -> None:

@@ -15,6 +15,7 @@ the copies.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import re
@@ -80,7 +81,9 @@ class RingReader:
             return
         self._closed = True
         self._epoll.close()
-        # The views export the mappings' buffers: drop them before unmapping.
+        # The views export the mappings' buffers: drop them before unmapping. Should one
+        # still be referenced somewhere, the mapping goes with the last reference instead.
         del self._consumer_pos, self._words, self._producer_word
-        self._consumer.close()
-        self._producer.close()
+        for m in (self._consumer, self._producer):
+            with contextlib.suppress(BufferError):
+                m.close()
