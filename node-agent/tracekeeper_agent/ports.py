@@ -13,10 +13,13 @@ import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from tracekeeper_api.protocol import ProbeState
 from tracekeeper_api.reasons import OutcomeReason
+
+if TYPE_CHECKING:
+    from tracekeeper_agent.host.event_records import EventBatch
 
 FilterKind = Literal["cgroup", "pid", "comm"]
 AttachKind = Literal[
@@ -176,7 +179,13 @@ class LoadedProgram(Protocol):
         """Keys currently in the output map (count/histogram)."""
 
     def poll_events(self, timeout_ms: int) -> list[RawEvent]:
-        """Block up to timeout_ms for ring buffer records (call from a thread)."""
+        """Block up to timeout_ms for ring buffer records (call from a thread): the
+        per-record path (BCC's callback), kept as the reference for poll_batch."""
+
+    def poll_batch(self, timeout_ms: int, max_records: int) -> EventBatch:
+        """Block up to timeout_ms for ring buffer records, then return what is committed
+        (at most max_records) in one columnar batch (call from a thread). A program's ring
+        is read by poll_events or by poll_batch, never both."""
 
     def close(self) -> None:
         """Detach and free the program and its maps."""

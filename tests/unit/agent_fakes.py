@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracekeeper_agent.host.event_records import EventBatch, batch_of
 from tracekeeper_agent.ports import (
     CountSample,
     FilterEntries,
@@ -75,6 +76,9 @@ class FakeProgram:
         while not self.events.empty():
             batch.append(self.events.get_nowait())
         return batch
+
+    def poll_batch(self, timeout_ms: int, max_records: int) -> EventBatch:
+        return batch_of(self.poll_events(timeout_ms))
 
     def close(self) -> None:
         assert not self.closed, "closed twice"

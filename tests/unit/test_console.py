@@ -139,6 +139,7 @@ async def test_run_console_prints_events_and_frames_until_stopped() -> None:
             lambda: [counter, execs], PODS, hub, output="json", out=out, stop=stop, interval=0.05
         )
     )
+    await asyncio.sleep(0)  # the console subscribes in its first step; it gets what is read after
     events_program.emit([raw_event(n, cgroup_id=11) for n in range(3)])
     await until(lambda: out.getvalue().count('"seq"') == 3)
     await until(lambda: '"counts"' in out.getvalue())

@@ -232,8 +232,8 @@ async def run_console(
 
     async def print_events() -> None:
         async with subscription as sub:
-            async for event in sub:
-                out.writelines(encode(e) for e in [event, *sub.drain()])
+            async for chunk in sub:
+                out.write(chunk.decode(errors="replace"))
                 out.flush()
 
     printer = asyncio.create_task(print_events())

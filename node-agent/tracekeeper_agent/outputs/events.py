@@ -1,11 +1,14 @@
-"""Events: ring buffer records polled on threads, enriched and fanned out on the event loop.
+"""Events: ring buffer records read in batches on threads, encoded once, fanned out as chunks.
 
-One poller thread per events probe blocks in `poll_events` (BCC's ring_buffer_poll) and
-hands each batch to the asyncio loop. There, records get their pod and container and go to
-every subscriber's bounded queue and to the optional JSON-lines file. Memory is bounded
-everywhere: a poller waits while too many of its batches are unprocessed (the ring then
+One poller thread per events probe reads its ring (`poll_batch`: the mmap'd ring, no
+Python call per record), and, when a subscriber has room or the JSON-lines file takes
+it, encodes the whole batch to NDJSON bytes (event_encoding: identity once per cgroup,
+time once per second). The file gets the chunk from that thread; the asyncio loop gets it
+with one call_soon_threadsafe and only queues the same bytes object to every subscriber
+(bounded in bytes), so a flood never holds the loop that serves the API. Memory is bounded
+everywhere: a poller waits while too many of its chunks are not queued yet (the ring then
 fills and the kernel counts ring_full), and a subscriber whose queue is full loses the
-event, counted as a backlog drop. Per program, exactly:
+chunk whole, counted as a backlog drop. Per program, exactly:
 
     matched - sampled_out = rate_limited + ring_full + received
     received = delivered + backlog          (for each subscriber, while subscribed)
@@ -14,33 +17,39 @@ event, counted as a backlog drop. Per program, exactly:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.ports import Attributor, RawEvent
+from tracekeeper_agent.host.event_records import EventBatch, Records
+from tracekeeper_agent.outputs.event_encoding import BASE_KEYS, BatchEncoder
+from tracekeeper_agent.ports import Attributor, EventField, RawEvent
 from tracekeeper_api.protocol import EventDrops
 
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 
-DEFAULT_QUEUE_SIZE = 4096
+DEFAULT_QUEUE_BYTES = 16 << 20
+"""Per subscriber: NDJSON bytes queued and not yet written (about 80k events)."""
 DEFAULT_POLL_TIMEOUT_MS = 100
 DEFAULT_INFLIGHT_BATCHES = 8
-
-# Keys every event has; a captured tracepoint field with one of these names is written as
-# field_<name> so that it never hides what the agent knows about the task.
-BASE_KEYS = frozenset(
-    {"time", "probe", "namespace", "pod", "container", "pid", "tid", "comm", "cgroupId"}
-)
+DEFAULT_BATCH_INTERVAL = 0.002
+"""A poller reads its ring at most once per interval (unless the last read was full)."""
+DEFAULT_MAX_BATCH = 4096
+"""Records per read at most: one chunk (about 0.7 MB of NDJSON). Also bounds how long one
+encoding step holds the GIL (the longest C call, the final translate, ~0.5 ms)."""
+SWITCH_INTERVAL = 0.0005
+"""While pollers run, the interpreter's GIL switch interval (default 5 ms): how long the
+event loop thread may wait for the GIL a busy poller holds, per handoff."""
 
 
 def rfc3339(wall_ns: int) -> str:
@@ -91,76 +100,81 @@ class EventCounts:
     """Lost because a subscriber's queue was full, summed over subscribers."""
 
 
-_CLOSED: Any = object()
-
-
 class Subscription:
-    """A bounded queue of events of one probe (or all). Iterate it; close it when done.
+    """NDJSON chunks of one probe's events (or all probes'), bounded in bytes. Iterate it
+    (each item: the bytes of one or more whole lines); close it when done.
 
-    It receives events from the moment `EventHub.subscribe` returns. Events are shared
-    between subscribers: treat them as read-only."""
+    It receives events from the moment `EventHub.subscribe` returns. A chunk that does not
+    fit is lost whole and its events counted in `dropped` (backlog): a slow subscriber
+    never slows the reader or the other subscribers."""
 
-    def __init__(self, hub: EventHub, probe_id: str | None, maxsize: int) -> None:
+    def __init__(self, hub: EventHub, probe_id: str | None, max_bytes: int) -> None:
         self.probe_id = probe_id
+        self.max_bytes = max_bytes
         self.dropped = 0
+        self.events = 0
+        """Events queued so far (delivered to this subscriber)."""
         self._hub = hub
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        self._chunks: deque[bytes] = deque()
+        self._bytes = 0
+        self._ready = asyncio.Event()
         self._closed = False
 
-    def offer(self, event: Event) -> bool:
-        """Queue an event without waiting; False (and counted) when the queue is full."""
+    def offer(self, chunk: bytes, events: int) -> bool:
+        """Queue a chunk of `events` lines without waiting; False (and counted) when it does
+        not fit. An empty queue takes any chunk, so that one larger than the bound still
+        gets through to a reader that keeps up."""
         if self._closed:
             return False
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped += 1
+        if self._chunks and self._bytes + len(chunk) > self.max_bytes:
+            self.dropped += events
             return False
+        self._chunks.append(chunk)
+        self._bytes += len(chunk)
+        self.events += events
+        self._ready.set()
         return True
 
-    def room(self) -> int:
-        """How many more events the queue takes now (none once closed)."""
-        return 0 if self._closed else self._queue.maxsize - self._queue.qsize()
+    def has_room(self) -> bool:
+        return not self._closed and (not self._chunks or self._bytes < self.max_bytes)
 
-    def refuse(self, count: int) -> None:
+    def refuse(self, events: int) -> None:
         """Count events dropped without being offered (no room for them)."""
         if not self._closed:
-            self.dropped += count
+            self.dropped += events
 
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> Event:
-        event = await self.next()
-        if event is None:
+    async def __anext__(self) -> bytes:
+        chunk = await self.next()
+        if chunk is None:
             raise StopAsyncIteration
-        return event
+        return chunk
 
-    async def next(self) -> Event | None:
-        """The next event; None when closed and drained."""
-        if self._closed and self._queue.empty():
-            return None
-        event = await self._queue.get()
-        return None if event is _CLOSED else event
+    async def next(self) -> bytes | None:
+        """Everything queued, once there is something; None when closed and drained."""
+        while not self._chunks:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        return self.drain()
 
-    def drain(self) -> list[Event]:
-        """Whatever is queued now, without waiting (for writing in batches)."""
-        out: list[Event] = []
-        while not self._queue.empty():
-            event = self._queue.get_nowait()
-            if event is not _CLOSED:
-                out.append(event)
+    def drain(self) -> bytes:
+        """Whatever is queued now, without waiting."""
+        out = b"".join(self._chunks)
+        self._chunks.clear()
+        self._bytes = 0
         return out
 
     def close(self) -> None:
-        """Stop receiving; queued events can still be read, then iteration ends."""
+        """Stop receiving; queued chunks can still be read, then iteration ends."""
         if self._closed:
             return
         self._closed = True
         self._hub._unsubscribe(self)
-        # Wake a reader blocked on an empty queue; a full one has items to read first.
-        with contextlib.suppress(asyncio.QueueFull):
-            self._queue.put_nowait(_CLOSED)
+        self._ready.set()
 
     async def __aenter__(self) -> Subscription:
         return self
@@ -170,7 +184,8 @@ class Subscription:
 
 
 class _Poller:
-    """One thread blocking in a program's poll_events, handing batches to the loop."""
+    """One thread per events probe: reads its ring in batches, encodes each batch once (off
+    the event loop), hands the chunk to the loop, which only queues it per subscriber."""
 
     def __init__(self, hub: EventHub, probe: ActiveProbe, loop: asyncio.AbstractEventLoop) -> None:
         self.probe = probe
@@ -179,11 +194,15 @@ class _Poller:
         self._hub = hub
         self._loop = loop
         self._stop = threading.Event()
-        # Bounds the batches handed over but not yet processed by the loop.
+        self._encoders: dict[tuple[EventField, ...], BatchEncoder] = {}
+        # Bounds the chunks handed over but not yet queued by the loop.
         self._inflight = threading.Semaphore(hub.inflight_batches)
         self.thread = threading.Thread(target=self._run, name=f"tk-events:{probe.id}", daemon=True)
 
     def start(self) -> None:
+        # A poller busy encoding holds the GIL; the loop thread (the API) gets it back
+        # after at most a switch interval. Process-wide, lowered only.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self.thread.start()
 
     def stop(self) -> None:
@@ -192,29 +211,55 @@ class _Poller:
     def _run(self) -> None:
         program = self.probe.program
         timeout_ms = self._hub.poll_timeout_ms
+        pace = self._hub.batch_interval
+        most = self._hub.max_batch
         try:
             while not self._stop.is_set():
-                batch = program.poll_events(timeout_ms)
-                if batch and not self._hand_over(batch):
+                started = time.monotonic()
+                batch = program.poll_batch(timeout_ms, most)
+                if len(batch) and not self._hand_over(batch):
                     return
+                # A batch per interval at most, unless the last one was full: many records
+                # per batch under load (the cost is per batch), few wakeups.
+                if len(batch) < most:
+                    rest = pace - (time.monotonic() - started)
+                    if rest > 0 and self._stop.wait(rest):
+                        break
             # What reached the ring before the stop is delivered, not silently left behind.
-            batch = program.poll_events(0)
-            if batch:
-                self._hand_over(batch)
+            while len(batch := program.poll_batch(0, most)):
+                if not self._hand_over(batch):
+                    return
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
             log.exception("events: polling %s failed; poller stopped", self.probe.id)
 
-    def _hand_over(self, batch: list[RawEvent]) -> bool:
-        # Wait (the ring buffer absorbs the pause, or the kernel counts ring_full) rather
-        # than queue without bound when the loop falls behind.
-        while not self._inflight.acquire(timeout=0.1):
-            if self._loop.is_closed():
+    def _attribute(self, batch: EventBatch) -> list[tuple[str, Records]]:
+        """Which probe each record is for. Today a program is one probe's: all of them.
+        (A program shared by probes would split the batch here, by its binding mask.)"""
+        return [(self.probe.id, batch.records)]
+
+    def _hand_over(self, batch: EventBatch) -> bool:
+        hub = self._hub
+        for probe_id, records in self._attribute(batch):
+            # Wait (the ring buffer absorbs the pause, or the kernel counts ring_full)
+            # rather than queue without bound when the loop falls behind.
+            while not self._inflight.acquire(timeout=0.1):
+                if self._loop.is_closed():
+                    return False
+            chunk: bytes | None = None
+            # Nothing is encoded for nobody: only when a subscriber has room or a file
+            # takes it (the loop still counts every record).
+            if hub.wants(probe_id):
+                encoder = self._encoders.get(batch.layout.fields)
+                if encoder is None:
+                    encoder = BatchEncoder(probe_id, batch.layout, hub.attributor)
+                    self._encoders[batch.layout.fields] = encoder
+                chunk = encoder.encode(records, monotonic_to_wall_offset())
+                hub.write(chunk)
+            try:
+                self._loop.call_soon_threadsafe(hub._dispatch, self, probe_id, len(records), chunk)
+            except RuntimeError:  # the loop closed: the agent is exiting
                 return False
-        try:
-            self._loop.call_soon_threadsafe(self._hub._dispatch, self, batch)
-        except RuntimeError:  # the loop closed: the agent is exiting
-            return False
         return True
 
     def processed(self) -> None:
@@ -231,19 +276,25 @@ class EventHub:
         self,
         attributor: Attributor,
         *,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         poll_timeout_ms: int = DEFAULT_POLL_TIMEOUT_MS,
         inflight_batches: int = DEFAULT_INFLIGHT_BATCHES,
-        sink: TextIO | None = None,
+        batch_interval: float = DEFAULT_BATCH_INTERVAL,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        sink: BinaryIO | None = None,
     ) -> None:
-        self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         self.poll_timeout_ms = poll_timeout_ms
         self.inflight_batches = inflight_batches
-        self._attributor = attributor
+        self.batch_interval = batch_interval
+        self.max_batch = max_batch
+        self.attributor = attributor
         self._sink = sink
+        self._sink_lock = threading.Lock()  # pollers of several probes write it
         self._sink_failed = False
         self._pollers: dict[str, _Poller] = {}
-        self._subs: list[Subscription] = []
+        self._subs: tuple[Subscription, ...] = ()
+        """Replaced, never mutated: poller threads read it without a lock."""
         self._changing = asyncio.Lock()  # a sync or close at a time: they await joins
 
     # --- pollers ---------------------------------------------------------------------------
@@ -277,9 +328,10 @@ class EventHub:
             self._pollers.clear()
         for sub in list(self._subs):
             sub.close()
-        if self._sink is not None:
-            self._sink.close()
-            self._sink = None
+        with self._sink_lock:
+            if self._sink is not None:
+                self._sink.close()
+                self._sink = None
 
     @staticmethod
     async def _stop(pollers: list[_Poller]) -> None:
@@ -328,52 +380,53 @@ class EventHub:
 
     def subscribe(self, probe_id: str | None = None) -> Subscription:
         """Events of one probe (namespace/name), or of all probes with None."""
-        sub = Subscription(self, probe_id, self.queue_size)
-        self._subs.append(sub)
+        sub = Subscription(self, probe_id, self.queue_bytes)
+        self._subs = (*self._subs, sub)
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
-        if sub in self._subs:
-            self._subs.remove(sub)
+        self._subs = tuple(s for s in self._subs if s is not sub)
+
+    # --- on a poller thread ----------------------------------------------------------------
+
+    def wants(self, probe_id: str) -> bool:
+        """Whether a batch of the probe is worth encoding now: the file takes every event,
+        a subscriber one that fits (the loop decides for good; this is a snapshot)."""
+        if self._sink is not None and not self._sink_failed:
+            return True
+        return any(s.has_room() for s in self._subs if s.probe_id in (None, probe_id))
+
+    def write(self, chunk: bytes) -> None:
+        """Append a chunk to the events file (from the poller thread: never on the loop)."""
+        with self._sink_lock:
+            if self._sink is None or self._sink_failed:
+                return
+            try:
+                self._sink.write(chunk)
+                self._sink.flush()
+            except OSError:
+                log.exception("events: writing the events file failed")  # once
+                self._sink_failed = True
 
     # --- on the loop -------------------------------------------------------------------------
 
-    def _dispatch(self, poller: _Poller, batch: list[RawEvent]) -> None:
+    def _dispatch(self, poller: _Poller, probe_id: str, events: int, chunk: bytes | None) -> None:
+        """Queue one chunk of `events` lines for every subscriber of the probe; without a
+        chunk (nobody had room when it was read), every subscriber's backlog takes them."""
         poller.processed()
         counts = poller.counts
-        counts.received += len(batch)
-        probe_id = poller.probe.id
-        subs = [s for s in self._subs if s.probe_id is None or s.probe_id == probe_id]
-        if not subs and self._sink is None:
-            return
-        offset = monotonic_to_wall_offset()
-        # Enrich only what some consumer can take now: under overload, enriching events
-        # that every queue then refused was where the agent's time went (bench/README.md).
-        keep = len(batch) if self._sink is not None else max(s.room() for s in subs)
-        events = [enrich(probe_id, raw, self._attributor, offset) for raw in batch[:keep]]
-        unoffered = len(batch) - len(events)
-        for sub in subs:
-            for event in events:
-                if sub.offer(event):
-                    counts.delivered += 1
-                else:
-                    counts.backlog += 1
-            sub.refuse(unoffered)
-            counts.backlog += unoffered
-        if self._sink is not None:
-            self._write(events)
-
-    def _write(self, events: list[Event]) -> None:
-        assert self._sink is not None
-        try:
-            self._sink.write("".join(encode(e) for e in events))
-            self._sink.flush()
-        except OSError:
-            if not self._sink_failed:  # once, not once per batch
-                log.exception("events: writing the events file failed")
-            self._sink_failed = True
+        counts.received += events
+        for sub in self._subs:
+            if sub.probe_id is not None and sub.probe_id != probe_id:
+                continue
+            if chunk is not None and sub.offer(chunk, events):
+                counts.delivered += events
+            else:
+                if chunk is None:
+                    sub.refuse(events)
+                counts.backlog += events
 
 
-def open_events_file(path: str | Path) -> TextIO:
+def open_events_file(path: str | Path) -> BinaryIO:
     """The --events-file sink: JSON lines appended (an agent restart keeps what was there)."""
-    return open(path, "a", encoding="utf-8")  # closed by EventHub.close
+    return open(path, "ab")  # closed by EventHub.close

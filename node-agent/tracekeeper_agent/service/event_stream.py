@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from tracekeeper_agent.outputs.events import EventHub, encode
+from tracekeeper_agent.outputs.events import EventHub
 
 IDLE_CHECK_SECONDS = 5.0
 """How often an idle NDJSON stream checks that its client is still there."""
@@ -21,7 +21,7 @@ def ndjson_handler(hub: EventHub) -> Handler:
     """GET handler streaming a subscription as NDJSON; `?probe=ns/name` selects one probe.
 
     The stream ends when the probe is removed or the hub closes; a client that goes away
-    ends the subscription at the next event or idle check."""
+    ends the subscription at the next chunk or idle check."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         probe = request.query.get("probe") or None
@@ -37,17 +37,16 @@ def ndjson_handler(hub: EventHub) -> Handler:
             while True:
                 try:
                     async with asyncio.timeout(IDLE_CHECK_SECONDS):
-                        event = await sub.next()
+                        chunk = await sub.next()
                 except TimeoutError:
                     if request.transport is None or request.transport.is_closing():
                         break
                     continue
-                if event is None:
+                if chunk is None:
                     await response.write_eof()
                     break
-                chunk = "".join(encode(e) for e in [event, *sub.drain()])
                 try:
-                    await response.write(chunk.encode())
+                    await response.write(chunk)
                 except ConnectionResetError:
                     break
         return response
