@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 PYTEST  := .venv/bin/pytest
 
-.PHONY: setup crds lint unit kernel e2e manifests-check test controlplane demo bench clean
+.PHONY: setup crds check lint unit kernel e2e manifests-check test controlplane demo bench clean
 
 setup:            ## install Debian packages, kernel headers link, mounts, venv with bcc
 	bash scripts/setup.sh
@@ -12,6 +12,8 @@ CRD_DIRS := crds manifests/base/crds
 
 crds:             ## regenerate crds/ and manifests/base/crds/ from the pydantic models in api/
 	$(PY) -m tracekeeper_api.crdgen $(foreach d,$(CRD_DIRS),--out $(d))
+
+check: lint unit  ## the inner loop: lint + the unit tier (under a minute)
 
 lint:
 	.venv/bin/ruff check .

@@ -23,7 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracekeeper_agent.cgroups import create_cgroup, detect_root, remove_cgroup_tree
+from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
 
 BENCH_DIR = Path(__file__).resolve().parent
 LOOP_SOURCE = BENCH_DIR / "tk_loop.c"

@@ -23,7 +23,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.agent_harness import FakePod, ServedAgent, kubepods_qos, served_agent
 from bench.common import (
     LoopRun,
     Table,
@@ -34,7 +33,8 @@ from bench.common import (
     require_root,
     run_loop,
 )
-from tracekeeper_agent.cgroups import cgroup_id, detect_root
+from tracekeeper_agent.targets.cgroups import cgroup_id, detect_root
+from tracekeeper_sim.served_agent import FakePod, ServedAgent, kubepods_qos, served_agent
 
 CALLS = 3000
 SPACING_NS = 10_000

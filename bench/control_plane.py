@@ -40,11 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.controlplane.local_cluster import LocalCluster, build_binaries
-from tests.e2e.agents import GROUP_PATH, FakePod, SimNode, World, condition, wait_until
-
 from bench.common import Table, percentile, require_root
-from tracekeeper_agent.cgroups import detect_root
+from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim.local_cluster import LocalCluster, build_binaries
+from tracekeeper_sim.world import GROUP_PATH, FakePod, SimNode, World, condition, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACES = 4

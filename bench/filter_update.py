@@ -25,8 +25,8 @@ from typing import Any
 from bench.common import Spread, Table, met, ms, profile_table, require_root
 from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
 from tracekeeper_agent.bpf.maps import bump_generation, sync_table
-from tracekeeper_agent.kernel import FilterEntries
-from tracekeeper_agent.program_builder import MAX_CGROUPS, build_plan
+from tracekeeper_agent.ports import FilterEntries
+from tracekeeper_agent.programs.builder import MAX_CGROUPS, build_plan
 from tracekeeper_api.protocol import ProbeAssignment
 
 SIZES = (1, 100, 10_000)

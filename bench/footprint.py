@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.agent_harness import FakePod, kubepods_qos, served_agent
 from bench.common import Table, bpftool_progs, cgroup_sandbox, require_root
 from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
-from tracekeeper_agent.cgroups import detect_root
-from tracekeeper_agent.kernel import ProgramPlan
-from tracekeeper_agent.tracefs import DEFAULT_TRACEFS
+from tracekeeper_agent.host.tracefs import DEFAULT_TRACEFS
+from tracekeeper_agent.ports import ProgramPlan
+from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim.served_agent import FakePod, kubepods_qos, served_agent
 
 CONFIGS = (0, 1, 10, 20)
 SYSCALLS = [

@@ -45,10 +45,12 @@ from bench.common import (
     run_loop,
 )
 from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
-from tracekeeper_agent.cgroups import cgroup_id, create_cgroup, detect_root
-from tracekeeper_agent.kernel import Attachment, FilterEntries, KernelCounters, ProgramPlan
-from tracekeeper_agent.program_builder import build_plan
+from tracekeeper_agent.ports import Attachment, FilterEntries, KernelCounters, ProgramPlan
+from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.targets.cgroups import cgroup_id, detect_root
 from tracekeeper_api.protocol import ProbeAssignment
+from tracekeeper_sim import kubelet
+from tracekeeper_sim.kubelet import create_cgroup
 
 TRACEPOINT = "syscalls:sys_enter_getppid"
 FN = "tracepoint__syscalls__sys_enter_getppid"
@@ -129,12 +131,12 @@ class Layout:
 
     @classmethod
     def under(cls, top: Path) -> Layout:
-        qos = top / "kubepods.slice" / "kubepods-burstable.slice"
+        qos = kubelet.qos_dir(top)
 
         def pod(name: str) -> Path:
-            return qos / f"kubepods-burstable-pod{name}.slice"
+            return kubelet.pod_dir(qos, name)
 
-        container = pod("loop") / f"cri-containerd-{uuid.uuid4().hex}.scope"
+        container = kubelet.container_dir(pod("loop"), uuid.uuid4().hex)
         layout = cls(pod("other"), pod("loop"), container)
         create_cgroup(layout.other)
         create_cgroup(layout.container)

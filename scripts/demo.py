@@ -29,13 +29,11 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
+from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim.local_cluster import LocalCluster, build_binaries
+from tracekeeper_sim.world import World, condition, hits_by_pod, wait_until
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.append(str(ROOT))  # the simulated node and kubelet live with the e2e tier
-
-from tests.controlplane.local_cluster import LocalCluster, build_binaries  # noqa: E402
-from tests.e2e.agents import World, condition, hits_by_pod, wait_until  # noqa: E402
-
-from tracekeeper_agent.cgroups import detect_root  # noqa: E402
 
 NAMESPACE = "shop"
 TENANT = "alice"

@@ -255,8 +255,9 @@ class ProbeOutcome(WireModel):
     spec_hash: str
     state: ProbeState
     reason: str = Field(max_length=64)
-    """CamelCase: Loaded, CompileFailed, AttachFailed, Unsupported, KernelHeadersMissing,
-    InvalidSpec, NotPermitted, Suspended."""
+    """CamelCase, one of tracekeeper_api.reasons.OutcomeReason: Loaded, CompileFailed,
+    AttachFailed, Unsupported, KernelHeadersMissing, InvalidSpec, NotPermitted, Suspended,
+    Failed (a string on the wire: an agent of another version may know more)."""
     message: str = Field(default="", max_length=MAX_MESSAGE)
     program_ids: list[int] = Field(default_factory=list)
     """The kernel's BPF program ids (bpftool prog show); unchanged across filter updates."""
@@ -264,6 +265,14 @@ class ProbeOutcome(WireModel):
     pods: int = 0
     containers: int = 0
     drops: EventDrops = Field(default_factory=EventDrops)
+
+
+class StaleRevisionBody(WireModel):
+    """The agent's 409 answer to a PUT /v1/state older than the revision it applied: the
+    operator moves its revision clock past `appliedRevision`."""
+
+    error: str = ""
+    applied_revision: int = 0
 
 
 class KernelInfo(WireModel):
@@ -293,10 +302,3 @@ def spec_hash(spec: TraceProbeSpec) -> str:
         relevant.pop(key, None)
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def truncate_message(text: str, limit: int = MAX_MESSAGE) -> str:
-    """Bound a verifier/compiler message: keep its end, where the error is."""
-    if len(text) <= limit:
-        return text
-    return "…" + text[-(limit - 1) :]

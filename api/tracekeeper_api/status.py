@@ -6,6 +6,7 @@ bloat the object. Full per-node detail is served by the agents.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field, JsonValue
@@ -17,28 +18,6 @@ MAX_MESSAGE = 1024
 
 ConditionType = Literal["Ready", "Accepted", "Loaded", "Degraded"]
 ConditionStatus = Literal["True", "False", "Unknown"]
-
-# Stable CamelCase reasons: alerts and scripts key on them.
-Reason = Literal[
-    "Loaded",
-    "Accepted",
-    "Suspended",
-    "CompileFailed",
-    "AttachFailed",
-    "Unsupported",
-    "KernelHeadersMissing",
-    "NoMatchingPods",
-    "NodesPending",
-    "NotPermitted",
-    "QuotaExceeded",
-    "FilterNotFound",
-    "InvalidSpec",
-    "AgentUnreachable",
-    "Failed",
-    "AllNodesLoaded",
-    "SomeNodesFailed",
-    "NoFailures",
-]
 
 
 class Condition(WireModel):
@@ -79,6 +58,11 @@ class NodeFailure(WireModel):
     message: str = Field(default="", max_length=MAX_MESSAGE)
 
 
+def find_condition(conditions: Sequence[Condition], type_: ConditionType) -> Condition | None:
+    """The condition of `type_` (a status holds at most one of each type)."""
+    return next((c for c in conditions if c.type == type_), None)
+
+
 _CONDITIONS_SCHEMA: dict[str, JsonValue] = {
     "x-kubernetes-list-type": "map",
     "x-kubernetes-list-map-keys": ["type"],
@@ -99,7 +83,7 @@ class TraceProbeStatus(WireModel):
     """The first failing nodes, with the agent's reason and message."""
 
     def condition(self, type_: ConditionType) -> Condition | None:
-        return next((c for c in self.conditions if c.type == type_), None)
+        return find_condition(self.conditions, type_)
 
 
 class TraceFilterStatus(WireModel):
@@ -113,3 +97,6 @@ class TraceFilterStatus(WireModel):
     """Pods the filter currently selects, on every node."""
     used_by: list[str] = Field(default_factory=list, max_length=50)
     """TraceProbes in this namespace that reference the filter (the first 50)."""
+
+    def condition(self, type_: ConditionType) -> Condition | None:
+        return find_condition(self.conditions, type_)

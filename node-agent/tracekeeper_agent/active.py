@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tracekeeper_agent.kernel import LoadedProgram, ProgramPlan
+from tracekeeper_agent.ports import LoadedProgram, ProgramPlan
 from tracekeeper_api.protocol import ProbeAssignment
 
 

@@ -8,7 +8,6 @@ rotated token needs no restart).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -19,24 +18,19 @@ import aiohttp
 from pydantic import ValidationError
 
 from tracekeeper_api import signing
-from tracekeeper_api.protocol import MAX_PROBES_PER_NODE, NodeReport, NodeState
+from tracekeeper_api.protocol import (
+    MAX_PROBES_PER_NODE,
+    NodeReport,
+    NodeState,
+    StaleRevisionBody,
+)
+from tracekeeper_api.text import one_line
+from tracekeeper_operator.agent_errors import AgentError, StaleRevision
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "TRACEKEEPER_TOKEN"
 STATE_PATH = "/v1/state"
-
-
-class AgentError(Exception):
-    """The agent could not be reached, or answered with an error or nonsense."""
-
-
-class StaleRevision(AgentError):
-    """409: the agent applied a newer revision than the one sent."""
-
-    def __init__(self, message: str, applied_revision: int) -> None:
-        super().__init__(message)
-        self.applied_revision = applied_revision
 
 
 class AgentClient(Protocol):
@@ -91,13 +85,8 @@ async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(body)
 
 
-def _detail(body: bytes) -> str:
-    """An authenticated agent's error text, for the operator's log only (never status)."""
-    text = " ".join(body[:MAX_DETAIL_BYTES].decode(errors="replace").split())
-    return text
-
-
 MAX_DETAIL_BYTES = 300
+"""An authenticated agent's error text logged at most (for the operator's log, never status)."""
 
 
 class HttpAgentClient:
@@ -157,12 +146,17 @@ class HttpAgentClient:
             ) from None
         if status == 409:
             applied = 0
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                applied = int(json.loads(text).get("appliedRevision", 0))
+            with contextlib.suppress(ValidationError):
+                applied = StaleRevisionBody.model_validate_json(text).applied_revision
             raise StaleRevision("agent applied a newer revision (HTTP 409)", applied)
         if status != 200:
             log.warning(
-                "agent at %s: %s %s: HTTP %d: %s", endpoint, method, path, status, _detail(text)
+                "agent at %s: %s %s: HTTP %d: %s",
+                endpoint,
+                method,
+                path,
+                status,
+                one_line(text, MAX_DETAIL_BYTES),
             )
             raise AgentError(f"agent refused the request (HTTP {status})")
         try:

@@ -25,7 +25,6 @@ from tracekeeper_api.protocol import (
     MAX_PROBES_PER_NODE,
     MAX_STATE_BYTES,
     ContainerTarget,
-    NodeState,
     PodEntry,
     ProbeAssignment,
     packed_targets,
@@ -270,8 +269,3 @@ def allocate(node: str, candidates: Sequence[Candidate], budgets: NamespaceBudge
         used.add(cost)
         admitted.append(assignment)
     return Allocation(tuple(sorted(admitted, key=lambda a: a.id)), refused)
-
-
-def state_size(state: NodeState) -> int:
-    """Bytes of the state as the agent client sends it."""
-    return len(state.model_dump_json(by_alias=True, exclude_none=True))

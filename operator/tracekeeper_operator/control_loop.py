@@ -16,12 +16,14 @@ from datetime import datetime
 from typing import TypeVar
 
 from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
+from tracekeeper_operator.agent_views import AgentView, holding_nodes
 from tracekeeper_operator.budgets import NamespaceBudgets
 from tracekeeper_operator.cluster_view import ClusterView
 from tracekeeper_operator.kube_api import KubeWrites
+from tracekeeper_operator.kube_events import EventSpec, rfc3339
 from tracekeeper_operator.metrics import OperatorMetrics, ProbeReadiness
 from tracekeeper_operator.node_state import Rendered, render_nodes
-from tracekeeper_operator.pushes import AgentView, Pusher, holding_nodes
+from tracekeeper_operator.pusher import Pusher
 from tracekeeper_operator.records import FilterRecord, ObjectRef, ProbeRecord
 from tracekeeper_operator.selection import (
     Refusal,
@@ -34,13 +36,11 @@ from tracekeeper_operator.selection import (
 )
 from tracekeeper_operator.settings import OperatorSettings
 from tracekeeper_operator.status_folding import (
-    EventSpec,
     filter_events,
     fold_filter_status,
     fold_probe_status,
     node_outcomes,
     probe_events,
-    rfc3339,
     status_differs,
 )
 

@@ -23,7 +23,8 @@ from tracekeeper_operator.metrics import OperatorMetrics
 from tracekeeper_operator.node_state import RevisionClock
 from tracekeeper_operator.output_api.listener import OutputApiSettings, OutputServer
 from tracekeeper_operator.output_api.placement import placements
-from tracekeeper_operator.pushes import Pusher, PushPlanner
+from tracekeeper_operator.push_planner import PushPlanner
+from tracekeeper_operator.pusher import Pusher
 from tracekeeper_operator.records import ObjectRef
 from tracekeeper_operator.settings import OperatorSettings
 from tracekeeper_operator.unloading import unload_verdict

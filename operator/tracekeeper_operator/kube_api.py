@@ -19,8 +19,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tracekeeper_api import GROUP, VERSION
+from tracekeeper_operator.kube_events import EventSpec, rfc3339
 from tracekeeper_operator.records import ObjectRef
-from tracekeeper_operator.status_folding import EventSpec, rfc3339
 
 log = logging.getLogger(__name__)
 

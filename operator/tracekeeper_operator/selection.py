@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from tracekeeper_api.filters import TraceFilterSpec
 from tracekeeper_api.probes import TraceProbeSpec
@@ -21,11 +20,10 @@ from tracekeeper_api.protocol import (
     PodTarget,
     ProbeTargets,
 )
+from tracekeeper_api.reasons import RefusalReason
 from tracekeeper_operator.cluster_view import ClusterView
 from tracekeeper_operator.records import PodRecord, ProbeRecord
 from tracekeeper_operator.settings import OperatorSettings
-
-RefusalReason = Literal["NotPermitted", "InvalidSpec", "FilterNotFound"]
 
 NODES_UNREADABLE = (
     "nodeSelector cannot be evaluated: this operator may not read Node objects, "

@@ -11,13 +11,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Literal
+from typing import Final, Literal
 
-from tracekeeper_api.protocol import truncate_message
+from tracekeeper_api.reasons import Reason, ReportedReason
 from tracekeeper_api.status import (
     MAX_FAILURES,
-    MAX_MESSAGE,
     Condition,
     ConditionStatus,
     ConditionType,
@@ -27,13 +25,15 @@ from tracekeeper_api.status import (
     TraceFilterStatus,
     TraceProbeStatus,
 )
-from tracekeeper_operator.pushes import AgentView
+from tracekeeper_api.text import clip_message, first_of, truncate_message
+from tracekeeper_operator.agent_views import AgentView
+from tracekeeper_operator.kube_events import EventSpec
 from tracekeeper_operator.records import FilterRecord, ProbeRecord
 from tracekeeper_operator.selection import Refusal, Selection
 
 MAX_NODES_NAMED = 5
 """Nodes named in a condition message; the rest are counted."""
-QUOTA_EXCEEDED = "QuotaExceeded"
+QUOTA_EXCEEDED: Final = "QuotaExceeded"
 
 NodeState = Literal["Loaded", "Failed", "Pending"]
 
@@ -44,30 +44,14 @@ class NodeOutcome:
 
     node: str
     state: NodeState
-    reason: str
+    reason: Reason | ReportedReason
     message: str = ""
     known: bool = True
     """False until this operator has heard from the node's agent at all (just started)."""
 
 
-@dataclass(frozen=True)
-class EventSpec:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-def rfc3339(when: datetime | None = None) -> str:
-    return (when or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
-
-
 def _named(nodes: Sequence[str]) -> str:
-    more = len(nodes) - MAX_NODES_NAMED
-    return ", ".join(nodes[:MAX_NODES_NAMED]) + (f" and {more} more" if more > 0 else "")
+    return first_of(nodes, MAX_NODES_NAMED)
 
 
 def node_outcome(
@@ -93,7 +77,8 @@ def node_outcome(
         return NodeOutcome(node, "Loaded", "Loaded", outcome.message)
     if outcome.state == "Suspended":
         return NodeOutcome(node, "Pending", "NodesPending", "suspended on the agent")
-    return NodeOutcome(node, "Failed", outcome.reason or outcome.state, outcome.message)
+    reported = ReportedReason(outcome.reason or outcome.state)
+    return NodeOutcome(node, "Failed", reported, outcome.message)
 
 
 def node_outcomes(
@@ -115,7 +100,7 @@ def node_outcomes(
 def _condition(
     type_: ConditionType,
     status: ConditionStatus,
-    reason: str,
+    reason: Reason | ReportedReason,
     message: str,
     *,
     generation: int,
@@ -127,13 +112,13 @@ def _condition(
         type=type_,
         status=status,
         reason=reason,
-        message=_clip(message),
+        message=clip_message(message),
         observed_generation=generation,
         last_transition_time=previous.last_transition_time if kept and previous else now,
     )
 
 
-def _dominant(failures: Sequence[NodeOutcome]) -> str:
+def _dominant(failures: Sequence[NodeOutcome]) -> Reason | ReportedReason:
     counts = Counter(f.reason for f in failures)
     best = max(counts.values())
     return next(f.reason for f in failures if counts[f.reason] == best)
@@ -141,15 +126,13 @@ def _dominant(failures: Sequence[NodeOutcome]) -> str:
 
 def quota_condition(
     outcomes: Sequence[NodeOutcome],
-    cond: Callable[[ConditionType, ConditionStatus, str, str], Condition],
+    cond: Callable[[ConditionType, ConditionStatus, Reason | ReportedReason, str], Condition],
 ) -> Condition | None:
     """Accepted=False, QuotaExceeded, when some node left the probe out for a budget."""
     over = [o for o in outcomes if o.reason == QUOTA_EXCEEDED]
     if not over:
         return None
-    detail = "; ".join(o.message for o in over[:MAX_NODES_NAMED])
-    more = len(over) - MAX_NODES_NAMED
-    detail += f"; and {more} more" if more > 0 else ""
+    detail = first_of([o.message for o in over], MAX_NODES_NAMED, sep="; ", more_sep="; ")
     total = len(outcomes)
     where = f"left out of {len(over)} of {total} node{'s' if total != 1 else ''}"
     return cond("Accepted", "False", QUOTA_EXCEEDED, f"{where}: {detail}")
@@ -166,7 +149,9 @@ def fold_probe_status(
 ) -> TraceProbeStatus:
     gen = probe.generation
 
-    def cond(type_: ConditionType, status: ConditionStatus, reason: str, msg: str) -> Condition:
+    def cond(
+        type_: ConditionType, status: ConditionStatus, reason: Reason | ReportedReason, msg: str
+    ) -> Condition:
         before = previous.condition(type_) if previous is not None else None
         return _condition(type_, status, reason, msg, generation=gen, previous=before, now=now)
 
@@ -186,7 +171,7 @@ def fold_probe_status(
     targets = TargetCounts(pods=selection.pods, containers=selection.containers)
     note = f" ({selection.note})" if selection.note else ""
 
-    def loaded_nowhere(reason: str, msg: str) -> TraceProbeStatus:
+    def loaded_nowhere(reason: Reason, msg: str) -> TraceProbeStatus:
         """Accepted, on purpose not loaded anywhere: nothing failed."""
         return TraceProbeStatus(
             observed_generation=gen,
@@ -219,9 +204,12 @@ def fold_probe_status(
     ]
     if failed:
         reason = _dominant(failed)
-        detail = "; ".join(f"{f.node}: {f.reason}: {f.message}" for f in failed[:MAX_NODES_NAMED])
-        more = len(failed) - MAX_NODES_NAMED
-        detail += f"; and {more} more" if more > 0 else ""
+        detail = first_of(
+            [f"{f.node}: {f.reason}: {f.message}" for f in failed],
+            MAX_NODES_NAMED,
+            sep="; ",
+            more_sep="; ",
+        )
         degraded = cond("Degraded", "True", reason, f"failed on {len(failed)} of {total}: {detail}")
         short = f"{summary}; {reason} on {len(failed)}: {detail}"
     else:
@@ -274,7 +262,9 @@ def probe_events(previous: TraceProbeStatus | None, new: TraceProbeStatus) -> li
         # A node that left the probe out for a budget is told by the QuotaExceeded event.
         if (f.node, f.reason) not in before and f.reason != QUOTA_EXCEEDED:
             events.append(
-                EventSpec("Warning", "ProbeLoadFailed", _clip(f"{f.node}: {f.reason}: {f.message}"))
+                EventSpec(
+                    "Warning", "ProbeLoadFailed", clip_message(f"{f.node}: {f.reason}: {f.message}")
+                )
             )
     if was_loaded and ld is not None and ld.status == "False" and ld.reason == "Suspended":
         events.append(EventSpec("Normal", "ProbeUnloaded", ld.message))
@@ -287,7 +277,7 @@ def filter_events(previous: TraceFilterStatus | None, new: TraceFilterStatus) ->
     def accepted(status: TraceFilterStatus | None) -> Condition | None:
         if status is None:
             return None
-        return next((c for c in status.conditions if c.type == "Accepted"), None)
+        return status.condition("Accepted")
 
     now, before = accepted(new), accepted(previous)
     if now is None or (now.status, now.reason) != ("False", "NotPermitted"):
@@ -318,9 +308,7 @@ def fold_filter_status(
     previous: TraceFilterStatus | None,
     now: str,
 ) -> TraceFilterStatus:
-    before = (
-        next((c for c in previous.conditions if c.type == "Accepted"), None) if previous else None
-    )
+    before = previous.condition("Accepted") if previous else None
     if refusal is not None:
         accepted = _condition(
             "Accepted",

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from tracekeeper_operator.status_folding import EventSpec
+from tracekeeper_api.text import first_of
+from tracekeeper_operator.kube_events import EventSpec
 
 MAX_NODES_NAMED = 10
 
@@ -20,8 +21,7 @@ class UnloadVerdict:
 
 
 def _named(nodes: Sequence[str]) -> str:
-    more = len(nodes) - MAX_NODES_NAMED
-    return ", ".join(nodes[:MAX_NODES_NAMED]) + (f" and {more} more" if more > 0 else "")
+    return first_of(nodes, MAX_NODES_NAMED)
 
 
 def parse_rfc3339(text: str) -> datetime | None:

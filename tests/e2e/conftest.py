@@ -7,23 +7,20 @@ per-test timeout. A failed build fails every e2e test: CI must never pass withou
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # for `import tests.controlplane...`: not a path by default
-    sys.path.append(str(REPO))
-
-from tests.controlplane.local_cluster import (  # noqa: E402
+from tracekeeper_sim.local_cluster import (
     BUILD_SCRIPT,
     ControlPlaneError,
     LocalCluster,
     build_binaries,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 E2E_DIR = Path(__file__).resolve().parent
 CRDS_DIR = REPO / "crds"

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.controlplane.local_cluster import LocalCluster, find_free_ports
-from tests.e2e.agents import (
+from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim.local_cluster import LocalCluster, find_free_ports
+from tracekeeper_sim.world import (
     AGENT_LABELS,
     ENDPOINT_ANNOTATION,
     OPERATOR_NS,
@@ -22,7 +23,6 @@ from tests.e2e.agents import (
     condition,
     wait_until,
 )
-from tracekeeper_agent.cgroups import detect_root
 
 pytestmark = pytest.mark.e2e
 

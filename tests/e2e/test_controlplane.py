@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.controlplane.local_cluster import ControlPlaneError, LocalCluster
+from tracekeeper_sim import local_cluster
+from tracekeeper_sim.local_cluster import ControlPlaneError, LocalCluster
 
 pytestmark = pytest.mark.e2e
 
 GO_MOD = Path(__file__).resolve().parents[1] / "controlplane" / "go.mod"
-LOCAL_CLUSTER = GO_MOD.parent / "local_cluster.py"
+LOCAL_CLUSTER = Path(local_cluster.__file__)
 
 
 def _pinned_version() -> str:

@@ -33,8 +33,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.controlplane.local_cluster import LocalCluster, find_free_ports
 from tracekeeper_operator.settings import DEFAULT_AGENT_PORT_NAME
+from tracekeeper_sim.local_cluster import LocalCluster, find_free_ports
 
 pytestmark = pytest.mark.e2e
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.controlplane.local_cluster import LocalCluster
-from tests.e2e.agents import (
+from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim.local_cluster import LocalCluster
+from tracekeeper_sim.world import (
     EXAMPLES_DIR,
     GROUP_PATH,
     OPERATOR_NS,
@@ -30,7 +31,6 @@ from tests.e2e.agents import (
     samples,
     wait_until,
 )
-from tracekeeper_agent.cgroups import detect_root
 
 pytestmark = pytest.mark.e2e
 

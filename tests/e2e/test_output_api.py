@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.controlplane.local_cluster import LocalCluster, find_free_ports
-from tests.e2e.agents import EXAMPLES_DIR, OPERATOR_NS, World, condition, wait_until
 from tests.e2e.test_manifests import _aggregate
-from tracekeeper_agent.cgroups import detect_root
+from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim.local_cluster import LocalCluster, find_free_ports
+from tracekeeper_sim.world import EXAMPLES_DIR, OPERATOR_NS, World, condition, wait_until
 
 pytestmark = pytest.mark.e2e
 

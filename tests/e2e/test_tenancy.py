@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.controlplane.local_cluster import LocalCluster
+from tracekeeper_sim.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from tracekeeper_agent.bpf.loader import BccProgram
-from tracekeeper_agent.cgroups import create_cgroup, detect_root, remove_cgroup_tree
+from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
 
 
 @pytest.fixture(autouse=True)

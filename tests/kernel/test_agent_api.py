@@ -13,7 +13,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.controlplane.local_cluster import find_free_ports
 from tests.kernel.conftest import run_in_cgroup
-from tracekeeper_agent.cgroups import create_cgroup
-from tracekeeper_agent.cli import Agent, running_agent
+from tracekeeper_agent.service.agent import Agent, running_agent
+from tracekeeper_sim import kubelet
+from tracekeeper_sim.kubelet import create_cgroup
+from tracekeeper_sim.local_cluster import find_free_ports
+from tracekeeper_sim.served_agent import FakePod
 
 pytestmark = pytest.mark.kernel
 
@@ -37,35 +38,16 @@ WAIT_SECONDS = 20.0
 POLL_SECONDS = 0.05
 
 
-@dataclass
-class FakePod:
-    """A pod as kubelet (systemd driver, burstable) and containerd would lay it out."""
-
-    uid: str
-    name: str
-    directory: Path
-    container_id: str  # bare hex
-
-    @property
-    def container_dir(self) -> Path:
-        return self.directory / f"cri-containerd-{self.container_id}.scope"
-
-    def target(self) -> dict[str, Any]:
-        return {"uid": self.uid, "namespace": "team-k", "name": self.name}
-
-
 @pytest.fixture
 def kubepods(cgroup_sandbox: Path) -> Path:
     # Made before the agent starts, within the depth at which it looks for kubepods trees.
-    qos = cgroup_sandbox / "kubepods.slice" / "kubepods-burstable.slice"
+    qos = kubelet.qos_dir(cgroup_sandbox)
     create_cgroup(qos)
     return qos
 
 
 def fake_pod(kubepods: Path, name: str) -> FakePod:
-    uid = str(uuid.uuid4())
-    directory = kubepods / f"kubepods-burstable-pod{uid.replace('-', '_')}.slice"
-    return FakePod(uid, name, directory, uuid.uuid4().hex + uuid.uuid4().hex)
+    return FakePod.new(kubepods, name, namespace="team-k")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import pytest
 
 from tests.kernel.conftest import run_in_cgroup
 from tests.kernel.test_agent_api import bpf_prog_ids
-from tracekeeper_agent.cgroups import create_cgroup
+from tracekeeper_sim.kubelet import create_cgroup
 
 pytestmark = pytest.mark.kernel
 

@@ -8,14 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
-from tracekeeper_agent.cgroups import (
+from tracekeeper_agent.targets.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
+from tracekeeper_agent.targets.cgroups import CgroupIndex, CgroupOwner, Runtime, cgroup_id
+from tracekeeper_sim.kubelet import (
     CgroupDriver,
-    CgroupIndex,
-    CgroupOwner,
     QosClass,
-    Runtime,
-    cgroup_id,
     container_cgroup_relpath,
     create_cgroup,
     pod_cgroup_relpath,

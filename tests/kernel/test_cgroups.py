@@ -10,22 +10,24 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from tests.kernel.conftest import run_in_cgroup
-from tracekeeper_agent.cgroups import (
+from tracekeeper_agent.targets.cgroups import (
     DEFAULT_ROOT_CANDIDATES,
-    CgroupDriver,
     CgroupIndex,
     CgroupOwner,
-    QosClass,
     Runtime,
     cgroup_id,
     cgroup_level,
+    detect_root,
+    find_kubepods_dirs,
+    is_cgroup2,
+)
+from tracekeeper_sim.kubelet import (
+    CgroupDriver,
+    QosClass,
     container_cgroup_relpath,
     create_cgroup,
-    detect_root,
     find_container_cgroup,
-    find_kubepods_dirs,
     find_pod_cgroup,
-    is_cgroup2,
     move_pid,
     pid_cgroup,
     remove_cgroup_tree,

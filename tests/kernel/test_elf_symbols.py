@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.cgroups import detect_root, pid_cgroup
-from tracekeeper_agent.elf_symbols import (
+from tracekeeper_agent.host.elf_symbols import (
     BinaryNotFound,
     SymbolNotFound,
     find_binary,
     resolve_uprobe,
 )
-from tracekeeper_agent.rootfs import open_process_root, open_root
+from tracekeeper_agent.host.rootfs import open_process_root, open_root
+from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim.kubelet import pid_cgroup
 
 pytestmark = pytest.mark.kernel
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.kernel_features import detect
+from tracekeeper_agent.host.kernel_features import detect
 
 pytestmark = pytest.mark.kernel
 

@@ -4,6 +4,7 @@ buffer with every loss accounted for (rate limit, full ring, slow subscriber).""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,13 @@ from tests.kernel.conftest import run_in_cgroup
 from tests.unit.output_fakes import until
 from tracekeeper_agent.active import ActiveProbe
 from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
-from tracekeeper_agent.cgroups import cgroup_id, create_cgroup
-from tracekeeper_agent.events import EventHub
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import FilterEntries
-from tracekeeper_agent.metrics import AgentMetrics, cumulative_buckets
-from tracekeeper_agent.program_builder import build_plan
+from tracekeeper_agent.outputs.events import EventHub
+from tracekeeper_agent.outputs.metrics import AgentMetrics, cumulative_buckets
+from tracekeeper_agent.ports import FilterEntries, PodIdentity
+from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.targets.cgroups import cgroup_id
 from tracekeeper_api.protocol import ProbeAssignment
+from tracekeeper_sim.kubelet import create_cgroup
 
 pytestmark = pytest.mark.kernel
 
@@ -132,24 +133,28 @@ async def test_events_rate_limited_and_backlog_accounted_exactly(
 ) -> None:
     spec = {
         "tracepoint": "syscalls:sys_enter_getppid",
-        "output": {"kind": "events", "rateLimit": 100},
+        "output": {"kind": "events", "rateLimit": 300},
     }
     probe = load(loaded, spec, pods)
     attributor = CgroupPods(pods)
-    hub = EventHub(attributor, queue_size=32)
+    hub = EventHub(attributor, queue_bytes=1)  # a chunk queued fills it
     await hub.sync([probe])
     try:
-        slow = hub.subscribe(probe.id)  # read only at the end: the rest is backlog
-        await asyncio.to_thread(run_in_cgroup, pods["pod-a/c1"], *getppid_loop(2000))
-        kernel = probe.program.read_counters()
-        produced = kernel.matched - kernel.sampled_out
+        slow = hub.subscribe(probe.id)  # read only at the end: later chunks are backlog
         counts = hub.counts(probe.id)
-        await until(lambda: counts.received == produced - kernel.rate_limited - kernel.ring_full)
-        delivered = slow.drain()
+        for second in range(2):
+            if second:
+                await asyncio.sleep(1.1)  # the next rate limit window: more events get in
+            await asyncio.to_thread(run_in_cgroup, pods["pod-a/c1"], *getppid_loop(1000))
+            kernel = probe.program.read_counters()
+            produced = kernel.matched - kernel.sampled_out
+            in_ring = produced - kernel.rate_limited - kernel.ring_full
+            await until(lambda: counts.received == in_ring)  # noqa: B023 (awaited here)
+        delivered = [json.loads(line) for line in slow.drain().splitlines()]
 
         assert kernel.matched == 2000
-        assert kernel.rate_limited >= 2000 - 2 * 100  # at most two one-second windows
-        assert len(delivered) == 32
+        assert kernel.rate_limited >= 2000 - 2 * 300  # two one-second windows
+        assert len(delivered) == slow.events == counts.delivered > 0
         assert counts.backlog == slow.dropped > 0
         assert kernel.rate_limited + kernel.ring_full + counts.backlog == produced - len(delivered)
         assert {(e["pod"], e["container"], e["comm"]) for e in delivered} == {
@@ -179,7 +184,7 @@ async def test_a_full_ring_is_counted_exactly(
     probe = load(loaded, spec, pods)
     # No poller yet: 100 000 records overflow the 2 MiB ring (about 48 bytes each).
     run_in_cgroup(pods["pod-a/c1"], *getppid_loop(100_000))
-    hub = EventHub(CgroupPods(pods), queue_size=200_000)
+    hub = EventHub(CgroupPods(pods), queue_bytes=1 << 30)
     sub = hub.subscribe(probe.id)
     await hub.sync([probe])
     try:
@@ -189,6 +194,6 @@ async def test_a_full_ring_is_counted_exactly(
         assert kernel.matched == 100_000
         assert kernel.ring_full > 0
         assert counts.backlog == 0
-        assert len(sub.drain()) == counts.delivered == counts.received
+        assert sub.drain().count(b"\n") == counts.delivered == counts.received
     finally:
         await hub.close()

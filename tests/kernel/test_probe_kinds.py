@@ -11,10 +11,11 @@ import pytest
 
 from tests.kernel.conftest import run_in_cgroup
 from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
-from tracekeeper_agent.cgroups import cgroup_id, create_cgroup
-from tracekeeper_agent.kernel import FilterEntries, LoadFailure
-from tracekeeper_agent.program_builder import build_plan
+from tracekeeper_agent.ports import FilterEntries, LoadFailure
+from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.targets.cgroups import cgroup_id
 from tracekeeper_api.protocol import ProbeAssignment
+from tracekeeper_sim.kubelet import create_cgroup
 
 pytestmark = pytest.mark.kernel
 

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracekeeper_agent.cgroups import CgroupOwner
-from tracekeeper_agent.kernel import (
+from tracekeeper_agent.host.event_records import EventBatch, batch_of
+from tracekeeper_agent.ports import (
     CountSample,
     FilterEntries,
     FilterKind,
@@ -19,6 +19,7 @@ from tracekeeper_agent.kernel import (
     ProgramPlan,
     RawEvent,
 )
+from tracekeeper_agent.targets.cgroups import CgroupOwner
 from tracekeeper_api.protocol import NodeState, ProbeAssignment
 
 UID_A = "11111111-aaaa-4000-8000-000000000001"
@@ -75,6 +76,9 @@ class FakeProgram:
         while not self.events.empty():
             batch.append(self.events.get_nowait())
         return batch
+
+    def poll_batch(self, timeout_ms: int, max_records: int) -> EventBatch:
+        return batch_of(self.poll_events(timeout_ms))
 
     def close(self) -> None:
         assert not self.closed, "closed twice"

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import (
+from tracekeeper_agent.host.event_records import EventBatch, batch_of
+from tracekeeper_agent.ports import (
     CountSample,
     FilterEntries,
     HistogramSample,
     KernelCounters,
+    PodIdentity,
     ProgramPlan,
     RawEvent,
 )
@@ -105,6 +106,17 @@ class FakeProgram:
             batch = list(self.ring)
             self.ring.clear()
             return batch
+
+    def poll_batch(self, timeout_ms: int, max_records: int) -> EventBatch:
+        assert not self.closed, "poll_batch on a closed program"
+        with self._cond:
+            self.polls += 1
+            if self.fail_poll is not None:
+                raise self.fail_poll
+            if not self.ring and timeout_ms > 0:
+                self._cond.wait(timeout_ms / 1000)
+            batch = [self.ring.popleft() for _ in range(min(max_records, len(self.ring)))]
+            return batch_of(batch)
 
     def close(self) -> None:
         self.closed = True

@@ -6,17 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.cli import (
+from tracekeeper_agent.service.cli import (
     EXIT_USAGE,
-    StandaloneError,
     build_parser,
     check_listeners,
     main,
-    outcome_lines,
     parse_duration,
     parse_listen,
-    standalone_state,
 )
+from tracekeeper_agent.service.standalone import StandaloneError, outcome_lines, standalone_state
 from tracekeeper_api.protocol import NodeReport, ProbeOutcome
 from tracekeeper_api.resources import load_documents
 
@@ -196,3 +194,31 @@ def test_outcome_lines() -> None:
         "default/a: Loaded (program ids 7, 8; 2 filter entries)",
         "default/b: Unsupported (Unsupported: no kprobes)",
     ]
+
+
+RAW_PROGRAM = """
+apiVersion: tracekeeper.dev/v1alpha1
+kind: TraceProbe
+metadata: {name: raw}
+spec:
+  program:
+    source: |
+      TRACEPOINT_PROBE(sched, sched_process_exec) { tk_count(tk_admit()); return 0; }
+  filter: {hostWide: true}
+  output: {kind: count}
+"""
+
+
+def test_render_prints_the_c_a_probe_compiles_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "raw.yaml"
+    path.write_text(RAW_PROGRAM)
+    assert main(["render", "-f", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("/* tracekeeper probe default/raw (program, count) */\n")
+    assert "#define TK_HOST_WIDE 1\n" in out
+    assert "enum tk_counter" in out  # the prelude
+    assert out.rstrip().endswith(
+        "TRACEPOINT_PROBE(sched, sched_process_exec) { tk_count(tk_admit()); return 0; }"
+    )

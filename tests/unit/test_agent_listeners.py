@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from tracekeeper_agent.http_api import Listener, ListenerLimits, start_listener
+from tracekeeper_agent.service.http_api import Listener, ListenerLimits, start_listener
 
 HALF_SENT = b"GET /metrics HTTP/1.1\r\nHost: x\r\n"  # the head never ends
 WHOLE = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.bpf_ids import NotABpfObject, map_id, prog_id
+from tracekeeper_agent.host.bpf_ids import NotABpfObject, prog_id
 
 PROG_FDINFO = """\
 pos:\t0
@@ -25,20 +25,16 @@ def proc(tmp_path: Path) -> Path:
     fdinfo = tmp_path / "self" / "fdinfo"
     fdinfo.mkdir(parents=True)
     (fdinfo / "7").write_text(PROG_FDINFO)
-    (fdinfo / "8").write_text("pos:\t0\nmap_type:\t1\nmap_id:\t99\n")
     (fdinfo / "9").write_text("pos:\t0\nflags:\t02\nmnt_id:\t29\nino:\t5\n")
     return tmp_path
 
 
 def test_ids(proc: Path) -> None:
     assert prog_id(7, proc=proc) == 1234
-    assert map_id(8, proc=proc) == 99
 
 
 def test_not_bpf(proc: Path) -> None:
     with pytest.raises(NotABpfObject, match="prog_id"):
         prog_id(9, proc=proc)
-    with pytest.raises(NotABpfObject, match="map_id"):
-        map_id(7, proc=proc)
     with pytest.raises(NotABpfObject, match="not open"):
         prog_id(100, proc=proc)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.cgroup_watch import (
+from tracekeeper_agent.targets.cgroup_watch import (
     IN_Q_OVERFLOW,
     CgroupEvent,
     CgroupEventKind,

@@ -5,28 +5,30 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from tracekeeper_agent.cgroups import (
-    CgroupDriver,
+from tracekeeper_agent.targets.cgroups import (
     CgroupError,
     CgroupIndex,
     CgroupOwner,
-    QosClass,
     Runtime,
     cgroup_id,
     cgroup_level,
-    container_cgroup_candidates,
-    container_cgroup_relpath,
     detect_root,
-    find_container_cgroup,
     find_kubepods_dirs,
-    find_pod_cgroup,
     is_cgroup2,
     is_kubepods_name,
     parse_cgroup_path,
+    split_container_id,
+)
+from tracekeeper_sim.kubelet import (
+    CgroupDriver,
+    QosClass,
+    container_cgroup_candidates,
+    container_cgroup_relpath,
+    find_container_cgroup,
+    find_pod_cgroup,
     pid_cgroup,
     pod_cgroup_candidates,
     pod_cgroup_relpath,
-    split_container_id,
 )
 
 UID = "1f2e3d4c-5b6a-4789-8abc-def012345678"

@@ -7,16 +7,21 @@ import io
 import json
 
 from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe, raw_event, until
-from tracekeeper_agent.console import (
+from tracekeeper_agent.outputs.console import (
     aggregate_counts,
     aggregate_histograms,
     render_frame,
     run_console,
     snapshot,
 )
-from tracekeeper_agent.events import EventHub
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import CountSample, HistogramSample, KernelCounters, SampleKey
+from tracekeeper_agent.outputs.events import EventHub
+from tracekeeper_agent.ports import (
+    CountSample,
+    HistogramSample,
+    KernelCounters,
+    PodIdentity,
+    SampleKey,
+)
 from tracekeeper_api.output_text import count_table, histogram_text, log2_hist
 
 PODS = FakeAttributor(
@@ -132,6 +137,7 @@ async def test_run_console_prints_events_and_frames_until_stopped() -> None:
             lambda: [counter, execs], PODS, hub, output="json", out=out, stop=stop, interval=0.05
         )
     )
+    await asyncio.sleep(0)  # the console subscribes in its first step; it gets what is read after
     events_program.emit([raw_event(n, cgroup_id=11) for n in range(3)])
     await until(lambda: out.getvalue().count('"seq"') == 3)
     await until(lambda: '"counts"' in out.getvalue())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.cli import build_parser as agent_parser
+from tracekeeper_agent.service.cli import build_parser as agent_parser
 from tracekeeper_operator.cli import _parser as operator_parser
 
 ROOT = Path(__file__).resolve().parents[2]

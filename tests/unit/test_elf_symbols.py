@@ -11,20 +11,21 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from tracekeeper_agent.elf_symbols import (
+from tracekeeper_agent.host.elf_symbols import (
     BinaryNotFound,
+    ElfSymbol,
     NotAnElf,
     SymbolKind,
     SymbolNotFound,
     UprobeFile,
     UprobeTargetError,
-    elf_symbols,
+    fd_symbols,
     find_binary,
-    find_symbol,
+    find_symbol_in,
     read_ld_cache,
     resolve_uprobe,
 )
-from tracekeeper_agent.rootfs import (
+from tracekeeper_agent.host.rootfs import (
     NotFoundInRoot,
     OpenedFile,
     PathRefused,
@@ -32,6 +33,18 @@ from tracekeeper_agent.rootfs import (
     open_in_root,
     open_root,
 )
+
+
+def elf_symbols(path: Path) -> Iterator[ElfSymbol]:
+    """Every symbol of an ELF64 file's .symtab and .dynsym (in that order)."""
+    with path.open("rb") as f:
+        yield from fd_symbols(f.fileno(), str(path))
+
+
+def find_symbol(path: Path, symbol: str) -> ElfSymbol:
+    """The defined symbol `symbol` of `path`; SymbolNotFound says why not."""
+    return find_symbol_in(elf_symbols(path), symbol, str(path))
+
 
 MACHINE = {"x86_64": 62, "aarch64": 183}.get(platform.machine(), 62)
 TRIPLET = {"aarch64": "aarch64-linux-gnu"}.get(platform.machine(), "x86_64-linux-gnu")

@@ -6,23 +6,37 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe, raw_event, until
-from tracekeeper_agent.events import (
+from tracekeeper_agent.outputs.events import (
     EventHub,
+    Subscription,
     enrich,
-    ndjson_handler,
     open_events_file,
     rfc3339,
 )
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import RawEvent
+from tracekeeper_agent.ports import PodIdentity, RawEvent
+from tracekeeper_agent.service.event_stream import ndjson_handler
 from tracekeeper_api.protocol import EventDrops
 
 PODS = FakeAttributor({1001: PodIdentity("team-a", "web-0", "app")})
+
+
+def parse(chunk: bytes | None) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (chunk or b"").splitlines()]
+
+
+async def read_events(sub: Subscription, n: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        chunk = await sub.next()
+        assert chunk is not None, f"stream ended after {len(out)} of {n} events"
+        out += parse(chunk)
+    return out
 
 
 def test_enrich_adds_pod_container_and_fields() -> None:
@@ -63,11 +77,11 @@ async def test_fan_out_to_two_subscribers() -> None:
     try:
         one, all_probes = hub.subscribe("team-a/opens"), hub.subscribe(None)
         program.emit([raw_event(n) for n in range(50)])
-        got_one = [await one.next() for _ in range(50)]
-        got_all = [await all_probes.next() for _ in range(50)]
-        assert [e["seq"] for e in got_one if e] == list(range(50))
+        got_one = await read_events(one, 50)
+        got_all = await read_events(all_probes, 50)
+        assert [e["seq"] for e in got_one] == list(range(50))
         assert got_all == got_one
-        assert got_one[0] is not None and got_one[0]["pod"] == "web-0"
+        assert got_one[0]["pod"] == "web-0"
         counts = hub.counts("team-a/opens")
         assert (counts.received, counts.delivered, counts.backlog) == (50, 100, 0)
     finally:
@@ -75,18 +89,18 @@ async def test_fan_out_to_two_subscribers() -> None:
     assert await one.next() is None  # closing the hub ends every subscription
 
 
-async def test_slow_subscriber_loses_events_counted_as_backlog() -> None:
+async def test_slow_subscriber_loses_whole_chunks_counted_as_backlog() -> None:
     program = FakeProgram(rate_limit=700, ring_size=500)
     probe = make_probe("team-a/opens", program, kind="events")
-    hub = EventHub(PODS, queue_size=64)
+    hub = EventHub(PODS, queue_bytes=1)  # a queue with a chunk in it is full
     await hub.sync([probe])
     try:
         fast, slow = hub.subscribe("team-a/opens"), hub.subscribe("team-a/opens")
         seen: list[int] = []
 
         async def read_fast() -> None:
-            async for event in fast:
-                seen.append(event["seq"])
+            async for chunk in fast:
+                seen.extend(e["seq"] for e in parse(chunk))
 
         reader = asyncio.create_task(read_fast())
         for start in range(0, 1000, 50):
@@ -106,15 +120,16 @@ async def test_slow_subscriber_loses_events_counted_as_backlog() -> None:
         await until(lambda: counts.received == produced - kernel.rate_limited - kernel.ring_full)
         await until(lambda: len(seen) == 700)
         assert seen == list(range(700))
-        assert slow.dropped == 700 - 64
+        # Each burst was one chunk: the slow one kept the first, lost the 13 others whole.
+        assert slow.dropped == 700 - 50
         assert counts.backlog == slow.dropped
-        assert len(slow.drain()) == 64
+        assert [e["seq"] for e in parse(slow.drain())] == list(range(50))
         # Per subscriber: produced = kernel drops + backlog drops + delivered.
-        for sub_delivered, sub_dropped in [(len(seen), fast.dropped), (64, slow.dropped)]:
+        for sub_delivered, sub_dropped in [(len(seen), fast.dropped), (50, slow.dropped)]:
             assert produced == kernel.rate_limited + kernel.ring_full + sub_dropped + sub_delivered
         assert counts.delivered + counts.backlog == 2 * counts.received
-        assert hub.drops(probe) == EventDrops(rate_limited=300, ring_full=0, backlog=636)
-        assert hub.backlog_drops(probe.id) == 636
+        assert hub.drops(probe) == EventDrops(rate_limited=300, ring_full=0, backlog=650)
+        assert hub.backlog_drops(probe.id) == 650
         reader.cancel()
     finally:
         await hub.close()
@@ -133,7 +148,7 @@ async def test_a_full_ring_is_counted_in_the_identity() -> None:
         kernel = program.read_counters()
         assert kernel.ring_full == 15
         assert kernel.matched == kernel.ring_full + kernel.rate_limited + counts.received
-        assert len(sub.drain()) == counts.delivered == 10
+        assert len(parse(sub.drain())) == counts.delivered == 10
     finally:
         await hub.close()
 
@@ -159,9 +174,9 @@ async def test_pollers_start_stop_and_replace_cleanly() -> None:
     assert not old.is_alive()
     new = hub.running()["team-a/opens"]
     assert new.is_alive() and new is not old
-    assert (await sub.next() or {})["seq"] == 1  # taken by the old poller's last drain
+    assert [e["seq"] for e in parse(await sub.next())] == [1]  # the old poller's last read
     second.emit([raw_event(2)])
-    assert (await sub.next() or {})["seq"] == 2  # the subscription outlives the replacement
+    assert [e["seq"] for e in parse(await sub.next())] == [2]  # outlives the replacement
 
     # Removed: joined, and its stream ends.
     await hub.sync([counter])
@@ -233,21 +248,39 @@ class CountingAttributor(FakeAttributor):
         return super().identify(cgroup_id)
 
 
-async def test_events_no_queue_can_take_are_not_enriched() -> None:
-    """Overload: a stalled subscriber's full queue refuses the rest of a batch before any
-    work is spent on it, and the accounting stays exact."""
+async def test_events_no_queue_can_take_are_not_encoded() -> None:
+    """Overload: a stalled subscriber's full queue refuses a batch before any work is spent
+    on it, a batch is identified once per cgroup, and the accounting stays exact."""
     program = FakeProgram(ring_size=1000)
     probe = make_probe("team-a/opens", program, kind="events")
     attributor = CountingAttributor()
-    hub = EventHub(attributor, queue_size=10)
+    hub = EventHub(attributor, queue_bytes=1)
     await hub.sync([probe])
     try:
         stalled = hub.subscribe("team-a/opens")
-        program.emit([raw_event(n) for n in range(500)])
         counts = hub.counts(probe.id)
+        program.emit([raw_event(n) for n in range(500)])
         await until(lambda: counts.received == 500)
-        assert attributor.calls == 10  # only what the queue could take
-        assert (counts.delivered, counts.backlog, stalled.dropped) == (10, 490, 490)
-        assert [e["seq"] for e in stalled.drain()] == list(range(10))
+        assert attributor.calls == 1  # one batch, one cgroup: identified once
+        program.emit([raw_event(n) for n in range(500, 1000)])
+        await until(lambda: counts.received == 1000)
+        assert attributor.calls == 1  # the full queue took nothing: nothing encoded
+        assert (counts.delivered, counts.backlog, stalled.dropped) == (500, 500, 500)
+        assert [e["seq"] for e in parse(stalled.drain())] == list(range(500))
     finally:
         await hub.close()
+
+
+async def test_a_subscription_is_bounded_in_bytes_and_loses_whole_chunks() -> None:
+    hub = EventHub(PODS, queue_bytes=100)
+    sub = hub.subscribe(None)
+    assert sub.offer(b"x" * 300 + b"\n", 1)  # an empty queue takes any chunk
+    assert not sub.has_room()
+    assert not sub.offer(b"y\n", 1)  # lost whole, counted
+    assert (sub.events, sub.dropped) == (1, 1)
+    assert await sub.next() == b"x" * 300 + b"\n"
+    assert sub.offer(b"a\n" * 10, 10) and sub.offer(b"b\n" * 10, 10)  # 40 bytes: both fit
+    assert sub.drain() == b"a\n" * 10 + b"b\n" * 10  # one write for everything queued
+    sub.close()
+    assert await sub.next() is None
+    assert not sub.offer(b"z\n", 1) and sub.dropped == 1  # closed: no longer counted

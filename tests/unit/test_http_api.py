@@ -17,8 +17,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit.agent_fakes import CID_A, UID_A, FakeCgroups, FakeLoader, fake_build_plan, probe
 from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe
-from tracekeeper_agent.events import EventHub
-from tracekeeper_agent.http_api import (
+from tracekeeper_agent.outputs.events import EventHub
+from tracekeeper_agent.outputs.metrics import AgentMetrics
+from tracekeeper_agent.ports import CountSample, RawEvent, SampleKey
+from tracekeeper_agent.reconcile.reconciler import Reconciler
+from tracekeeper_agent.service.http_api import (
     TOKEN_ENV,
     TokenFile,
     create_app,
@@ -26,9 +29,6 @@ from tracekeeper_agent.http_api import (
     read_token,
     token_source,
 )
-from tracekeeper_agent.kernel import CountSample, RawEvent, SampleKey
-from tracekeeper_agent.metrics import AgentMetrics
-from tracekeeper_agent.reconciler import Reconciler
 from tracekeeper_api import signing
 from tracekeeper_api.output import ProbeValues
 

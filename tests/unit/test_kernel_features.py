@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.kernel_features import (
+from tracekeeper_agent.host.kernel_features import (
     KernelFeatures,
     detect,
     parse_kernel_config,
@@ -104,7 +105,7 @@ def test_this_build_machine(machine: Machine) -> None:
     assert f.headers_dir == str(build.resolve())
     assert f.headers_release == RELEASE
     # The snapshot is what the agent reports: plain JSON.
-    assert json.loads(json.dumps(f.to_dict()))["kprobes"]["available"] is False
+    assert json.loads(json.dumps(asdict(f)))["kprobes"]["available"] is False
 
 
 def test_config_wins_over_runtime_signs(machine: Machine) -> None:

@@ -20,10 +20,10 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tracekeeper_agent.cli import build_parser as agent_parser
-from tracekeeper_agent.cli import check_listeners, parse_listen
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.metrics import AgentMetrics
+from tracekeeper_agent.outputs.metrics import AgentMetrics
+from tracekeeper_agent.ports import PodIdentity
+from tracekeeper_agent.service.cli import build_parser as agent_parser
+from tracekeeper_agent.service.cli import check_listeners, parse_listen
 from tracekeeper_api import crdgen
 from tracekeeper_api.filters import PRIVILEGED_FILTER_FIELDS
 from tracekeeper_operator.cli import _parser as operator_parser

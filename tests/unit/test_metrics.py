@@ -14,16 +14,21 @@ from prometheus_client.samples import Sample
 
 from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe, raw_event, until
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.events import EventHub
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import CountSample, HistogramSample, KernelCounters, SampleKey
-from tracekeeper_agent.metrics import (
+from tracekeeper_agent.outputs.events import EventHub
+from tracekeeper_agent.outputs.metrics import (
     OVERFLOW,
     SAMPLE_LABELS,
     AgentMetrics,
     cap_series,
     cumulative_buckets,
     estimated_sum,
+)
+from tracekeeper_agent.ports import (
+    CountSample,
+    HistogramSample,
+    KernelCounters,
+    PodIdentity,
+    SampleKey,
 )
 
 PODS = FakeAttributor(
@@ -199,11 +204,13 @@ def test_cap_series_under_the_cap_keeps_everything() -> None:
 async def test_events_and_drops_by_reason() -> None:
     program = FakeProgram(rate_limit=6)
     probe = make_probe("team-a/execs", program, kind="events")
-    hub = EventHub(PODS, queue_size=2)
+    hub = EventHub(PODS, queue_bytes=1)
     await hub.sync([probe])
     try:
-        async with hub.subscribe("team-a/execs"):  # never read: 2 queued, the rest backlog
-            program.emit([raw_event(n) for n in range(10)])
+        async with hub.subscribe("team-a/execs"):  # never read: the first chunk queued,
+            program.emit([raw_event(n) for n in range(3)])  # the next one is backlog
+            await until(lambda: hub.counts(probe.id).received == 3)
+            program.emit([raw_event(n) for n in range(3, 10)])
             await until(lambda: hub.counts(probe.id).received == 6)
             fams, _ = scrape([probe], events=hub)
     finally:
@@ -217,7 +224,7 @@ async def test_events_and_drops_by_reason() -> None:
         for s in fams["tracekeeper_probe_events_dropped"]
         if s.name == "tracekeeper_probe_events_dropped_total"
     }
-    assert dropped == {"rate_limit": 4.0, "ring_full": 0.0, "backlog": 4.0}
+    assert dropped == {"rate_limit": 4.0, "ring_full": 0.0, "backlog": 3.0}
 
 
 def test_agent_self_metrics() -> None:

@@ -19,14 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.kernel import HistogramSample, KernelCounters, SampleKey
-from tracekeeper_agent.metrics import (
+from tracekeeper_agent.outputs.metrics import (
     DEFAULT_NAMESPACE_SERIES_CAP,
     DEFAULT_NODE_SERIES_CAP,
     MAX_HISTOGRAM_SERIES,
     OVERFLOW,
     AgentMetrics,
 )
+from tracekeeper_agent.ports import HistogramSample, KernelCounters, SampleKey
 
 PROBES, SERIES, SLOTS = 16, 500, 64
 MAX_SCRAPE_BYTES = 8 * 1024 * 1024

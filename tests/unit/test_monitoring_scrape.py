@@ -29,13 +29,12 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.controlplane.local_cluster import find_free_ports
 from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe
 from tests.unit.test_manifests import MONITORING_DOCS, _one, _rule_group
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.kernel import CountSample, SampleKey
-from tracekeeper_agent.metrics import AgentMetrics
+from tracekeeper_agent.outputs.metrics import AgentMetrics
+from tracekeeper_agent.ports import CountSample, PodIdentity, SampleKey
 from tracekeeper_operator.metrics import OperatorMetrics, ProbeReadiness
+from tracekeeper_sim.local_cluster import find_free_ports
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")

@@ -17,12 +17,8 @@ from aiohttp.test_utils import TestServer
 
 from tracekeeper_api import signing
 from tracekeeper_api.protocol import NodeReport, NodeState
-from tracekeeper_operator.agent_client import (
-    AgentError,
-    HttpAgentClient,
-    StaleRevision,
-    TokenSource,
-)
+from tracekeeper_operator.agent_client import HttpAgentClient, TokenSource
+from tracekeeper_operator.agent_errors import AgentError, StaleRevision
 
 STATE = NodeState(node="n1", revision=7, probes=[])
 TOKEN = "s3cret"

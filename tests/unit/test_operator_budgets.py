@@ -9,13 +9,12 @@ from typing import Any
 import pytest
 
 from tests.unit.test_program_builder import CTX
-from tracekeeper_agent.http_api import MAX_BODY
-from tracekeeper_agent.program_builder import build_plan
+from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.service.http_api import MAX_BODY
 from tracekeeper_api.budgets import BUDGET_ANNOTATION, Budget, parse_override
 from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.protocol import MAX_STATE_BYTES, NodeState, spec_hash
 from tracekeeper_api.status import TraceProbeStatus
-from tracekeeper_operator.budgets import state_size
 from tracekeeper_operator.cluster_view import ClusterView
 from tracekeeper_operator.control_loop import ClusterPlan, plan_cluster, probe_status
 from tracekeeper_operator.node_state import node_state
@@ -33,6 +32,11 @@ from tracekeeper_operator.status_folding import probe_events
 SYSTEM = "tracekeeper-system"
 SETTINGS = OperatorSettings(namespace=SYSTEM)
 NODE = "n1"
+
+
+def state_size(state: NodeState) -> int:
+    """Bytes of the state as the agent client sends it."""
+    return len(state.model_dump_json(by_alias=True, exclude_none=True))
 
 
 def uid(ns: str, name: str) -> str:

@@ -12,7 +12,9 @@ from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
 from tracekeeper_operator.cluster_view import ClusterView
 from tracekeeper_operator.control_loop import ControlLoop
-from tracekeeper_operator.pushes import Pusher, PushPlanner
+from tracekeeper_operator.kube_events import EventSpec
+from tracekeeper_operator.push_planner import PushPlanner
+from tracekeeper_operator.pusher import Pusher
 from tracekeeper_operator.records import (
     AgentRecord,
     ContainerRecord,
@@ -23,7 +25,6 @@ from tracekeeper_operator.records import (
     ProbeRecord,
 )
 from tracekeeper_operator.settings import OperatorSettings
-from tracekeeper_operator.status_folding import EventSpec
 
 SETTINGS = OperatorSettings(namespace="tk", render_debounce=0.0)
 

@@ -22,7 +22,8 @@ from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.status import TraceProbeStatus
 from tracekeeper_operator.control_loop import ControlLoop
 from tracekeeper_operator.metrics import OperatorMetrics, ProbeReadiness
-from tracekeeper_operator.pushes import Pusher, PushPlanner
+from tracekeeper_operator.push_planner import PushPlanner
+from tracekeeper_operator.pusher import Pusher
 from tracekeeper_operator.records import ObjectRef, ProbeRecord
 
 NAME = "tracekeeper_operator_probe_ready"

@@ -17,16 +17,12 @@ from tracekeeper_api.protocol import (
     ProbeTargets,
     spec_hash,
 )
-from tracekeeper_operator.agent_client import AgentError, StaleRevision
+from tracekeeper_operator.agent_errors import AgentError, StaleRevision
+from tracekeeper_operator.agent_views import holding_nodes
 from tracekeeper_operator.metrics import OperatorMetrics
 from tracekeeper_operator.node_state import Assignments, RevisionClock
-from tracekeeper_operator.pushes import (
-    PushAction,
-    Pusher,
-    PushPlanner,
-    ResyncAction,
-    holding_nodes,
-)
+from tracekeeper_operator.push_planner import PushAction, PushPlanner, ResyncAction
+from tracekeeper_operator.pusher import Pusher
 
 SPEC = TraceProbeSpec.model_validate({"tracepoint": "syscalls:sys_enter_openat"})
 

@@ -9,7 +9,7 @@ import pytest
 from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.protocol import NodeReport, ProbeOutcome, ProbeState, spec_hash
 from tracekeeper_api.status import TraceProbeStatus
-from tracekeeper_operator.pushes import AgentView
+from tracekeeper_operator.agent_views import AgentView
 from tracekeeper_operator.records import ObjectRef, ProbeRecord
 from tracekeeper_operator.selection import Refusal, Selected
 from tracekeeper_operator.status_folding import (

@@ -12,8 +12,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit.agent_fakes import FakeCgroups, FakeLoader, fake_build_plan
 from tests.unit.test_http_api import AUTH, TOKEN
-from tracekeeper_agent.http_api import MAX_BODY, create_app
-from tracekeeper_agent.reconciler import Reconciler
+from tracekeeper_agent.reconcile.reconciler import Reconciler
+from tracekeeper_agent.service.http_api import MAX_BODY, create_app
 from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.protocol import (
     ContainerTarget,

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from tracekeeper_agent.kernel import LoadFailure
-from tracekeeper_agent.kernel_features import FeatureCheck, KernelFeatures
-from tracekeeper_agent.probe_kinds import BuildContext
-from tracekeeper_agent.program_builder import PRELUDE, build_plan, filter_kinds
+from tracekeeper_agent.host.kernel_features import FeatureCheck, KernelFeatures
+from tracekeeper_agent.ports import LoadFailure
+from tracekeeper_agent.programs.builder import PRELUDE, build_plan, filter_kinds
+from tracekeeper_agent.programs.kinds import BuildContext
 from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
 
 HERE = Path(__file__).parent

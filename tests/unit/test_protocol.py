@@ -11,9 +11,9 @@ from tracekeeper_api.protocol import (
     NodeState,
     ProbeOutcome,
     spec_hash,
-    truncate_message,
 )
 from tracekeeper_api.selectors import LabelSelector
+from tracekeeper_api.text import truncate_message
 
 STATE = {
     "node": "node-1",

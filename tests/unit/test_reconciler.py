@@ -24,8 +24,8 @@ from tests.unit.agent_fakes import (
     probe,
 )
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.kernel import Attachment, KernelCounters, LoadFailure, ProgramPlan
-from tracekeeper_agent.reconciler import (
+from tracekeeper_agent.ports import Attachment, KernelCounters, LoadFailure, ProgramPlan
+from tracekeeper_agent.reconcile.reconciler import (
     RETRY_FIRST,
     Reconciler,
     StaleRevision,
@@ -34,9 +34,9 @@ from tracekeeper_agent.reconciler import (
     plan_key,
     retry_delay,
 )
-from tracekeeper_agent.state_store import StateStore
-from tracekeeper_agent.targets import CgroupChanges
-from tracekeeper_agent.tenancy import DEFAULT_PRIVILEGED
+from tracekeeper_agent.reconcile.state_store import StateStore
+from tracekeeper_agent.reconcile.tenancy import DEFAULT_PRIVILEGED
+from tracekeeper_agent.targets.node import CgroupChanges
 from tracekeeper_api.protocol import NodeReport, ProbeAssignment, ProbeOutcome
 
 
@@ -544,7 +544,7 @@ async def test_close_detaches_everything() -> None:
 
 
 def test_plan_key_covers_attachments() -> None:
-    from tracekeeper_agent.kernel import Attachment
+    from tracekeeper_agent.ports import Attachment
 
     plan = fake_build_plan(ProbeAssignment.model_validate(probe()))
     moved = ProgramPlan(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.agent_fakes import node_state, probe
-from tracekeeper_agent.state_store import STATE_FILE, StateStore
+from tracekeeper_agent.reconcile.state_store import STATE_FILE, StateStore
 
 
 def test_nothing_persisted_yet(tmp_path: Path) -> None:

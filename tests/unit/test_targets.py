@@ -10,19 +10,13 @@ from pathlib import Path
 import pytest
 
 from tests.unit.agent_fakes import CID_A, UID_A, UID_B, FakeCgroups, FakeProcesses
-from tracekeeper_agent.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
-from tracekeeper_agent.cgroups import CgroupIndex
-from tracekeeper_agent.identity import PodIdentity
-from tracekeeper_agent.targets import (
-    BINDING,
-    CgroupChanges,
-    NodeCgroups,
-    ProcTable,
-    TargetAttributor,
-    follow_cgroups,
-    parse_ppid,
-    resolve_targets,
-)
+from tracekeeper_agent.ports import PodIdentity
+from tracekeeper_agent.targets.attribution import TargetAttributor
+from tracekeeper_agent.targets.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
+from tracekeeper_agent.targets.cgroups import CgroupIndex
+from tracekeeper_agent.targets.node import CgroupChanges, NodeCgroups, follow_cgroups
+from tracekeeper_agent.targets.processes import ProcTable, parse_ppid
+from tracekeeper_agent.targets.resolution import BINDING, resolve_targets
 from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
 
 

@@ -14,9 +14,14 @@ from typing import Any
 import pytest
 
 from tests.unit.test_program_builder import CTX, TRACEFS
-from tracekeeper_agent.kernel import LoadFailure
-from tracekeeper_agent.program_builder import build_plan
-from tracekeeper_agent.tracefs import FieldKind, parse_format, read_format, tenant_field_refusal
+from tracekeeper_agent.host.tracefs import (
+    FieldKind,
+    parse_format,
+    read_format,
+    tenant_field_refusal,
+)
+from tracekeeper_agent.ports import LoadFailure
+from tracekeeper_agent.programs.builder import build_plan
 from tracekeeper_api.protocol import ProbeAssignment
 
 PRIVILEGED = dataclasses.replace(CTX, privileged=True)

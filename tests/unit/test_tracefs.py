@@ -4,19 +4,30 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.tracefs import (
+from tracekeeper_agent.host.tracefs import (
     FieldKind,
-    SyscallTracepoints,
     TracefsError,
     TracefsNotFound,
+    TracepointField,
     TracepointNotFound,
     find_tracefs,
-    list_syscalls,
     parse_format,
     read_format,
     split_tracepoint,
     tracepoint_exists,
 )
+
+
+def is_string(f: TracepointField) -> bool:
+    return f.kind in (FieldKind.STRING_POINTER, FieldKind.CHAR_ARRAY, FieldKind.DATA_LOC_STRING)
+
+
+def int_type(f: TracepointField) -> str | None:
+    """The fixed-width type of an integer field as stored (s32, u64...), else None."""
+    if f.kind is not FieldKind.INTEGER:
+        return None
+    return f"{'s' if f.signed else 'u'}{f.size * 8}"
+
 
 # As this machine's kernel (6.18) prints them.
 OPENAT = """\
@@ -91,15 +102,15 @@ def test_parse_openat() -> None:
     assert filename is not None
     assert (filename.c_type, filename.offset, filename.size) == ("const char *", 24, 8)
     assert filename.kind is FieldKind.STRING_POINTER
-    assert filename.is_string
+    assert is_string(filename)
     dfd = fmt.field("dfd")
     assert dfd is not None
     # Declared int, stored as 8 bytes: the stored width is what a reader must use.
-    assert (dfd.c_type, dfd.kind, dfd.int_type) == ("int", FieldKind.INTEGER, "u64")
+    assert (dfd.c_type, dfd.kind, int_type(dfd)) == ("int", FieldKind.INTEGER, "u64")
     pid = fmt.field("common_pid")
     assert pid is not None
     assert pid.is_common
-    assert pid.int_type == "s32"
+    assert int_type(pid) == "s32"
     assert fmt.field("nope") is None
 
 
@@ -114,7 +125,7 @@ def test_parse_exec_data_loc() -> None:
         4,
         False,
     )
-    assert filename.int_type is None
+    assert int_type(filename) is None
     pid = fmt.field("pid")
     assert pid is not None
     assert (pid.c_type, pid.signed, pid.kind) == ("pid_t", True, FieldKind.INTEGER)
@@ -123,7 +134,7 @@ def test_parse_exec_data_loc() -> None:
 def test_parse_oddities() -> None:
     fields = {f.name: f for f in parse_format(ODDITIES, category="x").fields}
     assert (fields["comm"].kind, fields["comm"].array_len) == (FieldKind.CHAR_ARRAY, 16)
-    assert fields["comm"].is_string
+    assert is_string(fields["comm"])
     assert (fields["args"].kind, fields["args"].array_len, fields["args"].c_type) == (
         FieldKind.ARRAY,
         6,
@@ -186,13 +197,3 @@ def test_exists_and_read(fake_tracefs: Path) -> None:
     assert fmt.category == "sched"
     with pytest.raises(TracepointNotFound, match="sched:sched_switch"):
         read_format("sched:sched_switch", tracefs=fake_tracefs)
-
-
-def test_list_syscalls(fake_tracefs: Path, tmp_path: Path) -> None:
-    assert list_syscalls(tracefs=fake_tracefs) == {
-        "exit_group": SyscallTracepoints("exit_group", enter=True, exit=False),
-        "io_uring_enter": SyscallTracepoints("io_uring_enter", enter=False, exit=True),
-        "openat": SyscallTracepoints("openat", enter=True, exit=True),
-    }
-    (tmp_path / "empty" / "events").mkdir(parents=True)
-    assert list_syscalls(tracefs=tmp_path / "empty") == {}

@@ -10,12 +10,15 @@ import re
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 from bcc import BPF  # the only place bcc is imported (see the import-linter contract)
 
 from tracekeeper_agent.bpf.maps import KERNEL_OWNED, bump_generation, sync_table
+from tracekeeper_agent.bpf.ringbuf import RingReader
 from tracekeeper_agent.bpf.stderr_capture import capture_fd2
-from tracekeeper_agent.bpf_ids import prog_id
-from tracekeeper_agent.kernel import (
+from tracekeeper_agent.host.bpf_ids import prog_id
+from tracekeeper_agent.host.event_records import EventBatch, record_layout
+from tracekeeper_agent.ports import (
     CountSample,
     FilterEntries,
     HistogramSample,
@@ -25,7 +28,9 @@ from tracekeeper_agent.kernel import (
     RawEvent,
     SampleKey,
 )
-from tracekeeper_api.protocol import ProbeState, truncate_message
+from tracekeeper_api.protocol import ProbeState
+from tracekeeper_api.reasons import OutcomeReason
+from tracekeeper_api.text import truncate_message
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ _TASK_COMM_LEN = 16
 _CFLAGS = ["-Wno-macro-redefined", "-Wno-unused-function"]
 
 
-def _failure_reason(text: str) -> str:
+def _failure_reason(text: str) -> OutcomeReason:
     if re.search(r"Unable to find kernel headers|linux/kconfig.h.*not found", text):
         return "KernelHeadersMissing"
     if re.search(r"error:|Failed to compile", text):
@@ -49,6 +54,7 @@ class BccProgram:
         self.plan = plan
         self._ring_open = False
         self._pending: list[RawEvent] = []
+        self._reader: RingReader | None = None
         self._program_ids = tuple(sorted(prog_id(f.fd) for f in bpf.funcs.values()))
 
     @property
@@ -152,6 +158,8 @@ class BccProgram:
     def poll_events(self, timeout_ms: int) -> list[RawEvent]:
         if self.plan.output_kind != "events":
             return []
+        if self._reader is not None:
+            raise RuntimeError("the ring is read in batches (poll_batch) already")
         if not self._ring_open:
             self._bpf[b"tk_events"].open_ring_buffer(self._on_event)
             self._ring_open = True
@@ -159,7 +167,26 @@ class BccProgram:
         batch, self._pending = self._pending, []
         return batch
 
+    def poll_batch(self, timeout_ms: int, max_records: int) -> EventBatch:
+        if self.plan.output_kind != "events":
+            return EventBatch(np.zeros(0, record_layout(()).dtype), record_layout(()))
+        if self._reader is None:
+            if self._ring_open:
+                raise RuntimeError("the ring is read per record (poll_events) already")
+            table = self._bpf[b"tk_events"]
+            layout = record_layout(self.plan.event_fields)
+            # BCC's view of struct tk_event (from the compiled source) must be ours.
+            bcc_size = ctypes.sizeof(_event_class(table))
+            if bcc_size != layout.size:
+                raise RuntimeError(
+                    f"struct tk_event is {bcc_size} bytes, the record layout {layout.size}"
+                )
+            self._reader = RingReader(table.map_fd, layout)
+        return self._reader.poll(timeout_ms, max_records)
+
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         discard(self._bpf)
 
 
@@ -223,6 +250,12 @@ class BccLoader:
             elif a.kind == "kretprobe":
                 bpf.attach_kretprobe(event=a.target.encode(), fn_name=a.fn_name.encode())
             # "auto": BCC attached TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE on construction
+
+
+def _event_class(table: Any) -> Any:
+    from bcc.table import _get_event_class  # BCC's parser of the event struct
+
+    return _get_event_class(table)
 
 
 def discard(bpf: Any) -> None:

@@ -19,7 +19,8 @@ from yarl import URL
 
 from tracekeeper_api import signing
 from tracekeeper_api.output import ProbeValues
-from tracekeeper_operator.agent_client import AgentError, TokenSource, _TooLarge, read_bounded
+from tracekeeper_operator.agent_client import TokenSource, _TooLarge, read_bounded
+from tracekeeper_operator.agent_errors import AgentError
 
 MAX_VALUES_BYTES = 4 * 1024 * 1024
 MAX_EVENT_LINE = 256 * 1024

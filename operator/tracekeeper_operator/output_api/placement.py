@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tracekeeper_api.protocol import ProbeOutcome
-from tracekeeper_operator.pushes import AgentView
+from tracekeeper_operator.agent_views import AgentView
 
 
 @dataclass(frozen=True)

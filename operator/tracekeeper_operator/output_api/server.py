@@ -33,7 +33,7 @@ from tracekeeper_api.output import (
     merge_values,
     node_detail,
 )
-from tracekeeper_operator.agent_client import AgentError
+from tracekeeper_operator.agent_errors import AgentError
 from tracekeeper_operator.output_api.access import Access, Authorizer
 from tracekeeper_operator.output_api.agent_reads import AgentReads
 from tracekeeper_operator.output_api.front_proxy import (

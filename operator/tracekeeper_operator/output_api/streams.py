@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from tracekeeper_api.output import Record, gap_record, resumed_record, tag_event
 from tracekeeper_api.protocol import EventDrops
-from tracekeeper_operator.agent_client import AgentError
+from tracekeeper_operator.agent_errors import AgentError
 from tracekeeper_operator.output_api.agent_reads import AgentReads
 from tracekeeper_operator.output_api.placement import Placement, running
 

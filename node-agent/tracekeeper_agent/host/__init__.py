@@ -1,0 +1,1 @@
+"""Facts the agent reads from this host: kernel features, tracefs, ELF, process roots, BPF ids."""

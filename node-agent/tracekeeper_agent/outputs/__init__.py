@@ -1,0 +1,1 @@
+"""What loaded programs produce: metrics, the event hub and the console."""

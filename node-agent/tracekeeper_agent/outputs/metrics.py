@@ -1,0 +1,479 @@
+"""Prometheus metrics: what loaded probes produce, read from their maps at scrape time.
+
+The collector keeps no copy of any count: every scrape reads the kernel maps of the probes
+the reconciler has loaded, attributes cgroup ids to pods, and sums what ends up with the
+same labels. Each probe contributes at most `series_cap` series per family, each namespace
+at most `namespace_series_cap` on this node and the node at most `node_series_cap`; the
+rest is summed into one overflow series per probe (its label sets counted in
+tracekeeper_probe_series_overflowed), so a probe keyed by pid, or a tenant with many
+probes, cannot flood Prometheus. Histograms show only the buckets that hold values.
+
+A scrape holds the programs lock only while it copies one probe's maps (a program being
+closed waits for at most that), and formats everything after.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TypeVar
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from tracekeeper_agent.active import ActiveProbe
+from tracekeeper_agent.outputs.events import EventHub
+from tracekeeper_agent.ports import (
+    Attributor,
+    CountSample,
+    HistogramSample,
+    KernelCounters,
+    SampleKey,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERIES_CAP = 500
+DEFAULT_NAMESPACE_SERIES_CAP = 10_000
+"""Prometheus series of one namespace's probes on one node: a count label set is one, a
+histogram's is one per used bucket plus +Inf, _sum and _count."""
+DEFAULT_NODE_SERIES_CAP = 40_000
+OVERFLOW = "__overflow__"
+"""The pod label of the series that sums a probe's series beyond the cap (pod names are
+DNS labels: no real pod can be called this)."""
+
+# Every family keyed by sample has all of these labels; those not in a probe's `by` are ""
+# so that the label set of a family never changes (Prometheus requires it).
+SAMPLE_LABELS = ("namespace", "probe", "pod", "container", "comm", "pid")
+PROBE_LABELS = ("namespace", "probe")
+
+ProbeSource = Callable[[], Sequence[ActiveProbe]]
+FilterEntryCount = Callable[[ActiveProbe], int]
+LockSource = Callable[[], AbstractContextManager[object]]
+"""The reconciler's programs lock (held while a program closes), taken per probe read."""
+
+KeyLabels = tuple[str, str, str, str]
+"""pod, container, comm, pid."""
+
+_T = TypeVar("_T")
+
+# client_python's own `le` spelling (Go's float format), so our buckets read like theirs.
+_go_float: Callable[[float], str] = floatToGoString
+
+
+def key_labels(
+    key: SampleKey, by: Sequence[str], namespace: str, attributor: Attributor
+) -> KeyLabels:
+    """The pod/container/comm/pid labels of a kernel key; "" for keys not in `by`.
+
+    A cgroup no target owns (a host process of a host-wide probe, a pod already deleted)
+    has no pod: "". A pod outside the probe's namespace (privileged probes) is written
+    namespace/pod, since the namespace label is the probe's."""
+    pod = container = ""
+    if key.cgroup_id is not None and ("pod" in by or "container" in by):
+        ident = attributor.identify(key.cgroup_id)
+        if ident is not None:
+            if "pod" in by:
+                pod = (
+                    ident.pod if ident.namespace == namespace else f"{ident.namespace}/{ident.pod}"
+                )
+            if "container" in by:
+                container = ident.container
+    comm = (key.comm or "") if "comm" in by else ""
+    pid = str(key.pid) if "pid" in by and key.pid is not None else ""
+    return pod, container, comm, pid
+
+
+def cap_series(
+    series: Mapping[KeyLabels, _T],
+    weight: Callable[[_T], int],
+    cap: int,
+    merge: Callable[[list[_T]], _T],
+    *,
+    cost: Callable[[_T], int] = lambda _: 1,
+    budget: int = sys.maxsize,
+    overflow_cost: int = 1,
+) -> tuple[list[tuple[KeyLabels, _T]], _T | None]:
+    """Keep the heaviest label sets (ties by labels, so the choice is stable) and merge the
+    rest into one overflow value: at most `cap` label sets, and at most `budget` Prometheus
+    series (`cost` each; the overflow's room is reserved). Within both, everything is kept
+    as it is."""
+    ranked = sorted(series.items(), key=lambda kv: (-weight(kv[1]), kv[0]))
+    if len(ranked) <= cap and sum(cost(v) for _, v in ranked) <= budget:
+        return ranked, None
+    room, keep = budget - overflow_cost, 0
+    while keep < min(cap - 1, len(ranked)) and cost(ranked[keep][1]) <= room:
+        room -= cost(ranked[keep][1])
+        keep += 1
+    return ranked[:keep], merge([v for _, v in ranked[keep:]])
+
+
+def histogram_series(buckets: Mapping[int, int]) -> int:
+    """Prometheus series of one histogram label set: its used buckets, +Inf, _sum, _count."""
+    return sum(1 for count in buckets.values() if count) + 3
+
+
+MAX_HISTOGRAM_SERIES = 64 + 3
+"""The most series one histogram label set can cost (every log2 slot used)."""
+
+
+def cumulative_buckets(buckets: Mapping[int, int]) -> list[tuple[str, float]]:
+    """log2 slots -> Prometheus `le` buckets: slot s holds [2**s, 2**(s+1)), so its upper
+    bound is le=2**(s+1); every bucket counts all smaller values too, then +Inf.
+
+    Only slots holding values get a bucket: a bucket whose count equals the one below says
+    nothing (histogram_quantile interpolates the same without it). Kernel slot counts only
+    grow, so a bucket once shown stays (rate() over `le` keeps its series)."""
+    out: list[tuple[str, float]] = []
+    running = 0
+    for slot in sorted(s for s, count in buckets.items() if count):
+        running += buckets[slot]
+        out.append((_go_float(float(2 ** (slot + 1))), float(running)))
+    out.append(("+Inf", float(running)))
+    return out
+
+
+def estimated_sum(buckets: Mapping[int, int]) -> float:
+    """The kernel keeps no sum: estimate it from each slot's midpoint (slot 0 is [0, 2))."""
+    return float(
+        sum(count * (1.0 if slot == 0 else 1.5 * 2**slot) for slot, count in buckets.items())
+    )
+
+
+def _merge_counts(values: list[int]) -> int:
+    return sum(values)
+
+
+def _merge_buckets(values: list[dict[int, int]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for buckets in values:
+        for slot, count in buckets.items():
+            out[slot] = out.get(slot, 0) + count
+    return out
+
+
+def _slots(sample: HistogramSample) -> dict[int, int]:
+    # Slots come from bpf_log2l (0..64); clamp anything odd rather than emit a bogus `le`.
+    return {min(max(slot, 0), 63): count for slot, count in sample.buckets.items() if count}
+
+
+@dataclass(frozen=True)
+class _Families:
+    hits: CounterMetricFamily
+    value: HistogramMetricFamily
+    events: CounterMetricFamily
+    dropped: CounterMetricFamily
+    matched: CounterMetricFamily
+    sampled_out: CounterMetricFamily
+    evictions: CounterMetricFamily
+    loaded: GaugeMetricFamily
+    filter_entries: GaugeMetricFamily
+    overflowed: GaugeMetricFamily
+
+    @classmethod
+    def empty(cls) -> _Families:
+        probe = list(PROBE_LABELS)
+        return cls(
+            hits=CounterMetricFamily(
+                "tracekeeper_probe_hits",
+                "Hits of count probes, by the probe's aggregation keys (read from kernel maps).",
+                labels=SAMPLE_LABELS,
+            ),
+            value=HistogramMetricFamily(
+                "tracekeeper_probe_value",
+                "Values observed by histogram probes in the probe's unit (nanoseconds for "
+                "latency), in log2 buckets; _sum is estimated from bucket midpoints.",
+                labels=SAMPLE_LABELS,
+            ),
+            events=CounterMetricFamily(
+                "tracekeeper_probe_events",
+                "Events read from the probe's ring buffer by the agent.",
+                labels=probe,
+            ),
+            dropped=CounterMetricFamily(
+                "tracekeeper_probe_events_dropped",
+                "Events lost: rate_limit and ring_full in kernel, backlog when a consumer of "
+                "the stream was too slow.",
+                labels=[*probe, "reason"],
+            ),
+            matched=CounterMetricFamily(
+                "tracekeeper_probe_matched",
+                "Hits that passed the probe's filter, before sampling and rate limit.",
+                labels=probe,
+            ),
+            sampled_out=CounterMetricFamily(
+                "tracekeeper_probe_sampled_out",
+                "Matched hits that sampling discarded in kernel.",
+                labels=probe,
+            ),
+            evictions=CounterMetricFamily(
+                "tracekeeper_probe_map_evictions",
+                "Keys evicted from the probe's LRU output map; their counts are lost.",
+                labels=probe,
+            ),
+            loaded=GaugeMetricFamily(
+                "tracekeeper_agent_programs_loaded",
+                "Probes whose BPF program is loaded and attached on this node.",
+            ),
+            filter_entries=GaugeMetricFamily(
+                "tracekeeper_agent_filter_entries",
+                "Entries in the probe's in-kernel filter maps (cgroups, pids, comms).",
+                labels=probe,
+            ),
+            overflowed=GaugeMetricFamily(
+                "tracekeeper_probe_series_overflowed",
+                "Label sets beyond the series caps (per probe, namespace and node), summed "
+                f'into the probe\'s overflow series (pod="{OVERFLOW}").',
+                labels=probe,
+            ),
+        )
+
+    def __iter__(self) -> Iterator[Metric]:
+        yield from (
+            self.hits,
+            self.value,
+            self.events,
+            self.dropped,
+            self.matched,
+            self.sampled_out,
+            self.evictions,
+            self.loaded,
+            self.filter_entries,
+            self.overflowed,
+        )
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """One probe's maps, copied under the programs lock; formatted after it is released."""
+
+    probe: ActiveProbe
+    counters: KernelCounters
+    counts: list[CountSample]
+    histograms: list[HistogramSample]
+    live_keys: int
+    filter_entries: int | None
+
+
+class _SeriesBudget:
+    """What is left of the namespace and node series caps during one scrape."""
+
+    def __init__(self, namespace_cap: int, node_cap: int) -> None:
+        self._namespace_cap = namespace_cap
+        self._node_left = node_cap
+        self._namespace_left: dict[str, int] = {}
+
+    def left(self, namespace: str) -> int:
+        """Prometheus series this probe may still emit (its overflow series is emitted even
+        at 0: it carries the sum)."""
+        left = self._namespace_left.get(namespace, self._namespace_cap)
+        return max(0, min(left, self._node_left))
+
+    def spend(self, namespace: str, series: int) -> None:
+        left = self._namespace_left.get(namespace, self._namespace_cap)
+        self._namespace_left[namespace] = max(left - series, 0)
+        self._node_left = max(self._node_left - series, 0)
+
+
+class ProbeCollector(Collector):
+    """Reads the probes' maps at every scrape; holds no counts of its own.
+
+    Scrapes may run on any thread (prometheus_client's server, or a to_thread from aiohttp);
+    a probe that fails to read (closed under our feet) is skipped and logged."""
+
+    def __init__(
+        self,
+        probes: ProbeSource,
+        attributor: Attributor,
+        *,
+        series_cap: int = DEFAULT_SERIES_CAP,
+        namespace_series_cap: int = DEFAULT_NAMESPACE_SERIES_CAP,
+        node_series_cap: int = DEFAULT_NODE_SERIES_CAP,
+        events: EventHub | None = None,
+        filter_entries: FilterEntryCount | None = None,
+        programs_lock: LockSource | None = None,
+    ) -> None:
+        if min(series_cap, namespace_series_cap, node_series_cap) < 1:
+            raise ValueError("series caps must be at least 1")
+        self._probes = probes
+        self._attributor = attributor
+        self._cap = series_cap
+        self._namespace_cap = namespace_series_cap
+        self._node_cap = node_series_cap
+        self._events = events
+        self._filter_entries = filter_entries
+        self._programs_lock: LockSource = programs_lock or nullcontext
+
+    def describe(self) -> Iterator[Metric]:
+        # Sample-less families: lets the registry refuse a second collector with our names.
+        yield from _Families.empty()
+
+    def collect(self) -> Iterator[Metric]:
+        fam = _Families.empty()
+        probes = list(self._probes())
+        fam.loaded.add_metric([], float(len(probes)))
+        snapshots = []
+        for probe in probes:
+            try:
+                # One probe at a time: a program closing waits for one map copy, not a scrape.
+                with self._programs_lock():
+                    snapshots.append(self._snapshot(probe))
+            except Exception:
+                log.warning("metrics: reading probe %s failed; skipped", probe.id, exc_info=True)
+        # In id order, so that which probes the namespace and node caps cut is stable.
+        budget = _SeriesBudget(self._namespace_cap, self._node_cap)
+        for snap in sorted(snapshots, key=lambda s: s.probe.id):
+            self._add_probe(snap, fam, budget)
+        yield from fam
+
+    def _snapshot(self, probe: ActiveProbe) -> _Snapshot:
+        kind = probe.plan.output_kind
+        program = probe.program
+        return _Snapshot(
+            probe=probe,
+            counters=program.read_counters(),
+            counts=program.read_counts() if kind == "count" else [],
+            histograms=program.read_histograms() if kind == "histogram" else [],
+            live_keys=program.live_keys() if kind != "events" else 0,
+            filter_entries=(
+                self._filter_entries(probe) if self._filter_entries is not None else None
+            ),
+        )
+
+    def _add_probe(self, snap: _Snapshot, fam: _Families, budget: _SeriesBudget) -> None:
+        probe, counters = snap.probe, snap.counters
+        ids = [probe.namespace, probe.name]
+        kind = probe.plan.output_kind
+        left = budget.left(probe.namespace)
+        if kind == "count":
+            emitted, overflowed = self._add_counts(snap, fam, left)
+        elif kind == "histogram":
+            emitted, overflowed = self._add_histograms(snap, fam, left)
+        else:
+            emitted, overflowed = 0, 0
+            self._add_events(probe, counters, fam)
+        budget.spend(probe.namespace, emitted)
+        fam.matched.add_metric(ids, float(counters.matched))
+        fam.sampled_out.add_metric(ids, float(counters.sampled_out))
+        evicted = 0
+        if kind != "events":
+            evicted = max(counters.lru_new_keys - snap.live_keys, 0)
+            fam.overflowed.add_metric(ids, float(overflowed))
+        fam.evictions.add_metric(ids, float(evicted))
+        if snap.filter_entries is not None:
+            fam.filter_entries.add_metric(ids, float(snap.filter_entries))
+
+    def _labels(self, probe: ActiveProbe, key: SampleKey) -> KeyLabels:
+        return key_labels(key, probe.plan.by, probe.namespace, self._attributor)
+
+    def _add_counts(self, snap: _Snapshot, fam: _Families, budget: int) -> tuple[int, int]:
+        """Adds the probe's hit series; returns (series emitted, label sets overflowed)."""
+        probe = snap.probe
+        series: dict[KeyLabels, int] = {}
+        for sample in snap.counts:
+            labels = self._labels(probe, sample.key)
+            series[labels] = series.get(labels, 0) + sample.value
+        kept, overflow = cap_series(series, lambda v: v, self._cap, _merge_counts, budget=budget)
+        ids = [probe.namespace, probe.name]
+        for labels, value in kept:
+            fam.hits.add_metric([*ids, *labels], float(value))
+        if overflow is None:
+            return len(kept), 0
+        fam.hits.add_metric([*ids, OVERFLOW, "", "", ""], float(overflow))
+        return len(kept) + 1, len(series) - len(kept)
+
+    def _add_histograms(self, snap: _Snapshot, fam: _Families, budget: int) -> tuple[int, int]:
+        probe = snap.probe
+        series: dict[KeyLabels, dict[int, int]] = {}
+        for sample in snap.histograms:
+            labels = self._labels(probe, sample.key)
+            series[labels] = _merge_buckets([series.get(labels, {}), _slots(sample)])
+        kept, overflow = cap_series(
+            series,
+            lambda b: sum(b.values()),
+            self._cap,
+            _merge_buckets,
+            cost=histogram_series,
+            budget=budget,
+            overflow_cost=MAX_HISTOGRAM_SERIES,
+        )
+        ids = [probe.namespace, probe.name]
+        rows = [([*ids, *labels], b) for labels, b in kept]
+        if overflow is not None:
+            rows.append(([*ids, OVERFLOW, "", "", ""], overflow))
+        for labels_list, buckets in rows:
+            fam.value.add_metric(labels_list, cumulative_buckets(buckets), estimated_sum(buckets))
+        return sum(histogram_series(b) for _, b in rows), len(series) - len(kept)
+
+    def _add_events(self, probe: ActiveProbe, counters: KernelCounters, fam: _Families) -> None:
+        ids = [probe.namespace, probe.name]
+        fam.dropped.add_metric([*ids, "rate_limit"], float(counters.rate_limited))
+        fam.dropped.add_metric([*ids, "ring_full"], float(counters.ring_full))
+        if self._events is not None:
+            counts = self._events.counts(probe.id)
+            fam.events.add_metric(ids, float(counts.received))
+            fam.dropped.add_metric([*ids, "backlog"], float(counts.backlog))
+
+
+# Compiles take about 0.3 s here; large programs and a cold cache several seconds.
+COMPILE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class AgentMetrics:
+    """The agent's metrics in one registry: the probe collector, plus the compile-time
+    histogram the reconciler observes (a compile is an event, not state to read back)."""
+
+    def __init__(
+        self,
+        probes: ProbeSource,
+        attributor: Attributor,
+        *,
+        registry: CollectorRegistry | None = None,
+        series_cap: int = DEFAULT_SERIES_CAP,
+        namespace_series_cap: int = DEFAULT_NAMESPACE_SERIES_CAP,
+        node_series_cap: int = DEFAULT_NODE_SERIES_CAP,
+        events: EventHub | None = None,
+        filter_entries: FilterEntryCount | None = None,
+        programs_lock: LockSource | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.collector = ProbeCollector(
+            probes,
+            attributor,
+            series_cap=series_cap,
+            namespace_series_cap=namespace_series_cap,
+            node_series_cap=node_series_cap,
+            events=events,
+            filter_entries=filter_entries,
+            programs_lock=programs_lock,
+        )
+        self.registry.register(self.collector)
+        self._compile = Histogram(
+            "tracekeeper_agent_compile_seconds",
+            "Time to compile and load one probe's BPF program.",
+            buckets=COMPILE_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_compile(self, seconds: float) -> None:
+        self._compile.observe(seconds)
+
+    @contextmanager
+    def time_compile(self) -> Iterator[None]:
+        """`with metrics.time_compile(): loader.load(plan)` (also observed when it fails)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe_compile(time.perf_counter() - start)

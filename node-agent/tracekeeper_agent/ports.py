@@ -1,0 +1,221 @@
+"""The agent's seams: the kernel, and who a cgroup belongs to.
+
+The reconciler, exporters and HTTP API talk to loaded programs only through these
+Protocols and plain data types, so their logic is unit-testable with fakes; the real
+implementation lives in `tracekeeper_agent.bpf` (the only package importing bcc).
+Targets and outputs meet at `Attributor` (cgroup id -> pod names), builders and targets at
+`TargetRoot` (a container's root filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from tracekeeper_api.protocol import ProbeState
+from tracekeeper_api.reasons import OutcomeReason
+
+if TYPE_CHECKING:
+    from tracekeeper_agent.host.event_records import EventBatch
+
+FilterKind = Literal["cgroup", "pid", "comm"]
+AttachKind = Literal[
+    "tracepoint", "raw_tracepoint", "uprobe", "uretprobe", "kprobe", "kretprobe", "auto"
+]
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One attach call the loader makes. `auto`: BCC attaches it from the function name
+    (TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE in the source)."""
+
+    kind: AttachKind
+    fn_name: str
+    target: str = ""
+    """tracepoint category:name, raw tracepoint name, kernel function, or symbol."""
+    binary: str = ""
+    """uprobes: the path BCC opens, `/proc/self/fd/N` of the checked fd the plan holds
+    (host paths in tests)."""
+    binary_id: tuple[int, int] | None = None
+    """uprobes: (st_dev, st_ino) of that file: what identifies the attachment."""
+    display: str = ""
+    """uprobes: the binary as the probe names it, for messages (never a host path)."""
+
+
+@dataclass(frozen=True)
+class EventField:
+    """A value an event record carries, in the order of the C struct."""
+
+    name: str
+    kind: Literal["int", "uint", "str"]
+    size: int
+    """Bytes in the record: 1/2/4/8 for integers, the buffer size for strings."""
+
+
+class HeldFiles:
+    """File descriptors a plan keeps open; closed once, by release()."""
+
+    def __init__(self, fds: list[int] | None = None) -> None:
+        self._fds = list(fds or [])
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def release(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@dataclass(frozen=True)
+class ProgramPlan:
+    """Everything needed to load one probe's program: built from the spec, pure data."""
+
+    probe_id: str
+    source: str
+    attachments: tuple[Attachment, ...]
+    filter_kinds: frozenset[FilterKind]
+    output_kind: Literal["count", "histogram", "events"]
+    by: tuple[str, ...]
+    """Aggregation keys compiled into count/histogram keys (pod/container -> cgroup id)."""
+    event_fields: tuple[EventField, ...] = ()
+    source_hash: str = ""
+    held: HeldFiles = field(default_factory=lambda: HeldFiles(), compare=False, repr=False)
+    """Checked files the attachments name through /proc/self/fd: open until the load
+    attempt is over, then released (the kernel holds what it attached)."""
+
+
+@dataclass(frozen=True)
+class FilterEntries:
+    """What a loaded program's filter maps should hold. Replacing them never reloads."""
+
+    cgroups: Mapping[int, int] = field(default_factory=dict)
+    """cgroup id (inode of the cgroup v2 directory) -> binding id (>= 1)."""
+    pids: frozenset[int] = frozenset()
+    comms: frozenset[str] = frozenset()
+
+    @property
+    def size(self) -> int:
+        return len(self.cgroups) + len(self.pids) + len(self.comms)
+
+
+@dataclass(frozen=True)
+class SampleKey:
+    """An aggregation key read back from the kernel; fields not in `by` are None."""
+
+    cgroup_id: int | None = None
+    pid: int | None = None
+    comm: str | None = None
+
+
+@dataclass(frozen=True)
+class CountSample:
+    key: SampleKey
+    value: int
+
+
+@dataclass(frozen=True)
+class HistogramSample:
+    key: SampleKey
+    buckets: Mapping[int, int]
+    """log2 slot -> count; slot s holds values in [2**s, 2**(s+1)) (slot 0 also holds 0)."""
+
+
+@dataclass(frozen=True)
+class RawEvent:
+    """One record from the ring buffer, decoded."""
+
+    ts_ns: int
+    pid: int
+    tid: int
+    cgroup_id: int
+    comm: str
+    fields: Mapping[str, int | str]
+
+
+@dataclass(frozen=True)
+class KernelCounters:
+    """Per-program counters kept in kernel (summed over CPUs)."""
+
+    matched: int = 0
+    """Hits that passed the filter (before sampling and rate limit)."""
+    sampled_out: int = 0
+    rate_limited: int = 0
+    ring_full: int = 0
+    lru_new_keys: int = 0
+    """Keys inserted into the count/histogram map; minus the live keys = evictions."""
+
+
+class LoadFailure(Exception):
+    """A probe that could not be loaded, with the outcome to report."""
+
+    def __init__(self, state: ProbeState, reason: OutcomeReason, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.state: ProbeState = state
+        self.reason: OutcomeReason = reason
+        self.message = message
+
+
+class LoadedProgram(Protocol):
+    """A program attached in the kernel."""
+
+    @property
+    def program_ids(self) -> tuple[int, ...]: ...
+
+    def update_filter(self, entries: FilterEntries) -> None:
+        """Make the filter maps hold exactly `entries` (inserts and deletes only)."""
+
+    def read_counts(self) -> list[CountSample]: ...
+
+    def read_histograms(self) -> list[HistogramSample]: ...
+
+    def read_counters(self) -> KernelCounters: ...
+
+    def live_keys(self) -> int:
+        """Keys currently in the output map (count/histogram)."""
+
+    def poll_events(self, timeout_ms: int) -> list[RawEvent]:
+        """Block up to timeout_ms for ring buffer records (call from a thread): the
+        per-record path (BCC's callback), kept as the reference for poll_batch."""
+
+    def poll_batch(self, timeout_ms: int, max_records: int) -> EventBatch:
+        """Block up to timeout_ms for ring buffer records, then return what is committed
+        (at most max_records) in one columnar batch (call from a thread). A program's ring
+        is read by poll_events or by poll_batch, never both."""
+
+    def close(self) -> None:
+        """Detach and free the program and its maps."""
+
+
+class ProgramLoader(Protocol):
+    def load(self, plan: ProgramPlan) -> LoadedProgram:
+        """Compile (cached) and attach; raises LoadFailure with the compiler/verifier text."""
+
+
+# --- who a cgroup belongs to, and the roots targets see -----------------------------------------
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    namespace: str
+    pod: str
+    container: str = ""
+    """Empty when the cgroup is the pod's own (pod-level) cgroup or not known yet."""
+
+
+class Attributor(Protocol):
+    def identify(self, cgroup_id: int) -> PodIdentity | None:
+        """The pod/container of a cgroup id (the current task's cgroup), if a target's."""
+
+
+@dataclass(frozen=True)
+class TargetRoot:
+    """A root filesystem whom the probe targets, open as a dirfd (the caller closes it)."""
+
+    fd: int
+    label: str
+    """Names it in messages with the tenant's own words (`pod team-a/web-0`, `host`)."""

@@ -1,0 +1,84 @@
+"""uprobe / uretprobe: a function in a binary or library, resolved in the targets' roots.
+
+Uprobes are per inode: one attachment per distinct file found across the targeted
+containers' roots covers every process that maps it (the filter map still decides who
+counts). Attachments go through /proc/self/fd/N of the fd that was checked.
+"""
+
+from __future__ import annotations
+
+from tracekeeper_agent.host.elf_symbols import UprobeFile, UprobeTargetError, resolve_uprobe
+from tracekeeper_agent.ports import AttachKind, Attachment, LoadFailure, TargetRoot
+from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender
+from tracekeeper_agent.programs.kinds.outputs import regs_function
+from tracekeeper_api.probes import TraceProbeSpec
+
+NO_ROOT_YET = "no process runs in the targeted containers yet"
+
+
+class NothingToAttach(LoadFailure):
+    """No targeted container runs yet: nothing to resolve the binary in. Reported as
+    Loaded (pending, like a pod whose cgroup does not exist yet), re-planned when one
+    starts."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("Loaded", "Loaded", message)
+
+
+def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
+    up = spec.uprobe
+    assert up is not None
+    if not ctx.kernel.uprobes.available:
+        raise LoadFailure(
+            "Unsupported",
+            "Unsupported",
+            f"uprobe {up.symbol}: this node's kernel ({ctx.kernel.release}) has no uprobes "
+            f"({ctx.kernel.uprobes.evidence})",
+        )
+    if not ctx.roots:
+        raise NothingToAttach(
+            f"uprobe {up.binary}:{up.symbol}: waiting, {NO_ROOT_YET} to resolve the binary in"
+        )
+    files = resolve_all(up.binary, up.symbol, ctx.roots)
+    fn = "tk_uretprobe" if up.return_ else "tk_uprobe"
+    kind: AttachKind = "uretprobe" if up.return_ else "uprobe"
+    attachments = tuple(
+        Attachment(
+            kind,
+            fn,
+            up.symbol,
+            f.file.proc_path,
+            binary_id=f.file.identity,
+            display=up.binary,
+        )
+        for f in files
+    )
+    return KindRender(
+        body=regs_function(fn, spec.output),
+        attachments=attachments,
+        held_fds=tuple(f.file.fd for f in files),
+    )
+
+
+def resolve_all(binary: str, symbol: str, roots: tuple[TargetRoot, ...]) -> list[UprobeFile]:
+    """The distinct files (by dev and inode) holding `symbol` in every root; all or nothing:
+    one root where it is missing fails the probe, naming that target."""
+    found: dict[tuple[int, int], UprobeFile] = {}
+    try:
+        for root in roots:
+            try:
+                target = resolve_uprobe(binary, symbol, root.fd)
+            except UprobeTargetError as exc:
+                where = f" in {root.label}" if len(roots) > 1 else ""
+                raise LoadFailure(
+                    "Failed", "AttachFailed", f"uprobe {binary}:{symbol}{where}: {exc}"
+                ) from None
+            if target.file.identity in found:
+                target.close()
+            else:
+                found[target.file.identity] = target
+    except BaseException:
+        for f in found.values():
+            f.close()
+        raise
+    return list(found.values())

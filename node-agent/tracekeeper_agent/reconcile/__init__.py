@@ -1,0 +1,1 @@
+"""Desired state -> loaded programs: the reconciler, the persisted state and tenancy checks."""

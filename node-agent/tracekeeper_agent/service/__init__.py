@@ -1,0 +1,1 @@
+"""The running agent: command line, composition, standalone mode and the HTTP API."""

@@ -1,0 +1,140 @@
+"""The node agent's composition root: its parts wired, started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from tracekeeper_agent.host.kernel_features import KernelFeatures
+from tracekeeper_agent.outputs.events import EventHub, open_events_file
+from tracekeeper_agent.outputs.metrics import AgentMetrics
+from tracekeeper_agent.ports import ProgramLoader
+from tracekeeper_agent.reconcile.reconciler import Reconciler
+from tracekeeper_agent.reconcile.state_store import StateStore
+from tracekeeper_agent.reconcile.tenancy import DEFAULT_PRIVILEGED
+from tracekeeper_agent.service.http_api import (
+    create_app,
+    create_metrics_app,
+)
+from tracekeeper_agent.targets.attribution import TargetAttributor
+from tracekeeper_agent.targets.cgroup_watch import CgroupWatcher
+from tracekeeper_agent.targets.cgroups import CgroupIndex, detect_root
+from tracekeeper_agent.targets.node import NodeCgroups, follow_cgroups
+from tracekeeper_agent.targets.processes import ProcTable
+from tracekeeper_agent.targets.roots import TargetRoots
+from tracekeeper_api.protocol import KernelInfo
+
+log = logging.getLogger("tracekeeper_agent")
+
+
+def kernel_info(features: KernelFeatures) -> KernelInfo:
+    return KernelInfo(
+        release=features.release,
+        kprobes=features.kprobes.available,
+        uprobes=features.uprobes.available,
+        btf=features.btf.available,
+        headers=features.kernel_headers.available,
+    )
+
+
+def real_loader() -> ProgramLoader:
+    from tracekeeper_agent.bpf.loader import BccLoader  # the only path to bcc
+
+    return BccLoader()
+
+
+@dataclass
+class Agent:
+    """The node agent's parts, wired; `running_agent` starts and stops them."""
+
+    reconciler: Reconciler
+    hub: EventHub
+    metrics: AgentMetrics
+    app: web.Application
+    """The API: state, events, and /metrics, behind the token."""
+    metrics_app: web.Application
+    """GET /metrics only, no token (serve --metrics-listen)."""
+    ready: asyncio.Event
+    cgroups: NodeCgroups
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    *,
+    node: str,
+    token: str | Callable[[], str],
+    state_dir: Path,
+    cgroup_root: Path | None = None,
+    events_file: Path | None = None,
+    loader: ProgramLoader | None = None,
+    privileged_namespaces: frozenset[str] = DEFAULT_PRIVILEGED,
+) -> AsyncIterator[Agent]:
+    """The agent with its cgroup watcher and target polling running, and the persisted
+    state being restored (`ready` is set when done). Serve `agent.app` meanwhile: /healthz
+    must answer while the restored programs compile."""
+    from tracekeeper_agent.programs.builder import Planner, node_kernel
+
+    root = detect_root(cgroup_root)
+    # Watch first, then index: a directory created in between is seen by one or the other.
+    watcher = CgroupWatcher(root)
+    watcher.start()
+    index = CgroupIndex(root)
+    index.rescan()
+    cgroups = NodeCgroups(index)
+    # Uprobes resolve in the targeted containers; tenants may not capture address fields.
+    planner = Planner(TargetRoots(cgroups), privileged_namespaces)
+    attributor = TargetAttributor(cgroups)
+    hub = EventHub(attributor, sink=open_events_file(events_file) if events_file else None)
+    reconciler: Reconciler
+    metrics = AgentMetrics(
+        lambda: reconciler.active_probes(),
+        attributor,
+        events=hub,
+        filter_entries=lambda p: reconciler.filter_entries(p),
+        programs_lock=lambda: reconciler.programs_lock,
+    )
+    reconciler = Reconciler(
+        node=node,
+        loader=loader or real_loader(),
+        build_plan=planner.build,
+        plan_inputs=planner.inputs,
+        privileged_namespaces=privileged_namespaces,
+        cgroups=cgroups,
+        processes=ProcTable(),
+        store=StateStore(state_dir),
+        kernel=kernel_info(node_kernel()),
+        backlog_drops=lambda probe_id: hub.counts(probe_id).backlog,
+        compile_observer=metrics.observe_compile,
+        attributor=attributor,
+    )
+    reconciler.readers.append(hub)
+    ready = asyncio.Event()
+    app = create_app(reconciler, token=token, registry=metrics.registry, events=hub, ready=ready)
+    metrics_app = create_metrics_app(reconciler, metrics.registry)
+
+    async def restore() -> None:
+        restored = await reconciler.restore()
+        if restored is not None:
+            log.info("resumed revision %d (%d probes)", restored.revision, len(restored.probes))
+        ready.set()
+
+    background = [
+        asyncio.create_task(follow_cgroups(watcher, cgroups, reconciler.refresh_targets)),
+        asyncio.create_task(reconciler.poll_targets()),
+        asyncio.create_task(restore()),
+    ]
+    try:
+        yield Agent(reconciler, hub, metrics, app, metrics_app, ready, cgroups)
+    finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await hub.close()
+        await reconciler.close()
+        watcher.close()
