@@ -264,7 +264,15 @@ def test_dockerignore_lets_through_what_is_copied() -> None:
             for copy in stage.of("COPY"):
                 if "--from=" not in copy.args:
                     copied |= set(copy.args.split()[:-1])
-    assert copied == {"pyproject.toml", "uv.lock", "README.md", "api", "operator", "node-agent"}
+    assert copied == {
+        "pyproject.toml",
+        "uv.lock",
+        "README.md",
+        "api",
+        "operator",
+        "node-agent",
+        "kubectl-plugin",
+    }
     for source in copied:
         assert (ROOT / source).exists(), source
         assert not _ignored(source, patterns), f"{source} is excluded by .dockerignore"
