@@ -35,6 +35,7 @@ import yaml
 
 from tracekeeper_operator.settings import DEFAULT_AGENT_PORT_NAME
 from tracekeeper_sim.local_cluster import LocalCluster, find_free_ports
+from tracekeeper_sim.output_api import AGGREGATED, aggregate_cluster_roles
 
 pytestmark = pytest.mark.e2e
 
@@ -165,35 +166,6 @@ def test_monitoring_overlay_passes_a_server_dry_run(
 
 # -- installed for real ---------------------------------------------------------------------
 
-AGGREGATED = ("view", "edit", "admin")
-
-
-def _aggregate(cluster: LocalCluster) -> None:
-    """What kube-controller-manager's clusterrole-aggregation controller does (no
-    controller-manager runs here): each aggregated role's rules become the union of the
-    rules of the ClusterRoles its selectors match. Repeated until nothing changes, since
-    view feeds edit and edit feeds admin."""
-    for _ in range(len(AGGREGATED) + 1):
-        changed = False
-        for name in AGGREGATED:
-            role = json.loads(cluster.kubectl("get", "clusterrole", name, "-o", "json",
-                                              check=True).stdout)  # fmt: skip
-            rules: list[Obj] = []
-            for selector in role["aggregationRule"]["clusterRoleSelectors"]:
-                labels = ",".join(f"{k}={v}" for k, v in selector["matchLabels"].items())
-                listed = json.loads(cluster.kubectl("get", "clusterroles", "-l", labels, "-o",
-                                                    "json", check=True).stdout)  # fmt: skip
-                for source in sorted(listed["items"], key=lambda r: r["metadata"]["name"]):
-                    if source["metadata"]["name"] != name:
-                        rules += [r for r in source.get("rules") or [] if r not in rules]
-            if rules != (role.get("rules") or []):
-                cluster.kubectl("patch", "clusterrole", name, "--type=merge",
-                                "-p", json.dumps({"rules": rules}), check=True)  # fmt: skip
-                changed = True
-        if not changed:
-            return
-    raise AssertionError("role aggregation did not settle")
-
 
 def _policy_active(cluster: LocalCluster, ns: str) -> bool:
     """Both policies refuse (a new policy takes a moment to be enforced)."""
@@ -233,7 +205,7 @@ def installed(
     try:
         cluster.kubectl("apply", "-k", str(MANIFESTS), check=True)
         _wait("the admission policies to be enforced", lambda: _policy_active(cluster, tenant_ns))
-        _aggregate(cluster)
+        aggregate_cluster_roles(cluster)
         yield Installed(tenant_ns, legacy_ns, docs)
     finally:
         # Everything but what other modules share (the namespace, the CRDs); no namespace

@@ -23,27 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.e2e.test_manifests import _aggregate
 from tracekeeper_agent.targets.cgroups import detect_root
 from tracekeeper_sim.local_cluster import LocalCluster, find_free_ports
-from tracekeeper_sim.world import EXAMPLES_DIR, OPERATOR_NS, World, condition, wait_until
+from tracekeeper_sim.output_api import APISERVICE, output_api_installed
+from tracekeeper_sim.world import EXAMPLES_DIR, World, condition, wait_until
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 PLUGIN = Path(sys.executable).parent / "kubectl-tracekeeper"
-APISERVICE = "v1alpha1.output.tracekeeper.dev"
 
 
 def report(name: str, value: str) -> None:
     print(f"\n[e2e output] {name}: {value}", file=sys.stderr)
-
-
-def _shipped(kind: str, name: str) -> dict[str, Any]:
-    docs = yaml.safe_load_all((REPO / "manifests/base/output-api.yaml").read_text())
-    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
 
 
 @pytest.fixture(scope="module")
@@ -53,40 +45,21 @@ def world(
     if os.geteuid() != 0:
         pytest.skip("real agents load BPF programs: needs root")
     (port,) = find_free_ports(1)
-    # The shipped tenant roles, aggregated into view/edit/admin as the controller would.
-    cluster.kubectl("apply", "-f", str(REPO / "manifests/base/rbac-tenants.yaml"), check=True)
-    role = _shipped("ClusterRole", "tracekeeper-output-view")
-    cluster.kubectl("apply", "-f", "-", input=json.dumps(role), check=True)
-    _aggregate(cluster)
-    # The shipped APIService, its Service made an ExternalName for a local process.
-    apiservice = _shipped("APIService", APISERVICE)
-    apiservice["spec"]["service"]["port"] = port
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "tracekeeper-output", "namespace": OPERATOR_NS},
-        "spec": {"type": "ExternalName", "externalName": "localhost",
-                 "ports": [{"name": "https", "port": port}]},
-    }  # fmt: skip
     w = World(cluster, tmp_path_factory.mktemp("output-e2e"), detect_root())
     try:
-        for doc in (service, apiservice):
-            cluster.kubectl("apply", "-f", "-", input=json.dumps(doc), check=True)
-        w.add_node("node-a")
-        w.add_node("node-b")
-        w.start_operator(output_api_port=port)
-        started = time.monotonic()
-        res = cluster.kubectl(
-            "wait", "--for=condition=Available", f"apiservice/{APISERVICE}", "--timeout=60s"
-        )
-        assert res.returncode == 0, (res.stderr, w.operator_log_tail())
-        report("APIService Available after", f"{time.monotonic() - started:.1f}s")
-        w.output_port = port  # type: ignore[attr-defined]
-        yield w
+        with output_api_installed(cluster, port):
+            w.add_node("node-a")
+            w.add_node("node-b")
+            w.start_operator(output_api_port=port)
+            started = time.monotonic()
+            res = cluster.kubectl(
+                "wait", "--for=condition=Available", f"apiservice/{APISERVICE}", "--timeout=60s"
+            )
+            assert res.returncode == 0, (res.stderr, w.operator_log_tail())
+            report("APIService Available after", f"{time.monotonic() - started:.1f}s")
+            w.output_port = port  # type: ignore[attr-defined]
+            yield w
     finally:
-        cluster.kubectl("delete", "apiservice", APISERVICE, "--ignore-not-found")
-        cluster.kubectl("delete", "service", "-n", OPERATOR_NS, "tracekeeper-output",
-                        "--ignore-not-found")  # fmt: skip
         w.close()
 
 
