@@ -8,10 +8,13 @@ What it starts, in order:
   the operator (`tracekeeper-operator run`) against that apiserver;
   namespace "shop" with pods web-0, web-1 (app=web) and db-0 (app=db), each with a
     container cgroup and a real process in it, as a kubelet and containerd would;
-  the tenant "alice", allowed to manage TraceProbes in "shop" only, applies
-    examples/file-opens-by-pod.yaml and examples/exec-events.yaml.
-Then, every two seconds: `kubectl get tp` as alice, the agent's per-pod counts from its
-Prometheus endpoint, and the newest events of its NDJSON stream.
+  the output API (output.tracekeeper.dev) behind the apiserver's front proxy, served by
+    the operator on loopback and reached through an ExternalName Service;
+  the tenant "alice", with the `edit` role in "shop" only (tracekeeper's roles aggregate
+    into it), applies examples/file-opens-by-pod.yaml and examples/exec-events.yaml.
+Then, every two seconds, all as alice with her own kubeconfig: `kubectl get tp`,
+`kubectl tracekeeper top web-file-opens --once` and the newest lines of
+`kubectl tracekeeper tail exec-events`. No agent token is used to show them.
 """
 
 from __future__ import annotations
@@ -21,78 +24,71 @@ import contextlib
 import json
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import deque
 from pathlib import Path
 
 from tracekeeper_agent.targets.cgroups import detect_root
-from tracekeeper_sim.local_cluster import LocalCluster, build_binaries
-from tracekeeper_sim.world import World, condition, hits_by_pod, wait_until
+from tracekeeper_sim.local_cluster import LocalCluster, build_binaries, find_free_ports
+from tracekeeper_sim.output_api import APISERVICE, output_api_installed
+from tracekeeper_sim.world import World, condition, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
 NAMESPACE = "shop"
 TENANT = "alice"
 PROBES = ("file-opens-by-pod.yaml", "exec-events.yaml")
-TENANT_ROLE = {
-    "apiVersion": "rbac.authorization.k8s.io/v1",
-    "kind": "Role",
-    "metadata": {"name": "tracing", "namespace": NAMESPACE},
-    "rules": [
-        {
-            "apiGroups": ["tracekeeper.dev"],
-            "resources": ["traceprobes", "tracefilters"],
-            "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
-        }
-    ],
-}
 TENANT_BINDING = {
     "apiVersion": "rbac.authorization.k8s.io/v1",
     "kind": "RoleBinding",
-    "metadata": {"name": "alice-tracing", "namespace": NAMESPACE},
-    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tracing"},
+    "metadata": {"name": "alice-edit", "namespace": NAMESPACE},
+    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
     "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": TENANT}],
 }
+PLUGIN = Path(sys.executable).parent / "kubectl-tracekeeper"
 
 
 def say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-def follow_events(world: World, probe_id: str, keep: deque[str], stop: threading.Event) -> None:
-    """Read the agent's NDJSON stream of one probe into `keep` (the newest lines)."""
-    agent = next(iter(world.nodes.values())).agent
-    req = urllib.request.Request(
-        f"{agent.endpoint}/v1/events?probe={probe_id}",
-        headers={"Authorization": f"Bearer {agent.token}"},
-    )
+def as_tenant(cluster: LocalCluster, *args: str, namespace: str = NAMESPACE) -> list[str]:
+    """`kubectl tracekeeper ARGS -n shop` as alice: the plugin's output lines (or its error)."""
+    cmd = [str(PLUGIN), "--kubeconfig", str(cluster.kubeconfig(TENANT)), *args, "-n", namespace]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    return (res.stdout or res.stderr).rstrip().splitlines()
+
+
+def follow_events(cluster: LocalCluster, keep: deque[str], stop: threading.Event) -> None:
+    """`kubectl tracekeeper tail exec-events` as alice, its newest lines into `keep`."""
+    cmd = [str(PLUGIN), "--kubeconfig", str(cluster.kubeconfig(TENANT)),
+           "tail", "exec-events", "-n", NAMESPACE]  # fmt: skip
     while not stop.is_set():
-        with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=5) as resp:
-            for line in resp:
-                keep.append(line.decode().strip())
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as tail:  # fmt: skip
+            assert tail.stdout is not None
+            for line in tail.stdout:
+                keep.append(line.rstrip())
                 if stop.is_set():
-                    return
+                    break
+            tail.terminate()
         stop.wait(1)
 
 
-def show(world: World, events: deque[str]) -> None:
-    cluster = world.cluster
+def show(cluster: LocalCluster, events: deque[str]) -> None:
     table = cluster.kubectl("get", "tp", "-n", NAMESPACE, "-o", "wide", user=TENANT)
-    metrics = next(iter(world.nodes.values())).agent.metrics()
-    counts = hits_by_pod(metrics, NAMESPACE, "web-file-opens")
     print(f"\n--- {time.strftime('%H:%M:%S')}  kubectl get tp -n {NAMESPACE}  (as {TENANT})")
     print(table.stdout.rstrip() or table.stderr.rstrip())
-    print("--- files opened, by pod (tracekeeper_probe_hits_total, web-file-opens)")
-    for pod, value in sorted(counts.items()):
-        print(f"    {pod:<12} {int(value):>8}")
-    print(f"--- exec events (NDJSON stream, {NAMESPACE}/exec-events, newest 3)")
+    print(f"--- kubectl tracekeeper top web-file-opens --once -n {NAMESPACE}  (as {TENANT})")
+    for line in as_tenant(cluster, "top", "web-file-opens", "--once"):
+        print(f"    {line}")
+    print(f"--- kubectl tracekeeper tail exec-events -n {NAMESPACE}  (as {TENANT}, newest 3)")
     for line in list(events)[-3:]:
-        e = json.loads(line)
-        print(f"    {e['time']}  pod={e['pod']:<8} comm={e['comm']:<6} {e.get('filename', '')}")
+        print(f"    {line}")
     sys.stdout.flush()
 
 
@@ -116,50 +112,57 @@ def _run_in(workdir: Path, bin_dir: Path, seconds: float | None) -> None:
         )
         world = World(cluster, workdir, detect_root())
         stop = threading.Event()
-        try:
-            say("node demo-node: agent starting (loads BPF programs into this kernel)")
-            node = world.add_node("demo-node")
-            say("operator starting")
-            world.start_operator()
-            world.kube.create(
-                "/api/v1/namespaces",
-                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
-            )
-            for obj in (TENANT_ROLE, TENANT_BINDING):
-                cluster.kubectl("apply", "-f", "-", input=json.dumps(obj), check=True)
-            for name, app in (("web-0", "web"), ("web-1", "web"), ("db-0", "db")):
-                world.create_pod(NAMESPACE, name, node, {"app": app})
-            say("pods web-0, web-1 (app=web) and db-0 (app=db) running real processes")
-            for example in PROBES:
-                path = ROOT / "examples" / example
-                say(f"{TENANT} applies examples/{example}")
-                cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(path), user=TENANT, check=True)
-            wait_until(
-                "web-file-opens Ready",
-                lambda: (
-                    (c := condition(world.probe(NAMESPACE, "web-file-opens"), "Ready"))
-                    and c["status"] == "True"
-                ),
-                timeout=120,
-            )
-            events: deque[str] = deque(maxlen=50)
-            threading.Thread(
-                target=follow_events,
-                args=(world, f"{NAMESPACE}/exec-events", events, stop),
-                daemon=True,
-            ).start()
-            say("live output every 2 s; Ctrl-C stops the demo and cleans up")
-            deadline = None if seconds is None else time.monotonic() + seconds
-            while deadline is None or time.monotonic() < deadline:
-                show(world, events)
-                time.sleep(2)
-        finally:
-            # A second Ctrl-C, or make's SIGTERM after it, must not cut the cleanup short.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            stop.set()
-            say("stopping: operator, agent (programs detached), pods, cgroups, control plane")
-            world.close()
+        (output_port,) = find_free_ports(1)
+        with output_api_installed(cluster, output_port):
+            try:
+                say("node demo-node: agent starting (loads BPF programs into this kernel)")
+                node = world.add_node("demo-node")
+                say("operator starting, serving the output API (output.tracekeeper.dev)")
+                world.start_operator(output_api_port=output_port)
+                cluster.kubectl("wait", "--for=condition=Available", f"apiservice/{APISERVICE}",
+                                "--timeout=60s", check=True)  # fmt: skip
+                world.kube.create(
+                    "/api/v1/namespaces",
+                    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+                )
+                cluster.kubectl("apply", "-f", "-", input=json.dumps(TENANT_BINDING), check=True)
+                for name, app in (("web-0", "web"), ("web-1", "web"), ("db-0", "db")):
+                    world.create_pod(NAMESPACE, name, node, {"app": app})
+                say("pods web-0, web-1 (app=web) and db-0 (app=db) running real processes")
+                for example in PROBES:
+                    path = ROOT / "examples" / example
+                    say(f"{TENANT} applies examples/{example}")
+                    cluster.kubectl(
+                        "apply", "-n", NAMESPACE, "-f", str(path), user=TENANT, check=True
+                    )
+                wait_until(
+                    "web-file-opens Ready",
+                    lambda: (
+                        (c := condition(world.probe(NAMESPACE, "web-file-opens"), "Ready"))
+                        and c["status"] == "True"
+                    ),
+                    timeout=120,
+                )
+                events: deque[str] = deque(maxlen=50)
+                threading.Thread(
+                    target=follow_events, args=(cluster, events, stop), daemon=True
+                ).start()
+                say(f"{TENANT} reads outside {NAMESPACE}: kubectl tracekeeper top web-file-opens "
+                    "-n kube-system")  # fmt: skip
+                for line in as_tenant(cluster, "top", "web-file-opens", namespace="kube-system"):
+                    print(f"    {line}")
+                say("live output every 2 s; Ctrl-C stops the demo and cleans up")
+                deadline = None if seconds is None else time.monotonic() + seconds
+                while deadline is None or time.monotonic() < deadline:
+                    show(cluster, events)
+                    time.sleep(2)
+            finally:
+                # A second Ctrl-C, or make's SIGTERM after it, must not cut the cleanup short.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                stop.set()
+                say("stopping: operator, agent (programs detached), pods, cgroups, control plane")
+                world.close()
 
 
 def main() -> int:
