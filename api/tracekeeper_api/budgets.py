@@ -12,6 +12,7 @@ from __future__ import annotations
 from pydantic import Field, ValidationError
 
 from tracekeeper_api.base import WireModel
+from tracekeeper_api.durations import ProbeDuration
 from tracekeeper_api.probes import MAX_EVENTS_PER_SECOND
 from tracekeeper_api.protocol import MAX_PROBES_PER_NODE, MAX_STATE_BYTES
 
@@ -41,6 +42,9 @@ class Budget(WireModel):
     state_bytes: int = Field(default=512 * 1024, ge=0, le=MAX_STATE_BYTES)
     """Bytes of the node's desired state (the probes, and the pods they target) taken by the
     namespace."""
+    max_duration: ProbeDuration | None = None
+    """The longest debug session (spec.duration) a probe of the namespace may ask for; a
+    probe without duration runs this long. None: probes may run until deleted."""
 
 
 class BudgetOverride(WireModel):
@@ -52,6 +56,7 @@ class BudgetOverride(WireModel):
     default_rate_limit: int | None = Field(default=None, ge=1, le=MAX_EVENTS_PER_SECOND)
     filter_entries: int | None = Field(default=None, ge=0, le=MAX_FILTER_ENTRIES)
     state_bytes: int | None = Field(default=None, ge=0, le=MAX_STATE_BYTES)
+    max_duration: ProbeDuration | None = None
 
     def over(self, base: Budget) -> Budget:
         changes = self.model_dump(exclude_none=True)

@@ -162,6 +162,9 @@ def crds() -> dict[str, dict[str, Any]]:
             {"name": "Targeted", "type": "integer", "jsonPath": ".status.nodes.targeted"},
             {"name": "Pods", "type": "integer", "jsonPath": ".status.targets.pods"},
             {"name": "Output", "type": "string", "jsonPath": ".spec.output.kind", "priority": 1},
+            # kubectl prints a future date column as <invalid>: the time itself, and
+            # `kubectl tracekeeper status` says how long is left.
+            {"name": "Expires", "type": "string", "jsonPath": ".status.session.expiresAt"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     )

@@ -6,9 +6,12 @@ event, the per-node detail. Pure functions of values: no I/O.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
+from tracekeeper_api.durations import format_duration
 from tracekeeper_api.output import GAP, RESUMED, ProbeNodes, ProbeValues
+from tracekeeper_api.status import DebugSession
 
 COLUMNS = ("pod", "container", "comm", "pid")
 DEFAULT_TOP = 10
@@ -196,3 +199,33 @@ def conditions_text(conditions: Sequence[Mapping[str, Any]]) -> str:
         for c in conditions
     ]
     return "\n".join(_table(rows)) + "\n"
+
+
+def session_text(session: DebugSession, now: datetime) -> str:
+    """A debug session in one or a few lines: how long is left, or what it counted."""
+    if session.final is not None or (
+        session.expires_at is not None and _at(session.expires_at) <= now
+    ):
+        text = f"SESSION: {session.duration}, ended at {session.expires_at}\n"
+        final = session.final
+        if final is not None:
+            top = ", ".join(
+                f"{' '.join(f'{k}={v}' for k, v in sorted(r.key.items())) or 'all'} {r.count}"
+                for r in final.top
+            )
+            text += f"  final values (read at {final.read_at}): total {final.total}"
+            text += f"; top: {top}\n" if top else "\n"
+            if final.unread:
+                text += f"  not read (agent unreachable): {', '.join(final.unread)}\n"
+        return text
+    if session.started_at is None or session.expires_at is None:
+        return f"SESSION: {session.duration}, starts when the probe is first Ready\n"
+    left = format_duration(max(0.0, (_at(session.expires_at) - now).total_seconds()))
+    return (
+        f"SESSION: {session.duration} from {session.started_at}: {left} left "
+        f"(unloaded at {session.expires_at})\n"
+    )
+
+
+def _at(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -7,6 +7,7 @@ from typing import Literal, Self
 from pydantic import ConfigDict, Field, model_validator
 
 from tracekeeper_api.base import WireModel
+from tracekeeper_api.durations import ProbeDuration
 from tracekeeper_api.filters import TraceFilterSpec
 from tracekeeper_api.strings import (
     BinaryRef,
@@ -165,6 +166,12 @@ class TraceProbeSpec(WireModel):
     """Only nodes with these labels load the probe."""
     suspend: bool = False
     """Unload the probe everywhere while keeping the object."""
+    duration: ProbeDuration | None = None
+    """A debug session's length (e.g. 10m, 1h30m; 1s to 168h), counted from when the probe
+    is first Ready. Then it is unloaded everywhere and Expired (Ready=False, reason
+    Expired); the object and its last values stay in status.session. Changing or removing
+    duration runs it again. A namespace's budget may cap it (maxDuration), and then gives
+    probes without one that maximum."""
 
     model_config = ConfigDict(
         json_schema_extra={

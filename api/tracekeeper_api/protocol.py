@@ -298,7 +298,7 @@ def spec_hash(spec: TraceProbeSpec) -> str:
     """Hash of what the program is built from. Whom it traces (filter, targets) is left out:
     those change map entries, never the program."""
     relevant = spec.to_wire()
-    for key in ("filter", "filterRef", "nodeSelector", "suspend"):
+    for key in ("filter", "filterRef", "nodeSelector", "suspend", "duration"):
         relevant.pop(key, None)
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -37,6 +37,9 @@ OperatorReason = Literal[
     "NodesPending",
     "QuotaExceeded",
     "AgentUnreachable",
+    "Expired",
+    "SessionRunning",
+    "SessionPending",
 ]
 """The reasons of the conditions the operator decides itself."""
 

@@ -16,7 +16,7 @@ from tracekeeper_api.base import WireModel
 MAX_FAILURES = 10
 MAX_MESSAGE = 1024
 
-ConditionType = Literal["Ready", "Accepted", "Loaded", "Degraded"]
+ConditionType = Literal["Ready", "Accepted", "Loaded", "Degraded", "Expired"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 
@@ -24,7 +24,8 @@ class Condition(WireModel):
     """A condition, as in every Kubernetes status."""
 
     type: ConditionType
-    """Ready (summary), Accepted (valid and allowed here), Loaded, Degraded."""
+    """Ready (summary), Accepted (valid and allowed here), Loaded, Degraded, Expired (only
+    with a duration: its debug session ended)."""
     status: ConditionStatus
     reason: str = Field(max_length=64)
     """CamelCase reason, e.g. Unsupported, CompileFailed, NotPermitted."""
@@ -69,6 +70,43 @@ _CONDITIONS_SCHEMA: dict[str, JsonValue] = {
 }
 
 
+MAX_SESSION_ROWS = 10
+
+
+class SessionRow(WireModel):
+    key: dict[str, str] = Field(max_length=4)
+    """The probe's `by` keys (pod, container, comm, pid) -> value."""
+    count: int
+    """Hits, or histogram values, of this key over every node."""
+
+
+class SessionValues(WireModel):
+    """What the probe had counted when its session ended, read from the agents just
+    before it was unloaded: its output is gone from the nodes after that."""
+
+    read_at: str
+    total: int = 0
+    """Every count (or histogram value) over every node; events probes: events produced."""
+    top: list[SessionRow] = Field(default_factory=list, max_length=MAX_SESSION_ROWS)
+    """The largest keys, largest first."""
+    nodes: list[str] = Field(default_factory=list, max_length=MAX_FAILURES)
+    """Nodes read (the first few)."""
+    unread: list[str] = Field(default_factory=list, max_length=MAX_FAILURES)
+    """Nodes whose agent could not be read: their share is missing from the totals."""
+
+
+class DebugSession(WireModel):
+    """A probe with a duration runs for that long from when it is first Ready."""
+
+    duration: str
+    """The length this session runs for: spec.duration, or the namespace's maxDuration."""
+    started_at: str | None = None
+    """When the probe was first Ready for this duration (None: not Ready yet)."""
+    expires_at: str | None = None
+    final: SessionValues | None = None
+    """Set when the session ended."""
+
+
 class TraceProbeStatus(WireModel):
     """Observed state of a TraceProbe, written by the operator."""
 
@@ -81,6 +119,8 @@ class TraceProbeStatus(WireModel):
     targets: TargetCounts = Field(default_factory=TargetCounts)
     failures: list[NodeFailure] = Field(default_factory=list, max_length=MAX_FAILURES)
     """The first failing nodes, with the agent's reason and message."""
+    session: DebugSession | None = None
+    """Only with a duration (the spec's or the namespace's maximum)."""
 
     def condition(self, type_: ConditionType) -> Condition | None:
         return find_condition(self.conditions, type_)

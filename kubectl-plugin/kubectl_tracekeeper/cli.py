@@ -9,26 +9,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TextIO
 
 from kubectl_tracekeeper.output_client import OutputApi, OutputError, Target, load
+from tracekeeper_api.durations import parse_duration
 from tracekeeper_api.output import NodeValues, ProbeNodes, ProbeValues
-from tracekeeper_api.output_text import conditions_text, nodes_text, record_line, values_text
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+from tracekeeper_api.output_text import (
+    conditions_text,
+    nodes_text,
+    record_line,
+    session_text,
+    values_text,
+)
+from tracekeeper_api.status import DebugSession
 
 
 def duration(text: str) -> float:
-    """kubectl-style durations: 500ms, 10s, 5m, 1h (a bare number is seconds)."""
-    match = _DURATION.match(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 10s, 5m, 1h)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    """kubectl-style durations: 500ms, 10s, 5m, 1h30m (a bare number is seconds)."""
+    text = text.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +115,11 @@ def status(api: OutputApi, target: Target, out: TextIO) -> int:
     head = f"TraceProbe {target.namespace}/{target.name}: "
     head += f"Ready={ready.get('status')} ({ready.get('reason', '')})" if ready else "no status yet"
     out.write(head + "\n\n" + conditions_text(st.get("conditions") or []) + "\n")
+    if st.get("session"):
+        session = DebugSession.model_validate(st["session"])
+        out.write(session_text(session, datetime.now(UTC)) + "\n")
+        if session.final is not None:
+            return 0  # unloaded everywhere: no node has anything to say
     nodes = ProbeNodes.model_validate(api.get_json(target, "nodes"))
     out.write(nodes_text(nodes))
     return 0

@@ -11,11 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import TypeVar
 
-from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
+from tracekeeper_api.status import (
+    DebugSession,
+    SessionValues,
+    TraceFilterStatus,
+    TraceProbeStatus,
+)
 from tracekeeper_operator.agent_views import AgentView, holding_nodes
 from tracekeeper_operator.budgets import NamespaceBudgets
 from tracekeeper_operator.cluster_view import ClusterView
@@ -23,6 +28,7 @@ from tracekeeper_operator.kube_api import KubeWrites
 from tracekeeper_operator.kube_events import EventSpec, rfc3339
 from tracekeeper_operator.metrics import OperatorMetrics, ProbeReadiness
 from tracekeeper_operator.node_state import Rendered, render_nodes
+from tracekeeper_operator.output_api.agent_reads import AgentReads
 from tracekeeper_operator.pusher import Pusher
 from tracekeeper_operator.records import FilterRecord, ObjectRef, ProbeRecord
 from tracekeeper_operator.selection import (
@@ -33,6 +39,16 @@ from tracekeeper_operator.selection import (
     pod_target,
     refuse_privileged,
     select,
+)
+from tracekeeper_operator.session_values import read_final_values
+from tracekeeper_operator.sessions import (
+    attach_session,
+    current_session,
+    duration_refusal,
+    expired_message,
+    has_expired,
+    next_expiry,
+    session_duration,
 )
 from tracekeeper_operator.settings import OperatorSettings
 from tracekeeper_operator.status_folding import (
@@ -59,17 +75,45 @@ class ClusterPlan:
     endpoints: Mapping[str, str | None]
     budget_problems: Mapping[str, str] = field(default_factory=dict)
     """namespace -> why its budget annotation is ignored."""
+    sessions: Mapping[str, DebugSession] = field(default_factory=dict)
+    """The debug sessions of the probes with a duration, as of this pass."""
+    expired: frozenset[str] = frozenset()
+    """Probes whose session has ended: left out of every node."""
 
 
-def plan_cluster(view: ClusterView, settings: OperatorSettings) -> ClusterPlan:
-    selections = {pid: select(p, view, settings) for pid, p in view.probes.items()}
-    selected = {pid: s for pid, s in selections.items() if isinstance(s, Selected)}
+def plan_cluster(
+    view: ClusterView,
+    settings: OperatorSettings,
+    previous: Mapping[str, TraceProbeStatus | None] | None = None,
+    now: datetime | None = None,
+) -> ClusterPlan:
+    """`previous`: each probe's latest status (default: the stored one), for its session."""
+    now = now or datetime.now(UTC)
     budgets = NamespaceBudgets(settings, view.namespace_annotations)
+    selections: dict[str, Selection] = {}
+    sessions: dict[str, DebugSession] = {}
+    for pid, probe in view.probes.items():
+        selection = select(probe, view, settings)
+        if isinstance(selection, Selected) and probe.spec is not None:
+            budget = budgets(probe.ref.namespace)
+            selection = duration_refusal(probe.spec, budget) or selection
+            before = previous.get(pid) if previous is not None else probe.status
+            session = current_session(before, session_duration(probe.spec, budget))
+            if session is not None and isinstance(selection, Selected):
+                sessions[pid] = session
+        selections[pid] = selection
+    expired = frozenset(pid for pid, s in sessions.items() if has_expired(s, now))
+    selected = {pid: s for pid, s in selections.items() if isinstance(s, Selected)}
     rendered = render_nodes(
-        view.probes, selected, view.agents, allow_raw=settings.allow_raw_programs, budgets=budgets
+        view.probes,
+        selected,
+        view.agents,
+        allow_raw=settings.allow_raw_programs,
+        budgets=budgets,
+        expired=expired,
     )
     endpoints = {node: agent.endpoint for node, agent in view.agents.items()}
-    return ClusterPlan(selections, rendered, endpoints, budgets.problems)
+    return ClusterPlan(selections, rendered, endpoints, budgets.problems, sessions, expired)
 
 
 def probe_status(
@@ -79,14 +123,17 @@ def probe_status(
     views: Mapping[str, AgentView],
     *,
     previous: TraceProbeStatus | None,
-    now: str,
+    now: datetime,
     max_failures: int,
 ) -> TraceProbeStatus | None:
     """The probe's status now; None to keep the stored one for now: a restarted operator has
     not heard from some agent yet, and the stored status is better than a NodesPending flap
     (and its Events) on every operator restart."""
+    session = plan.sessions.get(probe.id)
+    expired = probe.id in plan.expired
     outcomes = []
-    if isinstance(selection, Selected) and probe.spec is not None and not probe.spec.suspend:
+    running = probe.spec is not None and not probe.spec.suspend and not expired
+    if isinstance(selection, Selected) and running:
         outcomes = node_outcomes(
             probe.id,
             plan.rendered.spec_hashes[probe.id],
@@ -96,9 +143,16 @@ def probe_status(
         )
         if previous is not None and not all(o.known for o in outcomes):
             return None
-    return fold_probe_status(
-        probe, selection, outcomes, previous=previous, now=now, max_failures=max_failures
+    folded = fold_probe_status(
+        probe,
+        selection,
+        outcomes,
+        previous=previous,
+        now=rfc3339(now),
+        max_failures=max_failures,
+        expired=expired_message(session) if expired and session is not None else None,
     )
+    return attach_session(folded, previous, session, expired=expired, now=now)
 
 
 def filter_status(
@@ -148,7 +202,10 @@ class ControlLoop:
         *,
         metrics: OperatorMetrics | None = None,
         now: Callable[[], datetime] | None = None,
+        reads: AgentReads | None = None,
     ) -> None:
+        """`reads`: the agents' values, read once when a debug session ends (None: the
+        session's final values say which nodes were not read)."""
         self.settings = settings
         self.pusher = pusher
         self._writes = writes
@@ -161,6 +218,11 @@ class ControlLoop:
         self.plan: ClusterPlan | None = None
         self._readiness: tuple[ProbeReadiness, ...] = ()
         self._budget_problems: Mapping[str, str] = {}
+        self._reads = reads
+        self._finals: dict[str, SessionValues] = {}
+        """Final values read for an ended session, by probe uid, until its status holds them
+        (the nodes no longer have them once the probe is unloaded)."""
+        self._expiry: asyncio.TimerHandle | None = None
         self._metrics.watch_probes(self.probe_readiness)
 
     def attach(self, view: Callable[[], ClusterView]) -> None:
@@ -173,6 +235,10 @@ class ControlLoop:
     @property
     def ready(self) -> bool:
         return self._view is not None
+
+    def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
 
     def poke(self) -> None:
         self._metrics.reconciles.inc()
@@ -195,7 +261,13 @@ class ControlLoop:
     async def reconcile_once(self) -> None:
         assert self._view is not None
         view = self._view()
-        plan = plan_cluster(view, self.settings)
+        now = self._now() if self._now else datetime.now(UTC)
+        previous = {
+            pid: self._previous(self._written.probes, p.ref.uid, p.status)
+            for pid, p in view.probes.items()
+            if not p.deleting
+        }
+        plan = await self._with_final_values(plan_cluster(view, self.settings, previous, now), now)
         self.plan = plan
         for ns, problem in plan.budget_problems.items():
             if self._budget_problems.get(ns) != problem:  # once per change, not every pass
@@ -205,7 +277,39 @@ class ControlLoop:
         self._metrics.desired_nodes.set(len(plan.rendered.nodes))
         self._metrics.desired_assignments.set(sum(len(a) for a in plan.rendered.nodes.values()))
         self.pusher.update(plan.rendered.nodes, plan.endpoints)
-        await self._write_statuses(view, plan)
+        await self._write_statuses(view, plan, previous, now)
+        self._arm_expiry(plan, now)
+
+    async def _with_final_values(self, plan: ClusterPlan, now: datetime) -> ClusterPlan:
+        """Sessions that ended in this pass get their last values, read from the agents
+        before the push that unloads the probe."""
+        ending = [pid for pid in plan.expired if plan.sessions[pid].final is None]
+        if not ending:
+            return plan
+        assert self._view is not None
+        probes = self._view().probes
+        views = self.pusher.planner.views()
+        sessions = dict(plan.sessions)
+        for pid in ending:
+            uid = probes[pid].ref.uid
+            final = self._finals.get(uid)
+            if final is None:
+                final = await read_final_values(pid, views, self._reads, read_at=rfc3339(now))
+                self._finals[uid] = final
+            sessions[pid] = sessions[pid].model_copy(update={"final": final})
+        return replace(plan, sessions=sessions)
+
+    def _arm_expiry(self, plan: ClusterPlan, now: datetime) -> None:
+        """A pass when the soonest running session ends (level-triggered like the rest: a
+        restarted operator finds expiresAt in the status)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        running = [s for pid, s in plan.sessions.items() if pid not in plan.expired]
+        delay = next_expiry(running, now)
+        if delay is not None:
+            # A little after: the pass must see the time as past.
+            self._expiry = asyncio.get_running_loop().call_later(delay + 0.05, self.poke)
 
     def probe_readiness(self) -> tuple[ProbeReadiness, ...]:
         """Each TraceProbe's Ready condition as of the last pass (what it was folded to, or
@@ -219,25 +323,28 @@ class ControlLoop:
 
     # --- statuses ------------------------------------------------------------------------------
 
-    def _stamp(self) -> str:
-        return rfc3339(self._now() if self._now else None)
-
-    async def _write_statuses(self, view: ClusterView, plan: ClusterPlan) -> None:
-        now = self._stamp()
+    async def _write_statuses(
+        self,
+        view: ClusterView,
+        plan: ClusterPlan,
+        previous_probes: Mapping[str, TraceProbeStatus | None],
+        now_at: datetime,
+    ) -> None:
+        now = rfc3339(now_at)
         views = self.pusher.planner.views()
         jobs = []
         readiness = []
         for probe_id, probe in view.probes.items():
             if probe.deleting:
                 continue
-            previous = self._previous(self._written.probes, probe.ref.uid, probe.status)
+            previous = previous_probes.get(probe_id)
             folded = probe_status(
                 probe,
                 plan.selections[probe_id],
                 plan,
                 views,
                 previous=previous,
-                now=now,
+                now=now_at,
                 max_failures=self.settings.max_failures,
             )
             if folded is not None and status_differs(previous, folded):
@@ -268,6 +375,9 @@ class ControlLoop:
         }
         for uid in set(self._written.probes) - live:
             del self._written.probes[uid]
+        ended = {view.probes[pid].ref.uid for pid in plan.expired}
+        for uid in set(self._finals) - ended:
+            del self._finals[uid]
         for uid in set(self._written.filters) - live:
             del self._written.filters[uid]
         if jobs:

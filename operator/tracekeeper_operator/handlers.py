@@ -21,6 +21,7 @@ from tracekeeper_operator.indexes import INDEX_IDS, register_indexes, snapshot
 from tracekeeper_operator.kube_api import KubeWrites, connection_info
 from tracekeeper_operator.metrics import OperatorMetrics
 from tracekeeper_operator.node_state import RevisionClock
+from tracekeeper_operator.output_api.agent_reads import HttpAgentReads
 from tracekeeper_operator.output_api.listener import OutputApiSettings, OutputServer
 from tracekeeper_operator.output_api.placement import placements
 from tracekeeper_operator.push_planner import PushPlanner
@@ -44,6 +45,7 @@ class Runtime:
     metrics: OperatorMetrics
     client: HttpAgentClient
     loop: ControlLoop
+    reads: HttpAgentReads
     kubeconfig: str | None = None
     output: OutputServer | None = None
     """The aggregated output API (output_api/), when its listener is on."""
@@ -70,14 +72,16 @@ class Runtime:
             resync_interval=settings.resync_interval,
         )
         pusher = Pusher(planner, client, metrics=metrics)
-        loop = ControlLoop(settings, pusher, writes, metrics=metrics)
+        # Reads a debug session's last values before the push that unloads it.
+        reads = HttpAgentReads(tokens, timeout=settings.push_timeout)
+        loop = ControlLoop(settings, pusher, writes, metrics=metrics, reads=reads)
         pusher.on_change = loop.poke  # agent reports feed statuses
         server = None
         if output is not None:
             server = OutputServer(
                 output, lambda probe_id: placements(probe_id, planner.views()), tokens
             )
-        return cls(settings, writes, metrics, client, loop, kubeconfig, server)
+        return cls(settings, writes, metrics, client, loop, reads, kubeconfig, server)
 
     def indexes_complete(self) -> None:
         if not self.loop.ready:
@@ -131,6 +135,8 @@ def register_handlers(registry: kopf.OperatorRegistry, runtime: Runtime) -> None
             task.cancel()
         await asyncio.gather(*runtime.tasks, return_exceptions=True)
         await runtime.client.close()
+        runtime.loop.close()
+        await runtime.reads.close()
         if runtime.output is not None:
             await runtime.output.close()
 

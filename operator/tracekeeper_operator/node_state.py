@@ -60,15 +60,17 @@ def render_nodes(
     *,
     allow_raw: bool,
     budgets: NamespaceBudgets,
+    expired: frozenset[str] = frozenset(),
 ) -> Rendered:
     """Desired probes per node, each node shared out fairly (see budgets.py). Every node
     with an agent gets an entry, empty when it runs nothing, so that probes deleted while
-    the operator was away are removed too."""
+    the operator was away are removed too. Probes whose debug session `expired` are left
+    out like suspended ones."""
     per_node: dict[str, list[Candidate]] = {node: [] for node in agent_nodes}
     hashes: dict[str, str] = {}
     for probe_id in sorted(selections):
         probe = probes[probe_id]
-        if probe.deleting or probe.spec is None or probe.spec.suspend:
+        if probe.deleting or probe.spec is None or probe.spec.suspend or probe_id in expired:
             continue
         spec = effective_spec(probe.spec, budgets(probe.ref.namespace))
         hashes[probe_id] = spec_hash(spec)

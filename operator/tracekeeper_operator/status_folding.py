@@ -97,7 +97,7 @@ def node_outcomes(
     ]
 
 
-def _condition(
+def transition_condition(
     type_: ConditionType,
     status: ConditionStatus,
     reason: Reason | ReportedReason,
@@ -124,7 +124,7 @@ def _dominant(failures: Sequence[NodeOutcome]) -> Reason | ReportedReason:
     return next(f.reason for f in failures if counts[f.reason] == best)
 
 
-def quota_condition(
+def quotatransition_condition(
     outcomes: Sequence[NodeOutcome],
     cond: Callable[[ConditionType, ConditionStatus, Reason | ReportedReason, str], Condition],
 ) -> Condition | None:
@@ -146,14 +146,18 @@ def fold_probe_status(
     previous: TraceProbeStatus | None,
     now: str,
     max_failures: int = MAX_FAILURES,
+    expired: str | None = None,
 ) -> TraceProbeStatus:
+    """`expired`: the message of a probe whose debug session ended (see sessions.py)."""
     gen = probe.generation
 
     def cond(
         type_: ConditionType, status: ConditionStatus, reason: Reason | ReportedReason, msg: str
     ) -> Condition:
         before = previous.condition(type_) if previous is not None else None
-        return _condition(type_, status, reason, msg, generation=gen, previous=before, now=now)
+        return transition_condition(
+            type_, status, reason, msg, generation=gen, previous=before, now=now
+        )
 
     no_failures = cond("Degraded", "False", "NoFailures", "")
     if isinstance(selection, Refusal):
@@ -167,7 +171,7 @@ def fold_probe_status(
                 no_failures,
             ],
         )
-    accepted = quota_condition(outcomes, cond) or cond("Accepted", "True", "Accepted", "")
+    accepted = quotatransition_condition(outcomes, cond) or cond("Accepted", "True", "Accepted", "")
     targets = TargetCounts(pods=selection.pods, containers=selection.containers)
     note = f" ({selection.note})" if selection.note else ""
 
@@ -184,6 +188,8 @@ def fold_probe_status(
             targets=targets,
         )
 
+    if expired is not None:
+        return loaded_nowhere("Expired", expired)
     if probe.spec is not None and probe.spec.suspend:
         return loaded_nowhere("Suspended", "suspended: unloaded from every node")
     if not outcomes:
@@ -253,6 +259,9 @@ def probe_events(previous: TraceProbeStatus | None, new: TraceProbeStatus) -> li
         )
     ):
         events.append(EventSpec("Warning", acc.reason, acc.message))
+    exp, exp0 = get(new, "Expired"), get(previous, "Expired")
+    if exp is not None and exp.status == "True" and (exp0 is None or exp0.status != "True"):
+        events.append(EventSpec("Normal", "Expired", exp.message))
     ld, ld0 = get(new, "Loaded"), get(previous, "Loaded")
     was_loaded = ld0 is not None and ld0.status == "True"
     if ld is not None and ld.status == "True" and not was_loaded:
@@ -310,7 +319,7 @@ def fold_filter_status(
 ) -> TraceFilterStatus:
     before = previous.condition("Accepted") if previous else None
     if refusal is not None:
-        accepted = _condition(
+        accepted = transition_condition(
             "Accepted",
             "False",
             refusal.reason,
@@ -320,7 +329,7 @@ def fold_filter_status(
             now=now,
         )
     else:
-        accepted = _condition(
+        accepted = transition_condition(
             "Accepted", "True", "Accepted", "", generation=filt.generation, previous=before, now=now
         )
     return TraceFilterStatus(

@@ -4,6 +4,7 @@ and the default event rate limit. Rendered from a ClusterView as the control loo
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -100,7 +101,7 @@ def status(plan: ClusterPlan, v: ClusterView, probe_id: str) -> TraceProbeStatus
         plan,
         {},
         previous=None,
-        now="2026-01-01T00:00:00Z",
+        now=datetime(2026, 1, 1, tzinfo=UTC),
         max_failures=10,
     )
     assert folded is not None
