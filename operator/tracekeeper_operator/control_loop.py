@@ -396,7 +396,7 @@ class ControlLoop:
     ) -> None:
         async with self._limit:
             try:
-                found = await self._writes.patch_status(ref, status.to_wire())
+                found = await self._writes.patch_status(ref, status.to_merge_patch())
             except Exception as exc:
                 log.warning("writing the status of %s %s failed: %s", ref.kind, ref.key, exc)
                 self._metrics.status_patches.labels(ref.kind, "error").inc()

@@ -30,7 +30,8 @@ PLURALS = {"TraceProbe": "traceprobes", "TraceFilter": "tracefilters"}
 
 class KubeWrites(Protocol):
     async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> bool:
-        """Replace the object's status; False when the object is gone."""
+        """Make the object's status this (a merge patch: `WireModel.to_merge_patch`); False
+        when the object is gone."""
 
     async def post_event(self, ref: ObjectRef, event: EventSpec) -> None: ...
 

@@ -467,6 +467,49 @@ def test_suspend_unloads_everywhere_and_resume_loads_again(world: World) -> None
     assert obj["status"]["nodes"] == {"targeted": 2, "loaded": 2, "failed": 0}
 
 
+def test_a_debug_session_expires_keeps_its_values_and_runs_again_on_a_new_duration(
+    world: World,
+) -> None:
+    ns = world.namespace("session")
+    world.create_pod(ns, "a-0", world.nodes["node-a"], {"app": "x"})
+    world.create_pod(ns, "b-0", world.nodes["node-b"], {"app": "x"})
+    spec = {"tracepoint": "syscalls:sys_enter_openat", "output": {"kind": "count", "by": ["pod"]},
+            "duration": "5s"}  # fmt: skip
+    apply(world, ns, probe_obj("session", spec))
+    probe_id = f"{ns}/session"
+    obj = wait_condition(world, ns, "session", "Ready", "True")
+    session = obj["status"]["session"]
+    assert session["duration"] == "5s" and session["expiresAt"] > session["startedAt"]
+    ids = [i for n in world.nodes.values() for i in loaded_outcome(n, probe_id)["programIds"]]  # type: ignore[index]
+    obj = wait_condition(world, ns, "session", "Ready", "False", "Expired")
+    expired = next(c for c in obj["status"]["conditions"] if c["type"] == "Expired")
+    assert expired["status"] == "True" and "5s debug session ended" in expired["message"]
+    # Its last values, read from both agents before it was unloaded.
+    final = obj["status"]["session"]["final"]
+    assert final["nodes"] == ["node-a", "node-b"] and final["unread"] == []
+    assert final["total"] > 0 and {r["key"]["pod"] for r in final["top"]} == {"a-0", "b-0"}
+    wait_until(
+        "every agent to drop the expired probe",
+        lambda: all(n.agent.outcome(probe_id) is None for n in world.nodes.values()),
+        timeout=30,
+    )
+    wait_programs_gone(ids)
+    wait_until(
+        "an Expired Event",
+        lambda: [e for e in world.events(ns, "session") if e["reason"] == "Expired"],
+        timeout=30,
+    )
+    # The object is kept; a new duration runs it again, with a new session.
+    path = f"/apis/tracekeeper.dev/v1alpha1/namespaces/{ns}/traceprobes/session"
+    world.kube.merge(path, {"spec": {"duration": "1h"}})
+    obj = wait_condition(world, ns, "session", "Ready", "True")
+    assert obj["status"]["session"]["duration"] == "1h"
+    assert "final" not in obj["status"]["session"]
+    table = world.cluster.kubectl("get", "tp", "-n", ns, "session", check=True).stdout
+    assert "EXPIRES" in table and obj["status"]["session"]["expiresAt"] in table
+    world.kube.delete(path)
+
+
 def test_a_pod_burst_is_coalesced_into_few_pushes(world: World) -> None:
     ns = world.namespace("burst")
     a = world.nodes["node-a"]

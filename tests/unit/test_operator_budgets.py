@@ -73,7 +73,7 @@ def probe(ns: str, name: str, created: str = "", **spec: Any) -> ProbeRecord:
 def view(
     probes: list[ProbeRecord],
     pods: list[PodRecord],
-    budgets: dict[str, dict[str, int]] | None = None,
+    budgets: dict[str, dict[str, Any]] | None = None,
 ) -> ClusterView:
     namespaces = {p.ref.namespace for p in probes} | {p.namespace for p in pods}
     annotations = {ns: json.dumps(b) for ns, b in (budgets or {}).items()}

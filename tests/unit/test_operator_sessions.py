@@ -4,6 +4,7 @@ namespace's maxDuration caps and defaults it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +14,7 @@ from tracekeeper_api.durations import format_duration, parse_duration
 from tracekeeper_api.output import CountRow, EventTotals, HistogramRow, ProbeValues
 from tracekeeper_api.output_text import session_text
 from tracekeeper_api.probes import TraceProbeSpec
-from tracekeeper_api.protocol import NodeReport, ProbeOutcome
+from tracekeeper_api.protocol import NodeReport, ProbeAssignment, ProbeOutcome
 from tracekeeper_api.status import DebugSession, SessionValues, TraceProbeStatus
 from tracekeeper_operator.agent_views import AgentView
 from tracekeeper_operator.cluster_view import ClusterView
@@ -32,7 +33,7 @@ def on_node(plan: ClusterPlan, ns: str) -> list[str]:
 
 def loaded_views(plan: ClusterPlan) -> dict[str, AgentView]:
     """The node's agent reports every probe it was sent as Loaded."""
-    sent = plan.rendered.nodes.get(NODE, [])
+    sent: Sequence[ProbeAssignment] = plan.rendered.nodes.get(NODE, [])
     report = NodeReport(
         node=NODE,
         revision=1,
@@ -142,18 +143,18 @@ def test_a_new_duration_runs_again_and_no_duration_runs_until_deleted() -> None:
 def test_a_namespace_max_duration_caps_and_defaults_sessions() -> None:
     pods = [pod(NS, "web-0")]
     budget = {NS: {"maxDuration": "30m"}}
-    _, bounded = fold(view([probe(NS, "opens")], pods, budget), None, T0)  # type: ignore[dict-item]
+    _, bounded = fold(view([probe(NS, "opens")], pods, budget), None, T0)
     assert bounded.session is not None and bounded.session.duration == "30m"
     assert bounded.session.expires_at == "2026-12-02T05:30:00Z"
     long = probe(NS, "opens", duration="2h")
-    plan, refused = fold(view([long], pods, budget), None, T0)  # type: ignore[dict-item]
+    plan, refused = fold(view([long], pods, budget), None, T0)
     ok, why = reason(refused, "Accepted")
     assert (ok, why) == ("False", "NotPermitted") and on_node(plan, NS) == []
     cond = refused.condition("Accepted")
     assert cond is not None and "maxDuration 30m" in cond.message
     # A privileged namespace has no budget: no default session.
     system = probe(SETTINGS.namespace, "opens")
-    _, free = fold(view([system], [pod(SETTINGS.namespace, "x")], budget), None, T0)  # type: ignore[dict-item]
+    _, free = fold(view([system], [pod(SETTINGS.namespace, "x")], budget), None, T0)
     assert free.session is None
 
 
@@ -193,3 +194,18 @@ def test_session_text() -> None:
     ended = session_text(running.model_copy(update={"final": final}), T0 + timedelta(hours=1))
     assert "ended at 2026-12-02T05:10:00Z" in ended and "total 7" in ended
     assert "not read (agent unreachable): n2" in ended
+
+
+def test_a_status_patch_deletes_what_the_status_no_longer_has() -> None:
+    ended = DebugSession(duration="5s", final=SessionValues(read_at="t"))
+    rearmed = TraceProbeStatus(session=DebugSession(duration="1h"))
+    patch = rearmed.to_merge_patch()
+    assert patch["session"]["final"] is None  # deletes the stored final values
+    assert "final" in ended.to_wire() and patch["session"]["duration"] == "1h"
+    # Lists are replaced whole and stored as written: no nulls inside them.
+    with_conditions = TraceProbeStatus.model_validate(
+        {"conditions": [{"type": "Ready", "status": "True", "reason": "Loaded"}]}
+    )
+    assert with_conditions.to_merge_patch()["conditions"] == [
+        {"type": "Ready", "status": "True", "reason": "Loaded", "message": ""}
+    ]
