@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tracekeeper_api.base import WireModel
-from tracekeeper_api.protocol import EventDrops, ProbeOutcome
+from tracekeeper_api.protocol import EventDrops, KernelInfo, ProbeOutcome
 
 OUTPUT_GROUP = "output.tracekeeper.dev"
 OUTPUT_VERSION = "v1alpha1"
@@ -142,6 +142,8 @@ class NodeDetail(WireModel):
     pods: int = 0
     containers: int = 0
     drops: EventDrops = Field(default_factory=EventDrops)
+    kernel: KernelInfo | None = None
+    """What the node's kernel can do, as its agent last reported it."""
 
 
 class ProbeNodes(WireModel):
@@ -151,14 +153,26 @@ class ProbeNodes(WireModel):
     nodes: list[NodeDetail] = Field(default_factory=list)
 
 
-def node_detail(node: str, outcome: ProbeOutcome | None, error: str | None) -> NodeDetail:
-    """A node's detail from its agent's outcome; Unreachable (with why) or Pending without."""
+def node_detail(
+    node: str,
+    outcome: ProbeOutcome | None,
+    error: str | None,
+    kernel: KernelInfo | None = None,
+    refused: tuple[str, str] | None = None,
+) -> NodeDetail:
+    """A node's detail from its agent's outcome; Unreachable (with why) or Pending without;
+    `refused`: what the operator kept off the node, (reason, message)."""
+    if refused is not None:
+        reason, message = refused
+        return NodeDetail(node=node, state="Failed", reason=reason, message=message,
+                          kernel=kernel)  # fmt: skip
     if outcome is None:
         if error:
             return NodeDetail(
-                node=node, state="Unreachable", reason="AgentUnreachable", message=error
-            )
-        return NodeDetail(node=node, state="Pending", reason="NodesPending")
+                node=node, state="Unreachable", reason="AgentUnreachable", message=error,
+                kernel=kernel,
+            )  # fmt: skip
+        return NodeDetail(node=node, state="Pending", reason="NodesPending", kernel=kernel)
     return NodeDetail(
         node=node,
         state=outcome.state,
@@ -169,6 +183,7 @@ def node_detail(node: str, outcome: ProbeOutcome | None, error: str | None) -> N
         pods=outcome.pods,
         containers=outcome.containers,
         drops=outcome.drops,
+        kernel=kernel,
     )
 
 

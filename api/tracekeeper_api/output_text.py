@@ -161,7 +161,7 @@ def nodes_text(nodes: ProbeNodes) -> str:
     if not nodes.nodes:
         return "NODES: none runs this probe\n"
     rows: list[list[str]] = [
-        ["NODE", "STATE", "REASON", "PROGRAMS", "FILTER ENTRIES", "PODS", "DROPS"]
+        ["NODE", "STATE", "REASON", "PROGRAMS", "FILTER ENTRIES", "PODS", "DROPS", "KERNEL"]
     ]
     for n in nodes.nodes:
         d = n.drops
@@ -174,6 +174,7 @@ def nodes_text(nodes: ProbeNodes) -> str:
                 str(n.filter_entries),
                 str(n.pods),
                 f"{d.rate_limited}/{d.ring_full}/{d.backlog}",
+                n.kernel.release if n.kernel is not None and n.kernel.release else "-",
             ]
         )
     lines = _table(rows)

@@ -276,11 +276,22 @@ class StaleRevisionBody(WireModel):
 
 
 class KernelInfo(WireModel):
-    release: str = ""
+    """What a node's kernel can do, as its agent found it (sent with every report, so a new
+    node image or newly installed headers reach the operator with the next contact). The
+    fields after `headers` are None from agents that predate them: not known, not absent."""
+
+    release: str = Field(default="", max_length=128)
     kprobes: bool = False
     uprobes: bool = False
     btf: bool = False
     headers: bool = False
+    headers_release: str | None = Field(default=None, max_length=128)
+    tracepoints: bool | None = None
+    ring_buffer: bool | None = None
+    batch_map_ops: bool | None = None
+    cgroup_v2: bool | None = None
+    missing: dict[str, str] = Field(default_factory=dict, max_length=16)
+    """feature -> why the agent believes it is missing (e.g. CONFIG_KPROBES is not set)."""
 
 
 class NodeReport(WireModel):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from tracekeeper_api.protocol import KernelInfo
 from tracekeeper_api.status import (
     DebugSession,
     SessionValues,
@@ -24,6 +25,7 @@ from tracekeeper_api.status import (
 from tracekeeper_operator.agent_views import AgentView, holding_nodes
 from tracekeeper_operator.budgets import NamespaceBudgets
 from tracekeeper_operator.cluster_view import ClusterView
+from tracekeeper_operator.inventory import Refused
 from tracekeeper_operator.kube_api import KubeWrites
 from tracekeeper_operator.kube_events import EventSpec, rfc3339
 from tracekeeper_operator.metrics import OperatorMetrics, ProbeReadiness
@@ -86,8 +88,10 @@ def plan_cluster(
     settings: OperatorSettings,
     previous: Mapping[str, TraceProbeStatus | None] | None = None,
     now: datetime | None = None,
+    kernels: Mapping[str, KernelInfo] | None = None,
 ) -> ClusterPlan:
-    """`previous`: each probe's latest status (default: the stored one), for its session."""
+    """`previous`: each probe's latest status (default: the stored one), for its session;
+    `kernels`: what each node's agent reported its kernel can do."""
     now = now or datetime.now(UTC)
     budgets = NamespaceBudgets(settings, view.namespace_annotations)
     selections: dict[str, Selection] = {}
@@ -111,6 +115,7 @@ def plan_cluster(
         allow_raw=settings.allow_raw_programs,
         budgets=budgets,
         expired=expired,
+        kernels=kernels,
     )
     endpoints = {node: agent.endpoint for node, agent in view.agents.items()}
     return ClusterPlan(selections, rendered, endpoints, budgets.problems, sessions, expired)
@@ -140,6 +145,7 @@ def probe_status(
             selection.nodes,
             views,
             plan.rendered.refused,
+            plan.rendered.unsupported,
         )
         if previous is not None and not all(o.known for o in outcomes):
             return None
@@ -223,7 +229,9 @@ class ControlLoop:
         """Final values read for an ended session, by probe uid, until its status holds them
         (the nodes no longer have them once the probe is unloaded)."""
         self._expiry: asyncio.TimerHandle | None = None
+        self._kernels: Mapping[str, KernelInfo] = {}
         self._metrics.watch_probes(self.probe_readiness)
+        self._metrics.watch_kernels(lambda: self._kernels)
 
     def attach(self, view: Callable[[], ClusterView]) -> None:
         """Called once kopf's indexes are complete: renders may start."""
@@ -267,7 +275,14 @@ class ControlLoop:
             for pid, p in view.probes.items()
             if not p.deleting
         }
-        plan = await self._with_final_values(plan_cluster(view, self.settings, previous, now), now)
+        kernels = {
+            node: v.report.kernel
+            for node, v in self.pusher.planner.views().items()
+            if v.report is not None
+        }
+        self._kernels = kernels
+        plan = plan_cluster(view, self.settings, previous, now, kernels)
+        plan = await self._with_final_values(plan, now)
         self.plan = plan
         for ns, problem in plan.budget_problems.items():
             if self._budget_problems.get(ns) != problem:  # once per change, not every pass
@@ -310,6 +325,10 @@ class ControlLoop:
         if delay is not None:
             # A little after: the pass must see the time as past.
             self._expiry = asyncio.get_running_loop().call_later(delay + 0.05, self.poke)
+
+    def unsupported(self) -> Mapping[str, Mapping[str, Refused]]:
+        """node -> probe id -> what the node's kernel cannot run, as of the last pass."""
+        return self.plan.rendered.unsupported if self.plan is not None else {}
 
     def probe_readiness(self) -> tuple[ProbeReadiness, ...]:
         """Each TraceProbe's Ready condition as of the last pass (what it was folded to, or

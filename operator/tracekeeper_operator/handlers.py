@@ -79,7 +79,9 @@ class Runtime:
         server = None
         if output is not None:
             server = OutputServer(
-                output, lambda probe_id: placements(probe_id, planner.views()), tokens
+                output,
+                lambda probe_id: placements(probe_id, planner.views(), loop.unsupported()),
+                tokens,
             )
         return cls(settings, writes, metrics, client, loop, reads, kubeconfig, server)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
+
+from tracekeeper_api.protocol import KernelInfo
 
 PUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -48,6 +50,47 @@ class _ProbeReadyCollector:
         family = self._family()
         for r in self.source():
             family.add_metric([r.namespace, r.probe, r.reason], 1.0 if r.ready else 0.0)
+        yield family
+
+
+KernelSource = Callable[[], Mapping[str, KernelInfo]]
+
+KERNEL_FEATURES = ("kprobes", "uprobes", "btf", "headers", "tracepoints", "ring_buffer",
+                   "batch_map_ops", "cgroup_v2")  # fmt: skip
+
+
+class _NodeKernelCollector:
+    """tracekeeper_operator_node_kernel_info: the node inventory, one series per node with
+    its kernel's facts as labels (like kube_node_info), read at scrape time."""
+
+    NAME = "tracekeeper_operator_node_kernel_info"
+
+    def __init__(self) -> None:
+        self.source: KernelSource = dict
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            self.NAME,
+            "What each node's kernel can do, as its agent reported it (1 per node); a "
+            "feature's label is true, false or unknown (an agent that predates it).",
+            labels=["node", "release", *KERNEL_FEATURES],
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for node, kernel in sorted(self.source().items()):
+            facts = [getattr(kernel, f) for f in KERNEL_FEATURES]
+            family.add_metric(
+                [
+                    node,
+                    kernel.release,
+                    *("unknown" if v is None else str(v).lower() for v in facts),
+                ],
+                1.0,
+            )
         yield family
 
 
@@ -113,12 +156,19 @@ class OperatorMetrics:
         )
         self._probe_ready = _ProbeReadyCollector()
         r.register(self._probe_ready)
+        self._node_kernels = _NodeKernelCollector()
+        r.register(self._node_kernels)
 
     def watch_probes(self, source: ReadinessSource) -> None:
         """Where tracekeeper_operator_probe_ready reads the TraceProbes' readiness at scrape
         time (the control loop). The scrape runs on the metrics server's thread: `source`
         must return a snapshot that the loop replaces, never mutates."""
         self._probe_ready.source = source
+
+    def watch_kernels(self, source: KernelSource) -> None:
+        """Where tracekeeper_operator_node_kernel_info reads the agents' kernel facts (a
+        snapshot the loop replaces, as for watch_probes)."""
+        self._node_kernels.source = source
 
     def observe_push(self, outcome: str, seconds: float, size: int) -> None:
         self.pushes.labels(outcome).inc()

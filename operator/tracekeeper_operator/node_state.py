@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.protocol import (
+    KernelInfo,
     NodeState,
     ProbeAssignment,
     pack_node_state,
     spec_hash,
 )
 from tracekeeper_operator.budgets import Candidate, NamespaceBudgets, allocate, effective_spec
+from tracekeeper_operator.inventory import Refused, node_refusal
 from tracekeeper_operator.records import ProbeRecord
 from tracekeeper_operator.selection import Selected
 
@@ -38,6 +40,9 @@ class Rendered:
     """node -> probe id -> why it was left out (a QuotaExceeded message)."""
     spec_hashes: Mapping[str, str]
     """probe id -> the hash of the spec sent (defaults filled in), as agents report it."""
+    unsupported: Mapping[str, Mapping[str, Refused]] = field(default_factory=dict)
+    """node -> probe id -> (reason, message): what the node's reported kernel cannot run,
+    not pushed there."""
 
 
 def assignment(
@@ -61,13 +66,16 @@ def render_nodes(
     allow_raw: bool,
     budgets: NamespaceBudgets,
     expired: frozenset[str] = frozenset(),
+    kernels: Mapping[str, KernelInfo] | None = None,
 ) -> Rendered:
     """Desired probes per node, each node shared out fairly (see budgets.py). Every node
     with an agent gets an entry, empty when it runs nothing, so that probes deleted while
     the operator was away are removed too. Probes whose debug session `expired` are left
-    out like suspended ones."""
+    out like suspended ones. `kernels`: what each node's agent reported its kernel can do
+    (inventory.py): a probe a node cannot run is kept out of it, in `unsupported`."""
     per_node: dict[str, list[Candidate]] = {node: [] for node in agent_nodes}
     hashes: dict[str, str] = {}
+    unsupported: dict[str, dict[str, Refused]] = {}
     for probe_id in sorted(selections):
         probe = probes[probe_id]
         if probe.deleting or probe.spec is None or probe.spec.suspend or probe_id in expired:
@@ -76,6 +84,10 @@ def render_nodes(
         hashes[probe_id] = spec_hash(spec)
         selected = selections[probe_id]
         for node in selected.nodes:
+            kernel = (kernels or {}).get(node)
+            if kernel is not None and (why := node_refusal(spec, node, kernel)) is not None:
+                unsupported.setdefault(node, {})[probe_id] = why
+                continue
             a = assignment(probe, spec, selected, node, allow_raw)
             per_node.setdefault(node, []).append(Candidate(a, probe.created))
     nodes: dict[str, Assignments] = {}
@@ -85,7 +97,7 @@ def render_nodes(
         nodes[node] = allocation.admitted
         if allocation.refused:
             refused[node] = allocation.refused
-    return Rendered(nodes=nodes, refused=refused, spec_hashes=hashes)
+    return Rendered(nodes=nodes, refused=refused, spec_hashes=hashes, unsupported=unsupported)
 
 
 class RevisionClock:

@@ -27,6 +27,7 @@ from tracekeeper_api.status import (
 )
 from tracekeeper_api.text import clip_message, first_of, truncate_message
 from tracekeeper_operator.agent_views import AgentView
+from tracekeeper_operator.inventory import Refused
 from tracekeeper_operator.kube_events import EventSpec
 from tracekeeper_operator.records import FilterRecord, ProbeRecord
 from tracekeeper_operator.selection import Refusal, Selection
@@ -55,12 +56,20 @@ def _named(nodes: Sequence[str]) -> str:
 
 
 def node_outcome(
-    probe_id: str, spec_hash: str, node: str, view: AgentView | None, refused: str | None = None
+    probe_id: str,
+    spec_hash: str,
+    node: str,
+    view: AgentView | None,
+    refused: str | None = None,
+    unsupported: Refused | None = None,
 ) -> NodeOutcome:
     """What one node's agent says of the probe, from its latest report; `refused`: why the
-    probe was left out of the node's state (over a budget)."""
+    probe was left out of the node's state (over a budget); `unsupported`: what the node's
+    reported kernel cannot do (never pushed there)."""
     if refused is not None:
         return NodeOutcome(node, "Failed", QUOTA_EXCEEDED, refused)
+    if unsupported is not None:
+        return NodeOutcome(node, "Failed", *unsupported)
     if view is None or view.endpoint is None:
         return NodeOutcome(
             node, "Failed", "AgentUnreachable", "no tracekeeper agent runs on this node"
@@ -87,11 +96,18 @@ def node_outcomes(
     nodes: Iterable[str],
     views: Mapping[str, AgentView],
     refused: Mapping[str, Mapping[str, str]] | None = None,
+    unsupported: Mapping[str, Mapping[str, Refused]] | None = None,
 ) -> list[NodeOutcome]:
     refused = refused or {}
+    unsupported = unsupported or {}
     return [
         node_outcome(
-            probe_id, spec_hash, node, views.get(node), refused.get(node, {}).get(probe_id)
+            probe_id,
+            spec_hash,
+            node,
+            views.get(node),
+            refused.get(node, {}).get(probe_id),
+            unsupported.get(node, {}).get(probe_id),
         )
         for node in sorted(nodes)
     ]

@@ -387,8 +387,10 @@ def test_kprobe_is_not_permitted_in_a_tenant_namespace(world: World) -> None:
         assert node.agent.outcome(f"{ns}/tcp-connects") is None
 
 
-def test_kprobe_probe_is_degraded_unsupported_on_each_node(world: World) -> None:
-    # In the privileged namespace (kprobes are privileged), on this machine's kernel.
+def test_kprobe_probe_is_unsupported_on_each_node_without_a_push(world: World) -> None:
+    # In the privileged namespace (kprobes are privileged), on this machine's kernel. The
+    # agents reported their kernel facts with their first answer (the operator pushes every
+    # node's state at start): the operator refuses it itself, no agent ever sees the probe.
     ns, app = OPERATOR_NS, f"kprobe-{os.getpid()}"
     pods = [
         world.create_pod(ns, f"{app}-a", world.nodes["node-a"], {"app": app}, run=False),
@@ -407,7 +409,12 @@ def test_kprobe_probe_is_degraded_unsupported_on_each_node(world: World) -> None
             ("node-a", "Unsupported"),
             ("node-b", "Unsupported"),
         ]
-        assert all(f["message"] for f in status["failures"])
+        for f in status["failures"]:
+            assert (
+                f"node {f['node']}'s kernel ({os.uname().release}) has no kprobes" in (f["message"])
+            ), f["message"]
+            assert "its agent found: CONFIG_KPROBES" in f["message"], f["message"]
+        assert all(n.agent.outcome(f"{ns}/{app}") is None for n in world.nodes.values())
         assert condition(obj, "Ready")["reason"] == "Unsupported"  # type: ignore[index]
         report("kprobe failure message", status["failures"][0]["message"])
         wait_until(

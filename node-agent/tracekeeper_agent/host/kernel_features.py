@@ -16,6 +16,7 @@ from pathlib import Path
 from tracekeeper_agent.host.tracefs import TracefsNotFound, find_tracefs
 
 RING_BUFFER_SINCE = (5, 8)
+BATCH_MAP_OPS_SINCE = (5, 6)
 # BCC attaches through the *_EVENTS perf PMUs: the probe support alone is not enough.
 _KPROBES = ("KPROBES", "KPROBE_EVENTS")
 _UPROBES = ("UPROBES", "UPROBE_EVENTS")
@@ -39,6 +40,8 @@ class KernelFeatures:
     tracepoints: FeatureCheck
     btf: FeatureCheck
     ring_buffer: FeatureCheck
+    batch_map_ops: FeatureCheck
+    cgroup_v2: FeatureCheck  # what pod filters match on (bpf_get_current_cgroup_id)
     kernel_headers: FeatureCheck  # what BCC compiles against
     headers_dir: str | None
     headers_release: str | None  # from the headers' utsrelease.h; may differ from release
@@ -111,6 +114,8 @@ def detect(
         tracepoints=_tracepoints(config, source, tracefs),
         btf=_btf(sysfs / "kernel/btf/vmlinux"),
         ring_buffer=_ring_buffer(release, version),
+        batch_map_ops=_batch_map_ops(release, version),
+        cgroup_v2=_cgroup_v2(sysfs / "fs/cgroup"),
         kernel_headers=_headers_check(release, modules, headers_dir, headers_release),
         headers_dir=str(headers_dir) if headers_dir else None,
         headers_release=headers_release,
@@ -170,6 +175,21 @@ def _ring_buffer(release: str, version: tuple[int, int, int]) -> FeatureCheck:
     if version[:2] >= RING_BUFFER_SINCE:
         return FeatureCheck(True, f"kernel {release} >= {since}")
     return FeatureCheck(False, f"BPF ring buffers need kernel {since}; this is {release}")
+
+
+def _batch_map_ops(release: str, version: tuple[int, int, int]) -> FeatureCheck:
+    since = ".".join(map(str, BATCH_MAP_OPS_SINCE))
+    if version[:2] >= BATCH_MAP_OPS_SINCE:
+        return FeatureCheck(True, f"kernel {release} >= {since}")
+    return FeatureCheck(False, f"batch map operations need kernel {since}; this is {release}")
+
+
+def _cgroup_v2(cgroupfs: Path) -> FeatureCheck:
+    # The unified hierarchy at the top (cgroup v2 only) or beside v1 controllers (hybrid).
+    for root in (cgroupfs, cgroupfs / "unified"):
+        if (root / "cgroup.controllers").is_file():
+            return FeatureCheck(True, f"cgroup2 mounted at {root}")
+    return FeatureCheck(False, f"no cgroup2 hierarchy under {cgroupfs}")
 
 
 def _headers_dir(release: str, modules: Path, env: dict[str, str]) -> Path | None:

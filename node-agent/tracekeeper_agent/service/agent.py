@@ -34,12 +34,28 @@ log = logging.getLogger("tracekeeper_agent")
 
 
 def kernel_info(features: KernelFeatures) -> KernelInfo:
+    checks = {
+        "kprobes": features.kprobes,
+        "uprobes": features.uprobes,
+        "btf": features.btf,
+        "headers": features.kernel_headers,
+        "tracepoints": features.tracepoints,
+        "ringBuffer": features.ring_buffer,
+        "batchMapOps": features.batch_map_ops,
+        "cgroupV2": features.cgroup_v2,
+    }
     return KernelInfo(
-        release=features.release,
+        release=features.release[:128],
         kprobes=features.kprobes.available,
         uprobes=features.uprobes.available,
         btf=features.btf.available,
         headers=features.kernel_headers.available,
+        headers_release=(features.headers_release or "")[:128] or None,
+        tracepoints=features.tracepoints.available,
+        ring_buffer=features.ring_buffer.available,
+        batch_map_ops=features.batch_map_ops.available,
+        cgroup_v2=features.cgroup_v2.available,
+        missing={k: c.evidence[:512] for k, c in checks.items() if not c.available},
     )
 
 

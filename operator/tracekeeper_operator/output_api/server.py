@@ -180,7 +180,10 @@ class _Routes:
         places = self.src.placements(probe_id)
         if sub == NODES:
             nodes = ProbeNodes(
-                probe=probe_id, nodes=[node_detail(p.node, p.outcome, p.error) for p in places]
+                probe=probe_id,
+                nodes=[
+                    node_detail(p.node, p.outcome, p.error, p.kernel, p.refused) for p in places
+                ],
             )
             return web.json_response(nodes.to_wire())
         live = [p for p in places if running(p) and p.endpoint]
