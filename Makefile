@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 PYTEST  := .venv/bin/pytest
 
-.PHONY: setup crds check lint unit kernel e2e manifests-check test controlplane demo bench clean
+.PHONY: setup crds check lint unit kernel e2e manifests-check test controlplane demo bench reliability clean
 
 setup:            ## install Debian packages, kernel headers link, mounts, venv with bcc
 	bash scripts/setup.sh
@@ -35,6 +35,10 @@ manifests-check:  ## manifests/ and Dockerfiles: hadolint, promtool, yamllint, a
 
 controlplane:     ## build kube-apiserver, etcd, kubectl from Go modules (cached by version)
 	bash tests/controlplane/build.sh
+
+reliability:      ## the models vs the real apiserver on generated objects (TK_DIFFERENTIAL_EXAMPLES, _SEED)
+	TK_DIFFERENTIAL_EXAMPLES=$${TK_DIFFERENTIAL_EXAMPLES:-10000} $(PYTEST) \
+	    tests/e2e/test_model_vs_apiserver.py -q -s -p no:randomly
 
 bench:            ## agent benchmarks (root), a table each; bench/README.md has a recorded run
 	$(PY) -m bench.run

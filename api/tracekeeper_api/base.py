@@ -31,6 +31,13 @@ class WireModel(BaseModel):
         return patch
 
 
+class SpecModel(WireModel):
+    """A part of a custom resource's spec: types as strict as the apiserver's schema (no
+    "true" for a boolean, no "3" for an integer), so that both refuse the same objects."""
+
+    model_config = ConfigDict(strict=True)
+
+
 def _nulls_outside_lists(value: Any, in_list: bool = False) -> Any:
     if isinstance(value, dict):
         return {

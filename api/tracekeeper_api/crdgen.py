@@ -60,9 +60,10 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
         else:
             out[key] = _inline(value, defs)
     if "patternProperties" in out:  # dict[Key, Value]: structural schemas have no patterns on keys
-        (value_schema,) = out.pop("patternProperties").values()
-        out.pop("propertyNames", None)
+        (key_pattern, value_schema) = next(iter(out.pop("patternProperties").items()))
+        names = out.pop("propertyNames", {})
         out["additionalProperties"] = value_schema
+        out.setdefault("x-kubernetes-validations", []).append(_key_rule(key_pattern, names))
     if (
         out.get("type") == "object"
         and "properties" not in out
@@ -70,6 +71,25 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
     ):
         out["x-kubernetes-preserve-unknown-fields"] = True
     return out
+
+
+def _key_rule(pattern: str, names: dict[str, Any]) -> dict[str, str]:
+    """The map's key pattern (and length bound) as CEL, which the apiserver checks: OpenAPI's
+    propertyNames is not allowed in a structural schema, so without this the CRD would admit
+    keys the models refuse."""
+    rule = f"k.matches({_cel_string(pattern)})"
+    if "maxLength" in names:
+        rule = f"size(k) <= {names['maxLength']} && {rule}"
+    return {
+        "rule": f"self.all(k, {rule})",
+        "message": f"every key must match {pattern}",
+    }
+
+
+def _cel_string(text: str) -> str:
+    """A CEL raw string literal (no escape processing, as the pattern is written)."""
+    assert "'" not in text, text
+    return f"r'{text}'"
 
 
 def _defaults_fit(node: Any) -> Any:

@@ -6,7 +6,7 @@ from typing import Annotated, Self
 
 from pydantic import ConfigDict, Field, model_validator
 
-from tracekeeper_api.base import WireModel
+from tracekeeper_api.base import SpecModel
 from tracekeeper_api.selectors import LabelSelector
 from tracekeeper_api.strings import CgroupPath, DnsLabel, ProcessName
 
@@ -17,7 +17,7 @@ PRIVILEGED_FILTER_FIELDS = ("namespaceSelector", "pids", "cgroupPaths", "hostWid
 Pid = Annotated[int, Field(ge=1, le=4_194_304)]  # PID_MAX_LIMIT on 64-bit
 
 
-class TraceFilterSpec(WireModel):
+class TraceFilterSpec(SpecModel):
     """Whom to trace. Without podSelector, every pod of the object's namespace is traced,
     never the whole host."""
 

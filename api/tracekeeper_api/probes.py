@@ -6,7 +6,7 @@ from typing import Literal, Self
 
 from pydantic import ConfigDict, Field, model_validator
 
-from tracekeeper_api.base import WireModel
+from tracekeeper_api.base import SpecModel
 from tracekeeper_api.durations import ProbeDuration
 from tracekeeper_api.filters import TraceFilterSpec
 from tracekeeper_api.strings import (
@@ -28,7 +28,7 @@ MAX_EVENTS_PER_SECOND = 1_000_000
 MAX_SAMPLING = 1_000_000
 
 
-class UprobeSpec(WireModel):
+class UprobeSpec(SpecModel):
     """A user-space function entry (or return) in a binary or library."""
 
     binary: BinaryRef
@@ -40,7 +40,7 @@ class UprobeSpec(WireModel):
     """Attach to the function's return instead of its entry (a uretprobe)."""
 
 
-class KprobeSpec(WireModel):
+class KprobeSpec(SpecModel):
     """A kernel function entry (or return). Needs a kernel built with kprobes."""
 
     function: KernelIdentifier
@@ -49,7 +49,7 @@ class KprobeSpec(WireModel):
     """Attach to the function's return instead of its entry (a kretprobe)."""
 
 
-class SyscallSpec(WireModel):
+class SyscallSpec(SpecModel):
     """A system call, traced at entry and exit (sys_enter_NAME / sys_exit_NAME)."""
 
     name: SyscallName
@@ -58,7 +58,7 @@ class SyscallSpec(WireModel):
     """Measure the time from entry to exit; with output kind histogram this is the value."""
 
 
-class ProgramSpec(WireModel):
+class ProgramSpec(SpecModel):
     """Raw BCC C source. Privileged: only in the operator's privileged namespaces, and only
     when the operator allows raw programs."""
 
@@ -75,7 +75,7 @@ def _by_pod() -> list[AggregationKey]:
     return ["pod"]
 
 
-class OutputSpec(WireModel):
+class OutputSpec(SpecModel):
     """What the probe produces."""
 
     kind: OutputKind = "count"
@@ -137,7 +137,7 @@ _ONE_ATTACH_MESSAGE = (
 )
 
 
-class TraceProbeSpec(WireModel):
+class TraceProbeSpec(SpecModel):
     """What to trace (exactly one attach point), whom (filterRef or filter) and what to
     produce (output)."""
 

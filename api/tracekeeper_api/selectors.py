@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from tracekeeper_api.base import WireModel
+from tracekeeper_api.base import SpecModel
 from tracekeeper_api.strings import LabelKey, LabelValue
 
 
-class LabelSelectorRequirement(WireModel):
+class LabelSelectorRequirement(SpecModel):
     """One label requirement, as in any Kubernetes label selector."""
 
     key: LabelKey
@@ -20,6 +20,23 @@ class LabelSelectorRequirement(WireModel):
     """How the key relates to the values: In, NotIn, Exists or DoesNotExist."""
     values: list[LabelValue] = Field(default_factory=list, max_length=64)
     """Values for In and NotIn (at least one); must be empty for Exists and DoesNotExist."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(self.operator in ['In', 'NotIn'])"
+                    " || (has(self.values) && size(self.values) > 0)",
+                    "message": "operator In and NotIn need at least one value",
+                },
+                {
+                    "rule": "!(self.operator in ['Exists', 'DoesNotExist'])"
+                    " || !has(self.values) || size(self.values) == 0",
+                    "message": "operator Exists and DoesNotExist take no values",
+                },
+            ]
+        }
+    )
 
     @model_validator(mode="after")
     def _values_fit_operator(self) -> Self:
@@ -30,7 +47,7 @@ class LabelSelectorRequirement(WireModel):
         return self
 
 
-class LabelSelector(WireModel):
+class LabelSelector(SpecModel):
     """Selects objects by labels. An empty selector selects everything in scope."""
 
     match_labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
