@@ -38,7 +38,7 @@ controlplane:     ## build kube-apiserver, etcd, kubectl from Go modules (cached
 
 reliability:      ## the models vs the real apiserver on generated objects (TK_DIFFERENTIAL_EXAMPLES, _SEED)
 	TK_DIFFERENTIAL_EXAMPLES=$${TK_DIFFERENTIAL_EXAMPLES:-10000} $(PYTEST) \
-	    tests/e2e/test_model_vs_apiserver.py -q -s -p no:randomly
+	    tests/e2e/test_model_vs_apiserver.py -q -s
 
 bench:            ## agent benchmarks (root), a table each; bench/README.md has a recorded run
 	$(PY) -m bench.run
