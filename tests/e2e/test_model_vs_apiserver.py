@@ -157,6 +157,8 @@ KINDS: dict[str, tuple[str, type[BaseModel], st.SearchStrategy[Obj]]] = {
     "TraceFilter": ("tracefilters", TraceFilterSpec, FILTER),
 }
 TRIED: Counter[str] = Counter()
+LAST_REFUSAL = [""]
+"""The apiserver's message of the last refusal, for an assertion's text."""
 
 
 def _path(parts: Any) -> str:
@@ -192,7 +194,9 @@ def server_verdict(
         stored: Obj = json.loads(text).get("spec") or {}
         return None, stored
     assert status in (400, 422), f"HTTP {status}: {text[:500]}"
-    causes = (json.loads(text).get("details") or {}).get("causes") or [{}]
+    answer = json.loads(text)
+    causes = (answer.get("details") or {}).get("causes") or [{}]
+    LAST_REFUSAL[0] = str(answer.get("message", ""))[:600]
     return [_path(c.get("field", "") or "") for c in causes], _without_nulls(spec)
 
 
@@ -231,7 +235,7 @@ def test_the_models_and_the_apiserver_agree(cluster: LocalCluster, ns: str, kind
         server, parsed = server_verdict(cluster, ns, kind, spec)
         ours = model_verdict(model, parsed)
         TRIED[f"{kind} {'refused' if ours is not None else 'accepted'}"] += 1
-        shown = json.dumps(spec)[:600]
+        shown = f"{json.dumps(spec)[:600]} (seed {SEED}; apiserver: {LAST_REFUSAL[0]})"
         assert (server is None) == (ours is None), (
             f"apiserver {'accepts' if server is None else f'refuses {server}'}, the model "
             f"{'accepts' if ours is None else f'refuses {ours}'}: {shown}"
