@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Table, bpftool_progs, cgroup_sandbox, require_root
+from bench.common import Table, bench_loader, bpftool_progs, cgroup_sandbox, require_root
+from tracekeeper_agent.bpf.identity import PinnedIdentities
 from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
 from tracekeeper_agent.host.tracefs import DEFAULT_TRACEFS
 from tracekeeper_agent.ports import ProgramPlan
@@ -73,6 +74,13 @@ class TimingLoader:
             return self._loader.load(plan)
         finally:
             self.seconds.append(time.perf_counter() - started)
+
+    @property
+    def identities(self) -> PinnedIdentities:
+        return self._loader.identities
+
+    def close(self) -> None:
+        self._loader.close()
 
 
 def tracepoints(n: int) -> list[str]:
@@ -147,7 +155,7 @@ async def measure(n: int) -> Footprint:
             active = served.agent.reconciler.active_probes()
             if active:
                 started = time.perf_counter()
-                BccLoader().load(active[0].plan).close()
+                bench_loader().load(active[0].plan).close()
                 reload = time.perf_counter() - started
             memlock = kernel_bytes(ids)
             peak = status_kib("VmHWM")

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from tests.unit.test_program_builder import CTX
+from tracekeeper_agent.ports import FilterEntries
 from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.programs.sharing import binding_of
 from tracekeeper_agent.service.http_api import MAX_BODY
 from tracekeeper_api.budgets import BUDGET_ANNOTATION, Budget, parse_override
 from tracekeeper_api.probes import TraceProbeSpec
@@ -331,11 +333,13 @@ def test_a_tenant_events_probe_without_a_rate_limit_gets_the_default_in_kernel()
     # Agents report the hash of what they were sent: the status waits for that one.
     assert tenant.spec_hash == spec_hash(tenant.spec) == plan.rendered.spec_hashes[tenant.id]
     assert tenant.spec_hash != spec_hash(v.probes["team-a/execs"].spec)  # type: ignore[arg-type]
-    # What the agent builds from it: the token bucket is compiled in.
+    # What the agent makes of it: the binding's token bucket in the program's maps.
     received = NodeState.model_validate_json(
         node_state(NODE, 1, (tenant,)).model_dump_json(by_alias=True, exclude_none=True)
     ).resolved()
-    assert "#define TK_RATE_LIMIT 1000\n" in build_plan(received.probes[0], CTX).source
+    binding = binding_of(0, received.probes[0], FilterEntries())
+    assert binding.rate_limit == 1000
+    assert build_plan(received.probes[0], CTX).source  # and it builds
     assert sent[f"{SYSTEM}/execs"].spec.output.rate_limit is None  # privileged: no default
 
 
