@@ -179,16 +179,45 @@ def test_within_a_namespace_older_probes_keep_their_place() -> None:
     assert list(plan.rendered.refused[NODE]) == ["team-a/a-new"]
 
 
+def _shapes(n: int) -> list[dict[str, Any]]:
+    """n distinct outputs on one tracepoint: count by each set of keys, then events with
+    each set of fields (each is its own program)."""
+    keys, fields = ["pod", "container", "comm", "pid"], ["filename", "flags", "mode", "dfd"]
+    subsets = [
+        [k for b, k in enumerate(items) if mask >> b & 1]
+        for items in (keys, fields)
+        for mask in range(1, 16)
+    ]
+    outputs = [{"kind": "count", "by": s} for s in subsets[:15]]
+    outputs += [{"kind": "events", "fields": s} for s in subsets[15:]]
+    return outputs[:n]
+
+
 def test_programs_per_attach_point_are_budgeted_per_namespace() -> None:
-    same = [probe("team-a", f"o{i:02d}", tracepoint="syscalls:sys_enter_openat") for i in range(20)]
-    other = [probe("team-b", f"o{i}", tracepoint="syscalls:sys_enter_openat") for i in range(3)]
-    plan = plan_cluster(view(same + other, TENANTS), SETTINGS)
+    tp = "syscalls:sys_enter_openat"
+    shapes = [
+        probe("team-a", f"o{i:02d}", tracepoint=tp, output=o) for i, o in enumerate(_shapes(20))
+    ]
+    other = [probe("team-b", f"o{i}", tracepoint=tp) for i in range(3)]
+    plan = plan_cluster(view(shapes + other, TENANTS), SETTINGS)
     assert len(on_node(plan, "team-a")) == Budget().programs_per_attach_point
     assert len(on_node(plan, "team-b")) == 3
     assert plan.rendered.refused[NODE]["team-a/o16"] == (
         "team-a would have 17 programs on tracepoint syscalls:sys_enter_openat on node n1, "
         "its budget is 16 per attach point"
     )
+
+
+def test_probes_of_one_shape_count_as_one_program_per_64() -> None:
+    tp = "syscalls:sys_enter_openat"
+    same = [probe("team-a", f"o{i:02d}", tracepoint=tp) for i in range(30)]
+    budgets = {"team-a": {"probesPerNode": 100, "programsPerAttachPoint": 1}}
+    plan = plan_cluster(view(same, TENANTS, budgets), SETTINGS)
+    assert len(on_node(plan, "team-a")) == 30  # one shared program
+    many = [probe("team-a", f"o{i:02d}", tracepoint=tp) for i in range(65)]
+    plan = plan_cluster(view(many, TENANTS, budgets), SETTINGS)
+    assert len(on_node(plan, "team-a")) == 64  # the 65th would open a second program
+    assert "would have 2 programs on tracepoint" in plan.rendered.refused[NODE]["team-a/o64"]
 
 
 def test_filter_entries_are_budgeted() -> None:

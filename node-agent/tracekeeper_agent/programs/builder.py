@@ -22,8 +22,8 @@ from tracekeeper_agent.host.rootfs import RootPathError, open_root
 from tracekeeper_agent.ports import HeldFiles, LoadFailure, ProgramPlan, TargetRoot
 from tracekeeper_agent.programs.constants import c_defines
 from tracekeeper_agent.programs.kinds import REGISTRY, BuildContext, KindRender
-from tracekeeper_agent.programs.sharing import shape_of
 from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
+from tracekeeper_api.shapes import shape_of
 
 PRELUDE = (Path(__file__).parent / "c_prelude.h").read_text()
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
-MAX_BINDINGS = 64
+from tracekeeper_api.shapes import BINDINGS_PER_PROGRAM
+
+MAX_BINDINGS = BINDINGS_PER_PROGRAM
 """Bindings (probes) one program serves: the bits of a u64 mask. A 65th binding of a shape
 opens a second program of that shape."""
 MAX_PROGRAMS_PER_SHAPE = 64

@@ -1,98 +1,17 @@
-"""Shared programs: which probes can share one BPF program (its shape), which bit of the
-program's binding mask each probe holds, and what the program's maps hold for them.
-
-A shape is what changes the C text: the attach point (with the syscall's enter/exit pair),
-the output kind, the `by` keys, the captured fields and the histogram value. Who is traced,
-sampling and the rate limit are not in it: they are map contents, per binding. Raw
-`program` probes are never shared (their source is theirs). Pure: no kernel access.
+"""Shared programs: which bit of a shape's program each probe holds, and what the
+program's maps hold for its bindings. Probes of one shape (tracekeeper_api.shapes: what
+changes the C text) share one program; who is traced, sampling and the rate limit are map
+contents, per binding. Pure: no kernel access.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from tracekeeper_agent.ports import BindingConfig, FilterEntries, ProgramMaps
 from tracekeeper_agent.programs.constants import MAX_BINDINGS, Flag
-from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.protocol import ProbeAssignment
-
-ALL_BINDINGS = (1 << MAX_BINDINGS) - 1
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What a program's C text is made from (hashable: the key probes are grouped by)."""
-
-    attach: str
-    """The attach kind and its spec, as canonical JSON."""
-    output: str
-    by: tuple[str, ...]
-    fields: tuple[str, ...]
-    value: str | None
-    label: str
-    """Said in GET /v1/state: `syscall openat (latency) histogram by pod`."""
-    owner: str = ""
-    """Raw programs only: the probe id (a raw program is never shared)."""
-
-
-def shape_of(assignment: ProbeAssignment) -> Shape:
-    spec = assignment.spec
-    kind = spec.attach_kind
-    attach_spec = getattr(spec, _ATTACH_FIELDS[kind])
-    dumped = (
-        attach_spec.model_dump(mode="json", by_alias=True)
-        if hasattr(attach_spec, "model_dump")
-        else attach_spec
-    )
-    out = spec.output
-    by = tuple(out.by) if out.kind != "events" else ()
-    fields = tuple(out.fields) if out.kind == "events" else ()
-    return Shape(
-        attach=f"{kind}:{json.dumps(dumped, sort_keys=True)}",
-        output=out.kind,
-        by=by,
-        fields=fields,
-        value=out.value,
-        label=f"program of {assignment.id}" if kind == "program" else _label(spec, by, fields),
-        owner=assignment.id if kind == "program" else "",
-    )
-
-
-_ATTACH_FIELDS = {
-    "tracepoint": "tracepoint",
-    "rawTracepoint": "raw_tracepoint",
-    "syscall": "syscall",
-    "uprobe": "uprobe",
-    "kprobe": "kprobe",
-    "program": "program",
-}
-
-
-def _label(spec: TraceProbeSpec, by: tuple[str, ...], fields: tuple[str, ...]) -> str:
-    kind = spec.attach_kind
-    if spec.tracepoint is not None:
-        where = spec.tracepoint
-    elif spec.raw_tracepoint is not None:
-        where = spec.raw_tracepoint
-    elif spec.syscall is not None:
-        where = spec.syscall.name + (" (latency)" if spec.syscall.latency else "")
-    elif spec.uprobe is not None:
-        ret = "ret" if spec.uprobe.return_ else ""
-        where = f"{spec.uprobe.binary}:{spec.uprobe.symbol}{' ' + ret if ret else ''}"
-    else:
-        assert spec.kprobe is not None
-        where = spec.kprobe.function + (" ret" if spec.kprobe.return_ else "")
-    text = f"{kind} {where} {spec.output.kind}"
-    if by:
-        text += f" by {','.join(by)}"
-    if fields:
-        text += f" fields {','.join(fields)}"
-    if spec.output.value:
-        text += f" value {spec.output.value}"
-    return text
-
 
 # --- bits ------------------------------------------------------------------------------------
 
