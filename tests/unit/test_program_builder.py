@@ -96,7 +96,7 @@ def test_whom_and_how_often_are_not_in_the_text() -> None:
         assignment({**base, "sampling": 10}, PODS),
         assignment({**base, "output": {"kind": "events", "rateLimit": 5}}, PODS),
         assignment(base, {**PODS, "processNames": ["nginx"]}),
-        assignment(base, {"pids": [1], "followChildren": True}),
+        assignment(base, {"pids": [1]}),
         assignment(base, {"hostWide": True}),
     ]
     sources = {build_plan(a, CTX).source for a in variants}
@@ -118,6 +118,10 @@ def test_what_changes_the_text_changes_the_shape() -> None:
     assert len(keys) == 1 + len(others)
     # A privileged namespace's probe never shares with a tenant's.
     assert plan_inputs(assignment(base), True) != plan_inputs(assignment(base), False)
+    # Following children brings the fork and exit followers into the program.
+    follows = assignment(base, {"pids": [1], "followChildren": True})
+    assert plan_inputs(follows) != plan_inputs(assignment(base, {"pids": [1]}))
+    assert "#define TK_FOLLOW_CHILDREN 1" in build_plan(follows, CTX).source
 
 
 def test_raw_programs_are_never_shared() -> None:

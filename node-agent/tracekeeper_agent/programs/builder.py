@@ -33,6 +33,13 @@ def node_kernel() -> KernelFeatures:
     return detect()
 
 
+def follows(assignment: ProbeAssignment) -> bool:
+    """The probe follows the children of its pids: its program has the fork and exit
+    followers (a shape of its own: they cost every other program a slot on those
+    tracepoints otherwise)."""
+    return assignment.targets.follow_children and bool(assignment.targets.pids)
+
+
 def _defines(assignment: ProbeAssignment) -> str:
     out = assignment.spec.output
     by = set(out.by) if out.kind != "events" else set()
@@ -43,6 +50,7 @@ def _defines(assignment: ProbeAssignment) -> str:
         "TK_BY_CGROUP": bool(by & {"pod", "container"}),
         "TK_BY_PID": "pid" in by,
         "TK_BY_COMM": "comm" in by,
+        "TK_FOLLOW_CHILDREN": follows(assignment),
     }
     return c_defines() + "".join(f"#define {k} {int(v)}\n" for k, v in values.items())
 
@@ -112,9 +120,10 @@ def _build(assignment: ProbeAssignment, ctx: BuildContext) -> ProgramPlan:
 def plan_inputs(assignment: ProbeAssignment, privileged: bool = True) -> Hashable:
     """What the program of an assignment is built from, besides the files of its uprobe:
     its shape, the permission for raw source and whether its namespace is privileged (a
-    tenant's probe must not join a program capturing what it may not). Probes with equal
-    inputs share one program; targets, sampling and rate limit are map contents."""
-    return (shape_of(assignment), assignment.allow_program, privileged)
+    tenant's probe must not join a program capturing what it may not), and whether it
+    follows children (programs.builder.follows). Probes with equal inputs share one
+    program; targets, sampling and rate limit are map contents."""
+    return (shape_of(assignment), assignment.allow_program, privileged, follows(assignment))
 
 
 RootsOf = Callable[[ProbeTargets], list[TargetRoot]]

@@ -264,8 +264,11 @@ static __always_inline void tk_ring_full(u64 mask) {
     } while (0)
 #endif
 
+#if TK_FOLLOW_CHILDREN
 /* Children of traced pids are traced while they live, for the bindings that follow
- * children (TK_FLAG_FOLLOW); the kernel writes tk_child_pids, the agent never does. */
+ * children (TK_FLAG_FOLLOW); the kernel writes tk_child_pids, the agent never does. Only in
+ * programs built for such bindings: each follower takes one of the 64 program slots of
+ * sched_process_fork/exit, which every shape would otherwise use up. */
 TRACEPOINT_PROBE(sched, sched_process_fork) {
     u32 zero = 0;
     struct tk_config *cfg = tk_config.lookup(&zero);
@@ -298,6 +301,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
         tk_child_pids.delete(&tgid);
     return 0;
 }
+#endif
 
 /* For raw programs (spec.program, never shared: binding 0 only). */
 #define TK_FILTER() (tk_admit() & 1ULL)

@@ -24,6 +24,7 @@
 #define TK_BY_CGROUP 1
 #define TK_BY_PID 0
 #define TK_BY_COMM 0
+#define TK_FOLLOW_CHILDREN 0
 /* ... c_prelude.h ... */
 
 
