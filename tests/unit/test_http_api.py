@@ -394,7 +394,7 @@ async def test_waiting_scrapes_of_the_metrics_listener_hold_one_worker_thread() 
                 await resp.read()
                 return resp.status
 
-        with reconciler.programs_lock:  # as while a program closes
+        with reconciler.board.lock:  # as while a program closes
             scrapes = [asyncio.create_task(scrape()) for _ in range(4)]
             await asyncio.sleep(0.1)
             assert not any(t.done() for t in scrapes)

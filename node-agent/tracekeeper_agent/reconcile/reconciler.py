@@ -229,10 +229,6 @@ class Reconciler:
     def state(self) -> NodeState | None:
         return self._state
 
-    @property
-    def programs_lock(self) -> threading.Lock:
-        return self.board.lock
-
     def active_probes(self) -> list[ActiveProbe]:
         """The loaded bindings now (a snapshot: exporters iterate it from other threads)."""
         return self.board.probes()
