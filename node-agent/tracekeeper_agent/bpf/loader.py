@@ -16,7 +16,7 @@ import numpy as np
 from bcc import BPF  # the only place bcc is imported (see the import-linter contract)
 
 from tracekeeper_agent.bpf.identity import PinnedIdentities, default_pin
-from tracekeeper_agent.bpf.maps import write_diff
+from tracekeeper_agent.bpf.maps import write_diff, write_values
 from tracekeeper_agent.bpf.ringbuf import RingReader
 from tracekeeper_agent.bpf.stderr_capture import capture_fd2
 from tracekeeper_agent.host.bpf_ids import prog_id
@@ -72,12 +72,9 @@ class BccProgram:
 
     def update_maps(self, maps: ProgramMaps) -> None:
         old, b = self._maps, self._bpf
-        slots = b[b"tk_slot_masks"]
-        for slot in old.slot_masks.keys() - maps.slot_masks.keys():
-            slots[ctypes.c_int(slot)] = ctypes.c_ulonglong(0)
-        for slot, mask in maps.slot_masks.items():
-            if old.slot_masks.get(slot) != mask:
-                slots[ctypes.c_int(slot)] = ctypes.c_ulonglong(mask)
+        slots = dict.fromkeys(old.slot_masks.keys() - maps.slot_masks.keys(), 0)
+        slots.update((s, m) for s, m in maps.slot_masks.items() if old.slot_masks.get(s) != m)
+        write_values(b[b"tk_slot_masks"], slots, key_of=ctypes.c_int)
         write_diff(b[b"tk_pids"], old.pids, maps.pids, key_of=ctypes.c_uint)
         comms = b[b"tk_comms"]
         write_diff(

@@ -25,6 +25,13 @@ def write_diff(
     return len(changes), len(stale)
 
 
+def write_values(table: Any, changes: Mapping[Any, int], *, key_of: Callable[[Any], Any]) -> None:
+    """Write these entries (an array map's: there is nothing to delete, only values to
+    set, 0 included), batched where the kernel supports it."""
+    if changes:
+        _update(table, [(key_of(k), v) for k, v in changes.items()])
+
+
 def _update(table: Any, changes: list[tuple[Any, int]]) -> None:
     keys = (table.Key * len(changes))(*(k for k, _ in changes))
     values = (table.Leaf * len(changes))(*(table.Leaf(v) for _, v in changes))
