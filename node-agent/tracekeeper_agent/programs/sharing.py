@@ -130,9 +130,11 @@ def program_maps(bindings: Iterable[Binding], slots: Mapping[int, int]) -> Progr
         for cgid in b.entries.cgroups:
             slot = slots[cgid]
             slot_masks[slot] = slot_masks.get(slot, 0) | bit
-            flags |= Flag.CGROUP
         for pid in b.entries.pids:
             pids[pid] = pids.get(pid, 0) | bit
+        if b.entries.cgroups:
+            flags |= Flag.CGROUP
+        if b.entries.pids:
             flags |= Flag.PID
         if b.follow_children:
             follow |= bit
