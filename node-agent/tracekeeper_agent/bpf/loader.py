@@ -83,7 +83,7 @@ class BccProgram:
             maps.comms,
             key_of=lambda name: comms.Key(name.encode()[: _TASK_COMM_LEN - 1]),
         )
-        if old.follow_mask & ~maps.follow_mask:
+        if old.follow_mask & ~maps.follow_mask and self._has(b"tk_child_pids"):
             self._drop_children(maps.follow_mask)
         configs = b[b"tk_bindings"]
         for bit in old.bindings.keys() | maps.bindings.keys():

@@ -84,8 +84,10 @@ static __always_inline u64 tk_cgroup_mask(u64 gen) {
     return mask;
 }
 
-BPF_HASH(tk_pids, u32, u64, TK_MAX_PIDS);       /* agent: pid -> bindings */
-BPF_HASH(tk_child_pids, u32, u64, TK_MAX_PIDS); /* kernel: live children of traced pids */
+BPF_HASH(tk_pids, u32, u64, TK_MAX_PIDS); /* agent: pid -> bindings */
+#if TK_FOLLOW_CHILDREN
+BPF_HASH(tk_child_pids, u32, u64, TK_MAX_CHILD_PIDS); /* kernel: live children of traced pids */
+#endif
 
 struct tk_comm {
     char name[TASK_COMM_LEN];
@@ -106,11 +108,13 @@ static __always_inline u64 tk_filter(void) {
         u64 *m = tk_pids.lookup(&tgid);
         if (m)
             mask |= *m;
+#if TK_FOLLOW_CHILDREN
         if (flags & TK_FLAG_FOLLOW) {
             m = tk_child_pids.lookup(&tgid);
             if (m)
                 mask |= *m;
         }
+#endif
     }
     if ((flags & TK_FLAG_COMM) && (mask & ~cfg->no_comm_mask)) {
         struct tk_comm c = {};

@@ -16,7 +16,10 @@ MAX_IDENTITIES = 16384
 """Node-wide identity table: cgroup ids of targeted pods and containers (-> pod slot)."""
 MAX_SLOTS = MAX_IDENTITIES + 1
 """Pod slots (slot 0: none); a program's slot -> binding mask array has one entry each."""
-MAX_PIDS = 65536
+MAX_PIDS = 8192
+"""Host pids the agent names (privileged probes; preallocated in every program)."""
+MAX_CHILD_PIDS = 65536
+"""Children of followed pids the kernel adds (only in programs that follow children)."""
 MAX_COMMS = 4096
 MAX_KEYS = 10240
 """Count/histogram keys of one program (all its bindings), LRU."""
@@ -57,6 +60,7 @@ def c_defines() -> str:
         "TK_MAX_IDENTITIES": MAX_IDENTITIES,
         "TK_MAX_SLOTS": MAX_SLOTS,
         "TK_MAX_PIDS": MAX_PIDS,
+        "TK_MAX_CHILD_PIDS": MAX_CHILD_PIDS,
         "TK_MAX_COMMS": MAX_COMMS,
         "TK_MAX_KEYS": MAX_KEYS,
         "TK_MAX_LEVEL": MAX_CGROUP_LEVEL,
