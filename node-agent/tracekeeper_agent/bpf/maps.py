@@ -3,8 +3,12 @@ and deletes only (batched where the kernel supports it)."""
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Mapping
 from typing import Any
+
+_SIMPLE = (ctypes.c_int, ctypes.c_uint, ctypes.c_ulonglong)
+"""Key types whose ctypes arrays take python ints as they are (no object per key)."""
 
 
 def write_diff(
@@ -17,11 +21,11 @@ def write_diff(
     """Bring a map that only the agent writes from `written` (what it holds) to `desired`,
     without reading it back. Returns (upserts, deletes)."""
     stale = [key_of(k) for k in written if k not in desired]
-    changes = [(key_of(k), v) for k, v in desired.items() if written.get(k) != v]
+    changes = {k: v for k, v in desired.items() if written.get(k) != v}
     if stale:
         _delete(table, stale)
     if changes:
-        _update(table, changes)
+        _update(table, changes, key_of)
     return len(changes), len(stale)
 
 
@@ -29,17 +33,19 @@ def write_values(table: Any, changes: Mapping[Any, int], *, key_of: Callable[[An
     """Write these entries (an array map's: there is nothing to delete, only values to
     set, 0 included), batched where the kernel supports it."""
     if changes:
-        _update(table, [(key_of(k), v) for k, v in changes.items()])
+        _update(table, changes, key_of)
 
 
-def _update(table: Any, changes: list[tuple[Any, int]]) -> None:
-    keys = (table.Key * len(changes))(*(k for k, _ in changes))
-    values = (table.Leaf * len(changes))(*(table.Leaf(v) for _, v in changes))
+def _update(table: Any, changes: Mapping[Any, int], key_of: Callable[[Any], Any]) -> None:
+    n = len(changes)
+    raw = key_of in _SIMPLE
+    keys = (table.Key * n)(*(changes if raw else (key_of(k) for k in changes)))
+    values = (table.Leaf * n)(*changes.values())
     try:
         table.items_update_batch(keys, values)
     except Exception:  # batch ops need kernel >= 5.6 for this map type: fall back
-        for k, v in changes:
-            table[k] = table.Leaf(v)
+        for k, v in changes.items():
+            table[key_of(k)] = table.Leaf(v)
 
 
 def _delete(table: Any, stale: list[Any]) -> None:
