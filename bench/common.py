@@ -19,9 +19,10 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tracekeeper_agent.targets.cgroups import detect_root
 from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
@@ -343,3 +344,38 @@ def perf_top(argv: Sequence[str], *, top: int = 15) -> list[tuple[float, str]] |
         if m:
             rows.append((float(m[1]), f"{m[2]} {m[3]}"))
     return rows[:top]
+
+
+# --- programs loaded directly (not through the agent): one binding, or a reference's map ---
+
+_LOADER: Any = None
+
+
+def bench_loader() -> Any:
+    """One BccLoader (one identity table) for the programs a benchmark loads itself."""
+    global _LOADER
+    if _LOADER is None:
+        from tracekeeper_agent.bpf.loader import BccLoader
+
+        _LOADER = BccLoader()
+    return _LOADER
+
+
+def fill_alone(program: Any, entries: Any, *, sampling: int = 1, rate_limit: int = 0) -> None:
+    """Make `entries` (ports.FilterEntries) the targets of a program's binding 0, as the
+    reconciler writes them for a probe alone in its program."""
+    from tracekeeper_agent.programs.sharing import Binding, program_maps
+
+    slots = {cgid: slot for slot, cgid in enumerate(sorted(entries.cgroups), start=1)}
+    bench_loader().identities.sync(slots)
+    binding = Binding(0, entries, sampling=sampling, rate_limit=rate_limit)
+    program.update_maps(program_maps([binding], slots))
+
+
+def fill_reference(program: Any, cgroup_ids: Iterable[int]) -> None:
+    """The reference programs' own `tk_cgroups` hash (cgroup id -> 1)."""
+    import ctypes
+
+    table = program._bpf[b"tk_cgroups"]  # a reference program's map: not the agent's seam
+    for cgid in cgroup_ids:
+        table[ctypes.c_ulonglong(cgid)] = ctypes.c_uint(1)

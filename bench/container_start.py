@@ -85,7 +85,7 @@ async def measure(
         profile.disable()
     (active,) = served.agent.reconciler.active_probes()
     counts: dict[int, int] = {}
-    for sample in active.program.read_counts():
+    for sample in active.read_counts():
         cg = sample.key.cgroup_id or 0
         counts[cg] = counts.get(cg, 0) + sample.value
     return counts

@@ -38,10 +38,11 @@ from tracekeeper_agent.bpf.loader import BccLoader
 from tracekeeper_agent.host.event_records import EventBatch
 from tracekeeper_agent.ports import (
     CountSample,
-    FilterEntries,
     HistogramSample,
+    IdentityMap,
     KernelCounters,
     LoadedProgram,
+    ProgramMaps,
     ProgramPlan,
     RawEvent,
 )
@@ -77,20 +78,26 @@ class ProfiledProgram:
     def program_ids(self) -> tuple[int, ...]:
         return self._inner.program_ids
 
-    def update_filter(self, entries: FilterEntries) -> None:
-        self._inner.update_filter(entries)
+    def update_maps(self, maps: ProgramMaps) -> None:
+        self._inner.update_maps(maps)
 
-    def read_counts(self) -> list[CountSample]:
-        return self._inner.read_counts()
+    def invalidate(self) -> None:
+        self._inner.invalidate()
 
-    def read_histograms(self) -> list[HistogramSample]:
-        return self._inner.read_histograms()
+    def clear_binding(self, bit: int) -> None:
+        self._inner.clear_binding(bit)
 
-    def read_counters(self) -> KernelCounters:
-        return self._inner.read_counters()
+    def read_counts(self, bit: int) -> list[CountSample]:
+        return self._inner.read_counts(bit)
 
-    def live_keys(self) -> int:
-        return self._inner.live_keys()
+    def read_histograms(self, bit: int) -> list[HistogramSample]:
+        return self._inner.read_histograms(bit)
+
+    def read_counters(self, bit: int) -> KernelCounters:
+        return self._inner.read_counters(bit)
+
+    def live_keys(self, bit: int) -> int:
+        return self._inner.live_keys(bit)
 
     def poll_batch(self, timeout_ms: int, max_records: int) -> EventBatch:
         # Called on the poller thread only: its profile covers the whole thread (read,
@@ -126,6 +133,13 @@ class ProfilingLoader:
 
     def load(self, plan: ProgramPlan) -> ProfiledProgram:
         return ProfiledProgram(self._loader.load(plan), self.profile, self.on)
+
+    @property
+    def identities(self) -> IdentityMap:
+        return self._loader.identities
+
+    def close(self) -> None:
+        self._loader.close()
 
 
 # --- one step -------------------------------------------------------------------------------------
@@ -240,10 +254,9 @@ async def step(
     `during` runs alongside the generator (cancelled when it ends)."""
     hub = served.agent.hub
     (active,) = served.agent.reconciler.active_probes()
-    program = active.program
     readers = [await Client.start(served.url) for _ in range(clients)]
     try:
-        k0, h0 = program.read_counters(), hub.counts(PROBE_ID)
+        k0, h0 = active.read_counters(), hub.counts(PROBE_ID)
         h0_received, h0_delivered, h0_backlog = h0.received, h0.delivered, h0.backlog
         cpu0 = thread_cpu()
         t0 = time.monotonic_ns()
@@ -260,7 +273,7 @@ async def step(
         stable_since = 0.0
         progress, last_progress_ns = (-1, -1), loop.t_end
         while time.monotonic() < deadline:
-            k, h = program.read_counters(), hub.counts(PROBE_ID)
+            k, h = active.read_counters(), hub.counts(PROBE_ID)
             produced = (k.matched - k0.matched) - (k.sampled_out - k0.sampled_out)
             in_agent = (h.received - h0_received) + (k.ring_full - k0.ring_full)
             in_agent += k.rate_limited - k0.rate_limited
@@ -280,7 +293,7 @@ async def step(
     finally:
         for c in readers:
             await c.stop()
-    k, h = program.read_counters(), hub.counts(PROBE_ID)
+    k, h = active.read_counters(), hub.counts(PROBE_ID)
     if readers:
         per_client = [c.lines for c in readers]
         last = max(c.last_ns or t0 for c in readers)

@@ -2,10 +2,11 @@
 
 A real count program (program_builder.build_plan + BccLoader, tracepoint
 syscalls:sys_enter_getppid, pod targets: the cgroup filter) is loaded once; then 1, 100 and
-10 000 cgroup entries are applied with BccProgram.update_filter (the batch path: one
-BPF_MAP_UPDATE_BATCH, plus the read of what the map holds and the generation bump), and with
-the per-element fallback the same code takes when the kernel refuses batch operations
-(forced here by handing maps.sync_table a table whose batch calls fail). 'insert' fills an
+10 000 cgroup entries are applied as the reconciler does for a probe alone in its program:
+the node-wide identity table (one BPF_MAP_UPDATE_BATCH of what changed), then the program's
+maps (slot masks, config with a new generation); and with the per-element fallback the same
+code takes when the kernel refuses batch operations (forced here by handing maps.write_diff
+a table whose batch calls fail). 'insert' fills an
 empty map; 'replace' swaps every entry for another set (N deletes + N inserts). The
 alternative to a live update is a reload: build_plan + compile + load + attach.
 """
@@ -22,11 +23,22 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bench.common import Spread, Table, met, ms, profile_table, require_root
-from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
-from tracekeeper_agent.bpf.maps import bump_generation, sync_table
+from bench.common import (
+    Spread,
+    Table,
+    bench_loader,
+    fill_alone,
+    met,
+    ms,
+    profile_table,
+    require_root,
+)
+from tracekeeper_agent.bpf.loader import BccProgram
+from tracekeeper_agent.bpf.maps import write_diff
 from tracekeeper_agent.ports import FilterEntries
-from tracekeeper_agent.programs.builder import MAX_CGROUPS, build_plan
+from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.programs.constants import MAX_IDENTITIES
+from tracekeeper_agent.programs.sharing import Binding, program_maps
 from tracekeeper_api.protocol import ProbeAssignment
 
 SIZES = (1, 100, 10_000)
@@ -36,7 +48,7 @@ GOAL_RATIO = 100.0
 
 
 class BatchRefusingTable:
-    """A BCC table whose batch operations fail, as on kernels without them: sync_table then
+    """A BCC table whose batch operations fail, as on kernels without them: write_diff then
     writes element by element. Everything else goes to the real table."""
 
     def __init__(self, table: Any) -> None:
@@ -60,11 +72,20 @@ class BatchRefusingTable:
         del self._table[key]
 
 
+def batch_update(program: BccProgram, entries: FilterEntries) -> None:
+    fill_alone(program, entries)
+
+
 def per_element_update(program: BccProgram, entries: FilterEntries) -> None:
-    """BccProgram.update_filter for the cgroup filter, with batch operations refused."""
-    bpf = program._bpf  # the bench reaches into the loaded program on purpose
-    sync_table(BatchRefusingTable(bpf[b"tk_cgroups"]), entries.cgroups, key_of=ctypes.c_ulonglong)
-    bump_generation(bpf[b"tk_gen"])
+    """The identity table's writes with batch operations refused, then the program's maps."""
+    identities = bench_loader().identities
+    slots = {cgid: slot for slot, cgid in enumerate(sorted(entries.cgroups), start=1)}
+    # The bench reaches into the identity table on purpose: its real table, batches refused.
+    table = BatchRefusingTable(identities._table)
+    write_diff(table, identities._written, slots, key_of=ctypes.c_ulonglong)
+    identities._written = slots
+    binding = Binding(0, entries)
+    program.update_maps(program_maps([binding], slots))
 
 
 def assignment() -> ProbeAssignment:
@@ -81,7 +102,7 @@ def assignment() -> ProbeAssignment:
 def entry_sets(n: int, rng: random.Random) -> Iterator[FilterEntries]:
     """Endless distinct sets of n cgroup ids (ids need not exist to be map keys)."""
     while True:
-        yield FilterEntries(cgroups={rng.getrandbits(63) | 1: 1 for _ in range(n)})
+        yield FilterEntries(cgroups=frozenset(rng.getrandbits(63) | 1 for _ in range(n)))
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -91,22 +112,22 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def map_size(program: BccProgram) -> int:
-    return len(program._bpf[b"tk_cgroups"])
+    return len(bench_loader().identities._table)
 
 
 def profile_updates(program: BccProgram, sets: Iterator[FilterEntries]) -> list[Table]:
     """cProfile of one batch insert and one batch replace of GOAL_ENTRIES entries."""
     tables = []
-    program.update_filter(FilterEntries())
+    batch_update(program, FilterEntries())
     for what in ("insert", "replace"):
         entries = next(sets)
         profile = cProfile.Profile()
         profile.enable()
-        program.update_filter(entries)
+        batch_update(program, entries)
         profile.disable()
         tables.append(
             profile_table(
-                f"profile: update_filter, batch {what} of {GOAL_ENTRIES:,} entries",
+                f"profile: map update, batch {what} of {GOAL_ENTRIES:,} entries",
                 profile,
                 top=8,
                 per=("entry", GOAL_ENTRIES),
@@ -117,7 +138,7 @@ def profile_updates(program: BccProgram, sets: Iterator[FilterEntries]) -> list[
 
 def run(reps: int, reloads: int) -> list[Table]:
     rng = random.Random(7)
-    loader = BccLoader()
+    loader = bench_loader()
     reload_times = []
     for _ in range(reloads):
         started = time.perf_counter()
@@ -137,13 +158,13 @@ def run(reps: int, reloads: int) -> list[Table]:
             sets = entry_sets(n, rng)
             results: dict[str, list[float]] = {}
             appliers: list[tuple[str, Callable[[FilterEntries], None]]] = [
-                ("batch", program.update_filter),
+                ("batch", functools.partial(batch_update, program)),
                 ("per-element", functools.partial(per_element_update, program)),
             ]
             for name, apply in appliers:
                 inserts, replaces = [], []
                 for _ in range(reps):
-                    program.update_filter(empty)
+                    batch_update(program, empty)
                     first, second = next(sets), next(sets)
                     inserts.append(timed(functools.partial(apply, first)))
                     replaces.append(timed(functools.partial(apply, second)))
@@ -153,7 +174,7 @@ def run(reps: int, reloads: int) -> list[Table]:
                 results[f"{name} replace"] = replaces
             rows.append((n, {k: Spread.of(v) for k, v in results.items()}))
         profiles = profile_updates(program, entry_sets(GOAL_ENTRIES, rng))
-        program.update_filter(empty)
+        batch_update(program, empty)
         unchanged = program.program_ids == ids
     finally:
         program.close()
@@ -191,7 +212,7 @@ def run(reps: int, reloads: int) -> list[Table]:
             ok,
         )
     table.notes += [
-        "update_filter = read the map's current entries, delete the stale ones, write the "
+        "update = read the map's current entries, delete the stale ones, write the "
         "changed ones, bump the generation; 'replace' swaps all N entries for N others",
         f"reload = build_plan + BCC compile + load + attach of the same probe "
         f"(min {ms(reload.low, 0)}, max {ms(reload.high, 0)} ms); the agent would also fill "
@@ -199,7 +220,7 @@ def run(reps: int, reloads: int) -> list[Table]:
         f"program ids unchanged across all {reps * len(SIZES) * 4} updates: "
         f"{'yes' if unchanged else 'NO'}; map size checked after every update: "
         f"{'all as expected' if not checks else '; '.join(checks)}",
-        f"the filter map holds at most {MAX_CGROUPS:,} cgroups (program_builder.MAX_CGROUPS)",
+        f"the identity table holds at most {MAX_IDENTITIES:,} cgroups (MAX_IDENTITIES)",
     ]
     return [table, *profiles]
 

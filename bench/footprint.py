@@ -1,5 +1,5 @@
-"""Agent footprint: RSS and compile time with 1, 10 and 20 distinct probes loaded, and what a
-reload of an identical spec costs.
+"""Agent footprint: RSS and compile time with 1, 10 and 20 distinct probes loaded, with 1 and
+20 probes of one shape (one shared program), and what a reload of an identical spec costs.
 
 Each configuration runs in a fresh process (`--child N`): the real agent (cli.running_agent,
 served over HTTP) gets a state of N count probes, each on a different syscalls tracepoint
@@ -23,14 +23,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Table, bpftool_progs, cgroup_sandbox, require_root
+from bench.common import Table, bench_loader, bpftool_progs, cgroup_sandbox, met, require_root
+from tracekeeper_agent.bpf.identity import PinnedIdentities
 from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
 from tracekeeper_agent.host.tracefs import DEFAULT_TRACEFS
 from tracekeeper_agent.ports import ProgramPlan
 from tracekeeper_agent.targets.cgroups import detect_root
 from tracekeeper_sim.served_agent import FakePod, kubepods_qos, served_agent
 
-CONFIGS = (0, 1, 10, 20)
+CONFIGS = ((0, False), (1, False), (10, False), (20, False), (20, True))
+"""(probes, all of one shape): distinct shapes are distinct programs; one shape is one."""
+RSS_GOAL_MIB = 150
+KERNEL_GOAL = 1.5
+"""20 probes of one shape: kernel memory within this factor of one probe's."""
 SYSCALLS = [
     "getppid",
     "getpid",
@@ -74,6 +79,13 @@ class TimingLoader:
         finally:
             self.seconds.append(time.perf_counter() - started)
 
+    @property
+    def identities(self) -> PinnedIdentities:
+        return self._loader.identities
+
+    def close(self) -> None:
+        self._loader.close()
+
 
 def tracepoints(n: int) -> list[str]:
     base = next((p for p in DEFAULT_TRACEFS if (p / "events").is_dir()), DEFAULT_TRACEFS[0])
@@ -83,7 +95,8 @@ def tracepoints(n: int) -> list[str]:
     return [f"syscalls:sys_enter_{s}" for s in present[:n]]
 
 
-def probes(n: int, pod: FakePod) -> list[dict[str, Any]]:
+def probes(n: int, pod: FakePod, one_shape: bool = False) -> list[dict[str, Any]]:
+    points = tracepoints(1) * n if one_shape else tracepoints(n)
     return [
         {
             "id": f"bench/probe-{i}",
@@ -91,7 +104,7 @@ def probes(n: int, pod: FakePod) -> list[dict[str, Any]]:
             "spec": {"tracepoint": tp, "output": {"by": ["pod"]}},
             "targets": {"pods": [pod.target()]},
         }
-        for i, tp in enumerate(tracepoints(n))
+        for i, tp in enumerate(points)
     ]
 
 
@@ -113,6 +126,7 @@ def kernel_bytes(prog_ids: set[int]) -> int:
 @dataclass
 class Footprint:
     probes: int
+    one_shape: bool
     rss_before_agent_kib: int
     rss_agent_kib: int
     rss_loaded_kib: int
@@ -125,7 +139,7 @@ class Footprint:
     reload_seconds: float
 
 
-async def measure(n: int) -> Footprint:
+async def measure(n: int, one_shape: bool) -> Footprint:
     rss_before = status_kib("VmRSS")
     with cgroup_sandbox("tk-bench-footprint") as top:
         pod = FakePod.new(kubepods_qos(top), "p")
@@ -133,7 +147,7 @@ async def measure(n: int) -> Footprint:
         loader = TimingLoader()
         async with served_agent(detect_root(), loader=loader) as served:
             rss_agent = status_kib("VmRSS")
-            state = probes(n, pod)
+            state = probes(n, pod, one_shape)
             started = time.perf_counter()
             report = await served.put_state(1, state)
             apply_seconds = time.perf_counter() - started
@@ -147,12 +161,13 @@ async def measure(n: int) -> Footprint:
             active = served.agent.reconciler.active_probes()
             if active:
                 started = time.perf_counter()
-                BccLoader().load(active[0].plan).close()
+                bench_loader().load(active[0].plan).close()
                 reload = time.perf_counter() - started
             memlock = kernel_bytes(ids)
             peak = status_kib("VmHWM")
     return Footprint(
         probes=n,
+        one_shape=one_shape,
         rss_before_agent_kib=rss_before,
         rss_agent_kib=rss_agent,
         rss_loaded_kib=rss_loaded,
@@ -166,8 +181,8 @@ async def measure(n: int) -> Footprint:
     )
 
 
-def child(n: int) -> None:
-    print(json.dumps(asdict(asyncio.run(measure(n)))))
+def child(n: int, one_shape: bool) -> None:
+    print(json.dumps(asdict(asyncio.run(measure(n, one_shape)))))
 
 
 def mib(kib: int) -> str:
@@ -176,9 +191,10 @@ def mib(kib: int) -> str:
 
 def run() -> Table:
     results = []
-    for n in CONFIGS:
+    for n, one_shape in CONFIGS:
+        shape = ["--one-shape"] if one_shape else []
         out = subprocess.run(
-            [sys.executable, "-m", "bench.footprint", "--child", str(n)],
+            [sys.executable, "-m", "bench.footprint", "--child", str(n), *shape],
             check=True,
             capture_output=True,
             text=True,
@@ -186,9 +202,10 @@ def run() -> Table:
         results.append(Footprint(**json.loads(out.stdout.strip().splitlines()[-1])))
     base = results[0]
     table = Table(
-        "agent footprint: N distinct count probes loaded in one push (a fresh agent process each)",
+        "agent footprint: N count probes loaded in one push (a fresh agent process each)",
         [
             "probes",
+            "shapes (programs)",
             "RSS MiB",
             "RSS added MiB",
             "peak RSS MiB",
@@ -204,6 +221,7 @@ def run() -> Table:
         per = f"{statistics.mean(loads) * 1e3:.0f}, {max(loads) * 1e3:.0f}" if loads else ""
         table.add(
             r.probes,
+            (1 if r.one_shape else r.probes) if r.probes else 0,
             mib(r.rss_loaded_kib),
             mib(r.rss_loaded_kib - base.rss_loaded_kib),
             mib(r.peak_rss_kib),
@@ -213,7 +231,14 @@ def run() -> Table:
             f"{r.repush_seconds * 1e3:.1f}" + ("" if r.repush_same_ids else " (ids CHANGED)"),
             f"{r.reload_seconds * 1e3:.0f}" if r.probes else "",
         )
+    one = next(r for r in results if r.probes == 1)
+    shared = next(r for r in results if r.one_shape)
+    ratio = shared.kernel_bytes / max(one.kernel_bytes, 1)
+    rss = shared.rss_loaded_kib / 1024
     table.notes += [
+        f"goal, 20 probes of one shape: agent RSS <= {RSS_GOAL_MIB} MiB: {rss:.0f} MiB "
+        f"{met(rss <= RSS_GOAL_MIB)}; kernel memory <= {KERNEL_GOAL}x one probe's: "
+        f"{ratio:.2f}x {met(ratio <= KERNEL_GOAL)}",
         f"RSS of the agent process (the benchmark's HTTP client lives in it too); before the "
         f"agent started: {mib(base.rss_before_agent_kib)} MiB (Python, aiohttp, pydantic, "
         f"bcc imported), with the agent running and no probe: {mib(base.rss_agent_kib)} MiB",
@@ -231,10 +256,11 @@ def run() -> Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--one-shape", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     require_root()
     if args.child is not None:
-        child(args.child)
+        child(args.child, args.one_shape)
         return
     run().print()
 

@@ -34,9 +34,12 @@ from bench.common import (
     LoopRun,
     Spread,
     Table,
+    bench_loader,
     bpf_run_time_stats,
     bpftool_progs,
     cgroup_sandbox,
+    fill_alone,
+    fill_reference,
     loop_argv,
     met,
     perf_top,
@@ -44,7 +47,7 @@ from bench.common import (
     require_root,
     run_loop,
 )
-from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
+from tracekeeper_agent.bpf.loader import BccProgram
 from tracekeeper_agent.ports import Attachment, FilterEntries, KernelCounters, ProgramPlan
 from tracekeeper_agent.programs.builder import build_plan
 from tracekeeper_agent.targets.cgroups import cgroup_id, detect_root
@@ -61,11 +64,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
     return 0;
 }
 """
-# tk_gen exists only so that BccProgram.update_filter can fill tk_cgroups as it does for the
-# real programs; this program never reads it.
 ONE_LOOKUP_SOURCE = """
 BPF_HASH(tk_cgroups, u64, u32, 16384);
-BPF_ARRAY(tk_gen, u64, 1);
 TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
     u64 cg = bpf_get_current_cgroup_id();
     u32 *b = tk_cgroups.lookup(&cg);
@@ -236,10 +236,9 @@ class Runner:
 
 def _reference_plan(name: str, source: str, *, with_filter: bool) -> ProgramPlan:
     return ProgramPlan(
-        probe_id=f"bench/{name}",
+        shape=f"bench/{name}",
         source=source,
         attachments=(Attachment("auto", FN, TRACEPOINT),),
-        filter_kinds=frozenset({"cgroup"}) if with_filter else frozenset(),
         output_kind="count",
         by=(),
     )
@@ -283,7 +282,7 @@ def wait_for_quiet(timeout: float) -> int:
 
 @contextmanager
 def loaded(plan: ProgramPlan) -> Iterator[BccProgram]:
-    program = BccLoader().load(plan)
+    program = bench_loader().load(plan)
     OURS.update(program.program_ids)
     try:
         yield program
@@ -319,12 +318,12 @@ class Consumer:
     def settled(self) -> KernelCounters:
         """Wait until the consumer has every event that reached the ring."""
         deadline = time.monotonic() + 30
-        counters = self.program.read_counters()
+        counters = self.program.read_counters(0)
         while self.received + counters.ring_full < counters.matched:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.01)
-            counters = self.program.read_counters()
+            counters = self.program.read_counters(0)
         return counters
 
     def __enter__(self) -> Consumer:
@@ -348,7 +347,7 @@ def measure_program(
 
 
 def _count_total(program: BccProgram) -> int:
-    return sum(s.value for s in program.read_counts())
+    return sum(s.value for s in program.read_counts(0))
 
 
 def perf_miss(runner: Runner, program: BccProgram) -> Table | None:
@@ -388,7 +387,7 @@ class Paired:
 def paired_miss(runner: Runner, layout: Layout) -> Paired:
     """The goal's comparison, drift cancelled: one run of 'bare + 1 hash lookup' and one of
     tracekeeper's filter miss per pair, each program freshly loaded, in ABBA order."""
-    other = FilterEntries(cgroups={cgroup_id(layout.other): 1})
+    other = FilterEntries(cgroups=frozenset({cgroup_id(layout.other)}))
     plans = {
         "reference": _reference_plan("one-lookup", ONE_LOOKUP_SOURCE, with_filter=True),
         "miss": _tracekeeper_plan({"kind": "count", "by": ["comm"]}),
@@ -399,7 +398,10 @@ def paired_miss(runner: Runner, layout: Layout) -> Paired:
         order = ("reference", "miss") if i % 2 == 0 else ("miss", "reference")
         for name in order:
             with loaded(plans[name]) as program:
-                program.update_filter(other)
+                if name == "reference":
+                    fill_reference(program, other.cgroups)
+                else:
+                    fill_alone(program, other)
                 getattr(result, name).append(runner.one().chunk_p10)
         result.foreign = max(result.foreign, foreign_syscall_programs())
     return result
@@ -434,10 +436,10 @@ def tracekeeper_scenarios(runner: Runner, layout: Layout) -> list[Result]:
     c = runner.config
     per_rep = c.calls + c.warmup
     results = []
-    miss = FilterEntries(cgroups={cgroup_id(layout.other): 1})
-    hit = FilterEntries(cgroups={cgroup_id(layout.pod): 1})  # pod level: ancestor match
+    miss = FilterEntries(cgroups=frozenset({cgroup_id(layout.other)}))
+    hit = FilterEntries(cgroups=frozenset({cgroup_id(layout.pod)}))  # pod level: ancestor match
     with loaded(_tracekeeper_plan({"kind": "count", "by": ["comm"]})) as program:
-        program.update_filter(miss)
+        fill_alone(program, miss)
         results.append(
             measure_program(
                 runner,
@@ -447,7 +449,7 @@ def tracekeeper_scenarios(runner: Runner, layout: Layout) -> list[Result]:
             )
         )
         runner.profiles.append(perf_miss(runner, program))
-        program.update_filter(hit)
+        fill_alone(program, hit)
         before = _count_total(program)
         results.append(
             measure_program(
@@ -458,7 +460,7 @@ def tracekeeper_scenarios(runner: Runner, layout: Layout) -> list[Result]:
             )
         )
     with loaded(_tracekeeper_plan({"kind": "events"})) as program:
-        program.update_filter(hit)
+        fill_alone(program, hit)
         with Consumer(program) as consumer:
             # Runs that fit in the ring (48-byte records, 2 MiB): every call reserves and
             # submits. With the consumer running it is caught up and each commit wakes it
@@ -514,13 +516,13 @@ def reference_scenarios(runner: Runner, layout: Layout) -> list[Result]:
         )
     plan = _reference_plan("one-lookup", ONE_LOOKUP_SOURCE, with_filter=True)
     with loaded(plan) as program:
-        program.update_filter(FilterEntries(cgroups={cgroup_id(layout.other): 1}))
+        fill_reference(program, [cgroup_id(layout.other)])
         results.append(
             measure_program(runner, "bare + 1 hash lookup (BCC, miss)", program, lambda: "")
         )
     plan = _reference_plan("ancestor-walk", ANCESTOR_WALK_SOURCE, with_filter=True)
     with loaded(plan) as program:
-        program.update_filter(FilterEntries(cgroups={cgroup_id(layout.other): 1}))
+        fill_reference(program, [cgroup_id(layout.other)])
         results.append(
             measure_program(
                 runner,

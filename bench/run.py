@@ -21,6 +21,7 @@ from bench.common import Table, machine_details, require_root
 
 BENCHMARKS = (
     "kernel_cost",
+    "shared_programs",
     "filter_update",
     "container_start",
     "event_throughput",

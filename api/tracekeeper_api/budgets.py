@@ -30,8 +30,10 @@ class Budget(WireModel):
     probes_per_node: int = Field(default=32, ge=0, le=MAX_PROBES_PER_NODE)
     """TraceProbes loaded on one node."""
     programs_per_attach_point: int = Field(default=16, ge=0, le=PROGRAMS_PER_ATTACH_POINT)
-    """Programs on one attach point (tracepoint, syscall, kprobe, uprobe symbol) of one node;
-    the kernel takes 64 per attach point from every namespace together."""
+    """BPF programs on one attach point (tracepoint, syscall, kprobe, uprobe symbol) of one
+    node: one per probe shape (output kind, keys, fields) per 64 probes of it, since probes
+    of one shape share a program; the kernel takes 64 per attach point from every namespace
+    together."""
     events_per_second: int = Field(default=10_000, ge=0, le=MAX_EVENTS_PER_SECOND)
     """The sum of the rate limits of the namespace's events probes on one node."""
     default_rate_limit: int = Field(default=1_000, ge=1, le=MAX_EVENTS_PER_SECOND)

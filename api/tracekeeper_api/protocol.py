@@ -265,6 +265,11 @@ class ProbeOutcome(WireModel):
     pods: int = 0
     containers: int = 0
     drops: EventDrops = Field(default_factory=EventDrops)
+    shape: str = Field(default="", max_length=MAX_MESSAGE)
+    """The program serving the probe, by its shape (attach point, output, keys, fields):
+    probes of one shape share one program (and its program_ids)."""
+    shared_by: int = 0
+    """Probes (bindings) the program serves, this one included; 0 when none is loaded."""
 
 
 class StaleRevisionBody(WireModel):

@@ -21,7 +21,6 @@ from tracekeeper_api.reasons import OutcomeReason
 if TYPE_CHECKING:
     from tracekeeper_agent.host.event_records import EventBatch
 
-FilterKind = Literal["cgroup", "pid", "comm"]
 AttachKind = Literal[
     "tracepoint", "raw_tracepoint", "uprobe", "uretprobe", "kprobe", "kretprobe", "auto"
 ]
@@ -73,12 +72,13 @@ class HeldFiles:
 
 @dataclass(frozen=True)
 class ProgramPlan:
-    """Everything needed to load one probe's program: built from the spec, pure data."""
+    """Everything needed to load one shape's program: built from the spec of a probe of
+    that shape, pure data (the same for every probe of the shape)."""
 
-    probe_id: str
+    shape: str
+    """The shape's label (programs.sharing.Shape.label), for messages and reports."""
     source: str
     attachments: tuple[Attachment, ...]
-    filter_kinds: frozenset[FilterKind]
     output_kind: Literal["count", "histogram", "events"]
     by: tuple[str, ...]
     """Aggregation keys compiled into count/histogram keys (pod/container -> cgroup id)."""
@@ -91,16 +91,45 @@ class ProgramPlan:
 
 @dataclass(frozen=True)
 class FilterEntries:
-    """What a loaded program's filter maps should hold. Replacing them never reloads."""
+    """Whom one probe (binding) traces on this node, resolved: what its bit is set on."""
 
-    cgroups: Mapping[int, int] = field(default_factory=dict)
-    """cgroup id (inode of the cgroup v2 directory) -> binding id (>= 1)."""
+    cgroups: frozenset[int] = frozenset()
+    """cgroup ids (inodes of cgroup v2 directories): pod-level or container-level."""
     pids: frozenset[int] = frozenset()
     comms: frozenset[str] = frozenset()
 
     @property
     def size(self) -> int:
         return len(self.cgroups) + len(self.pids) + len(self.comms)
+
+
+@dataclass(frozen=True)
+class BindingConfig:
+    """One binding's settings in its program's maps."""
+
+    sampling: int = 1
+    """Keep 1 in `sampling` matched hits."""
+    rate_limit: int = 0
+    """Events per second (0: none)."""
+
+
+@dataclass(frozen=True)
+class ProgramMaps:
+    """What a shared program's maps hold for its bindings (programs.sharing.program_maps).
+    Masks: bit b is binding b. Replacing them never reloads."""
+
+    slot_masks: Mapping[int, int] = field(default_factory=dict)
+    """Pod slot (of the node-wide identity table) -> bindings tracing that cgroup."""
+    pids: Mapping[int, int] = field(default_factory=dict)
+    comms: Mapping[str, int] = field(default_factory=dict)
+    """comm -> bindings whose processNames name it."""
+    host_mask: int = 0
+    no_comm_mask: int = 0
+    """Bindings without processNames (every comm counts for them)."""
+    follow_mask: int = 0
+    flags: int = 0
+    """programs.constants.Flag: the filter kinds some binding uses."""
+    bindings: Mapping[int, BindingConfig] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,6 +164,8 @@ class RawEvent:
     cgroup_id: int
     comm: str
     fields: Mapping[str, int | str]
+    bindings: int = 1
+    """The mask of the bindings (probes of the program) the record is for."""
 
 
 @dataclass(frozen=True)
@@ -161,22 +192,30 @@ class LoadFailure(Exception):
 
 
 class LoadedProgram(Protocol):
-    """A program attached in the kernel."""
+    """A shape's program attached in the kernel, serving up to 64 bindings (bits)."""
 
     @property
     def program_ids(self) -> tuple[int, ...]: ...
 
-    def update_filter(self, entries: FilterEntries) -> None:
-        """Make the filter maps hold exactly `entries` (inserts and deletes only)."""
+    def update_maps(self, maps: ProgramMaps) -> None:
+        """Make the filter and binding maps hold exactly `maps` (writes of what changed),
+        then invalidate the verdict cache."""
 
-    def read_counts(self) -> list[CountSample]: ...
+    def invalidate(self) -> None:
+        """Invalidate the verdict cache (the node-wide identity table changed)."""
 
-    def read_histograms(self) -> list[HistogramSample]: ...
+    def clear_binding(self, bit: int) -> None:
+        """Delete everything binding `bit` left in the maps (its keys, counters, bucket):
+        after it, the bit can serve another probe."""
 
-    def read_counters(self) -> KernelCounters: ...
+    def read_counts(self, bit: int) -> list[CountSample]: ...
 
-    def live_keys(self) -> int:
-        """Keys currently in the output map (count/histogram)."""
+    def read_histograms(self, bit: int) -> list[HistogramSample]: ...
+
+    def read_counters(self, bit: int) -> KernelCounters: ...
+
+    def live_keys(self, bit: int) -> int:
+        """The binding's keys currently in the output map (count/histogram)."""
 
     def poll_events(self, timeout_ms: int) -> list[RawEvent]:
         """Block up to timeout_ms for ring buffer records (call from a thread): the
@@ -191,9 +230,24 @@ class LoadedProgram(Protocol):
         """Detach and free the program and its maps."""
 
 
+class IdentityMap(Protocol):
+    """The node-wide identity table in the kernel (cgroup id -> pod slot), shared by every
+    program the loader loads."""
+
+    def sync(self, table: Mapping[int, int]) -> None:
+        """Make it hold exactly `table` (writes and deletes of what changed)."""
+
+
 class ProgramLoader(Protocol):
     def load(self, plan: ProgramPlan) -> LoadedProgram:
         """Compile (cached) and attach; raises LoadFailure with the compiler/verifier text."""
+
+    @property
+    def identities(self) -> IdentityMap:
+        """The identity table its programs read."""
+
+    def close(self) -> None:
+        """Release the identity table (once its programs are closed)."""
 
 
 # --- who a cgroup belongs to, and the roots targets see -----------------------------------------

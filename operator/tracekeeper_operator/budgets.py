@@ -29,6 +29,7 @@ from tracekeeper_api.protocol import (
     ProbeAssignment,
     packed_targets,
 )
+from tracekeeper_api.shapes import BINDINGS_PER_PROGRAM, Shape, shape_of
 from tracekeeper_operator.settings import OperatorSettings
 
 STATE_ENVELOPE_BYTES = 1024
@@ -64,8 +65,8 @@ class NamespaceBudgets:
 
 def effective_spec(spec: TraceProbeSpec, budget: Budget | None) -> TraceProbeSpec:
     """The spec as sent to agents: a tenant's events probe without rateLimit gets its
-    namespace's default rate limit (it compiles into the program, so it is in the spec and
-    its hash). Privileged namespaces get no default."""
+    namespace's default rate limit (the agent writes it into its binding's token bucket;
+    it is in the spec and its hash). Privileged namespaces get no default."""
     out = spec.output
     if budget is None or out.kind != "events" or out.rate_limit is not None:
         return spec
@@ -74,7 +75,7 @@ def effective_spec(spec: TraceProbeSpec, budget: Budget | None) -> TraceProbeSpe
 
 
 def attach_points(assignment: ProbeAssignment) -> tuple[str, ...]:
-    """Where the probe's programs attach; the kernel takes 64 programs per point."""
+    """Where the probe's program attaches; the kernel takes 64 programs per point."""
     spec = assignment.spec
     if spec.tracepoint is not None:
         return (f"tracepoint {spec.tracepoint}",)
@@ -103,6 +104,8 @@ class Cost:
     """What one probe takes of a node."""
 
     attach_points: tuple[str, ...]
+    shape: Shape
+    """Probes of one shape share a program on the node (up to 64 per program)."""
     events_per_second: int
     filter_entries: int
     probe_bytes: int
@@ -117,6 +120,7 @@ def cost_of(assignment: ProbeAssignment) -> Cost:
     out = assignment.spec.output
     return Cost(
         attach_points=attach_points(assignment),
+        shape=shape_of(assignment),
         events_per_second=(out.rate_limit or 0) if out.kind == "events" else 0,
         # What the agent puts in the filter maps: one entry for a whole pod, one per listed
         # container, one per host pid or cgroup path.
@@ -133,7 +137,8 @@ class Usage:
     """What the probes admitted so far take (of one namespace, or of the whole node)."""
 
     probes: int = 0
-    attach: Counter[str] = field(default_factory=Counter)
+    shapes: Counter[tuple[str, Shape]] = field(default_factory=Counter)
+    """(attach point, shape) -> probes admitted of that shape there."""
     events_per_second: int = 0
     filter_entries: int = 0
     state_bytes: int = 0
@@ -151,10 +156,17 @@ class Usage:
             total += sum(_json_len(c) for c in entry.containers if c.name not in known)
         return total
 
+    def programs_with(self, point: str, cost: Cost) -> int:
+        """BPF programs on `point` once the probe is admitted too: one per shape per 64
+        probes of it (the agent's shared programs), not one per probe."""
+        counts = Counter({shape: n for (p, shape), n in self.shapes.items() if p == point})
+        counts[cost.shape] += 1
+        return sum(-(-n // BINDINGS_PER_PROGRAM) for n in counts.values())
+
     def add(self, cost: Cost) -> None:
         self.state_bytes += cost.probe_bytes + self.pod_bytes(cost)
         self.probes += 1
-        self.attach.update(cost.attach_points)
+        self.shapes.update((point, cost.shape) for point in cost.attach_points)
         self.events_per_second += cost.events_per_second
         self.filter_entries += cost.filter_entries
         for uid, entry in cost.pods.items():
@@ -169,9 +181,10 @@ def over_budget(
     if used.probes + 1 > budget.probes_per_node:
         return f"{where}, its budget is {budget.probes_per_node} probes per node"
     for point in cost.attach_points:
-        if used.attach[point] + 1 > budget.programs_per_attach_point:
+        programs = used.programs_with(point, cost)
+        if programs > budget.programs_per_attach_point:
             return (
-                f"{namespace} would have {used.attach[point] + 1} programs on {point} on node "
+                f"{namespace} would have {programs} programs on {point} on node "
                 f"{node}, its budget is {budget.programs_per_attach_point} per attach point"
             )
     events = used.events_per_second + cost.events_per_second
@@ -201,7 +214,7 @@ def over_node(node: str, used: Usage, cost: Cost) -> str | None:
     if used.probes + 1 > MAX_PROBES_PER_NODE:
         return f"node {node} already runs {MAX_PROBES_PER_NODE} probes, the most a node takes"
     for point in cost.attach_points:
-        if used.attach[point] + 1 > PROGRAMS_PER_ATTACH_POINT:
+        if used.programs_with(point, cost) > PROGRAMS_PER_ATTACH_POINT:
             return (
                 f"node {node} already has {PROGRAMS_PER_ATTACH_POINT} programs on {point}, "
                 "the kernel's limit per attach point"

@@ -498,6 +498,9 @@ class World:
 
     def start_operator(self, output_api_port: int = 0) -> None:
         """`output_api_port`: serve the aggregated output API on 127.0.0.1 there (0: off)."""
+        # Picked now, not at construction: agents started in between (20 for the control-
+        # plane benchmark) make outgoing connections whose ephemeral ports could take them.
+        self.metrics_port, self.liveness_port = find_free_ports(2)
         self.operator = _spawn_logged(
             self.operator_log,
             [

@@ -640,34 +640,61 @@ def _gauge(node: SimNode, name: str) -> float:
 # --- 10. a spec edit replaces the program -------------------------------------------------------
 
 
+def _left_binding(node: SimNode, before: dict[str, Any]) -> None:
+    """The probe's binding left the program `before` describes: the program is gone if it
+    served no other probe, else it stays with one binding fewer."""
+    if before["sharedBy"] == 1:
+        wait_programs_gone(before["programIds"])
+        return
+    sharing = [p for p in node.agent.report()["probes"] if p["programIds"] == before["programIds"]]
+    assert len(sharing) == before["sharedBy"] - 1, sharing
+    assert {p["sharedBy"] for p in sharing} == {before["sharedBy"] - 1}
+
+
 def test_spec_edit_replaces_the_program(world: World, web: dict[str, Any]) -> None:
     ns, probe_id = web["ns"], web["id"]
     before = {n.name: loaded_outcome(n, probe_id) for n in world.nodes.values()}
     assert all(before.values())
     path = f"/apis/tracekeeper.dev/v1alpha1/namespaces/{ns}/traceprobes/web-file-opens"
-    edited = world.kube.merge(path, {"spec": {"sampling": 2}})
-    generation = edited["metadata"]["generation"]
+
+    def edit(patch: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        last = {n.name: loaded_outcome(n, probe_id) for n in world.nodes.values()}
+        edited = world.kube.merge(path, {"spec": patch})
+        wait_condition(
+            world,
+            ns,
+            "web-file-opens",
+            "Ready",
+            "True",
+            generation=edited["metadata"]["generation"],
+        )
+
+        def applied() -> dict[str, dict[str, Any]] | None:
+            now = {n.name: loaded_outcome(n, probe_id) for n in world.nodes.values()}
+            if all(
+                o and o["programIds"] and o["specHash"] != last[k]["specHash"]  # type: ignore[index]
+                for k, o in now.items()
+            ):
+                return now  # type: ignore[return-value]
+            return None
+
+        return wait_until("the edit applied on both nodes", applied, timeout=30)
+
+    # Sampling is a map value of the probe's binding: the same programs go on.
+    sampled = edit({"sampling": 2})
+    for node, outcome in sampled.items():
+        assert outcome["programIds"] == before[node]["programIds"]  # type: ignore[index]
+    # Another output shape is another program: the probe moves, new one first.
     started = time.monotonic()
-    wait_condition(world, ns, "web-file-opens", "Ready", "True", generation=generation)
-
-    def replaced() -> dict[str, dict[str, Any]] | None:
-        now = {n.name: loaded_outcome(n, probe_id) for n in world.nodes.values()}
-        if all(
-            o and o["programIds"] and o["specHash"] != before[k]["specHash"]  # type: ignore[index]
-            for k, o in now.items()
-        ):
-            return now  # type: ignore[return-value]
-        return None
-
-    after = wait_until("the new program on both nodes", replaced, timeout=30)
-    report("spec edit -> Ready (new program on 2 nodes)", f"{time.monotonic() - started:.2f}s")
+    after = edit({"output": {"kind": "count", "by": ["pod", "comm"]}})
+    report("shape edit -> Ready (new program on 2 nodes)", f"{time.monotonic() - started:.2f}s")
     for node, outcome in after.items():
-        old = before[node]["programIds"]  # type: ignore[index]
+        old = sampled[node]["programIds"]
         report(
-            f"program ids on {node} before/after a spec edit", f"{old} -> {outcome['programIds']}"
+            f"program ids on {node} before/after a shape edit", f"{old} -> {outcome['programIds']}"
         )
         assert set(outcome["programIds"]).isdisjoint(old)
-        wait_programs_gone(old)
+        _left_binding(world.nodes[node], sampled[node])
 
 
 # --- 11. delete: unloaded everywhere, then the finalizer goes ---------------------------------
@@ -679,10 +706,7 @@ def test_delete_unloads_on_every_node_then_releases_the_finalizer(
     ns, probe_id = web["ns"], web["id"]
     obj = world.probe(ns, "web-file-opens")
     assert "tracekeeper.dev/unload" in obj["metadata"]["finalizers"]
-    ids = {
-        n.name: loaded_outcome(n, probe_id)["programIds"]  # type: ignore[index]
-        for n in world.nodes.values()
-    }
+    before = {n.name: loaded_outcome(n, probe_id) for n in world.nodes.values()}
     started = time.monotonic()
     res = world.cluster.kubectl("delete", "tp", "web-file-opens", "-n", ns, "--timeout=60s")
     assert res.returncode == 0, res.stderr
@@ -690,7 +714,7 @@ def test_delete_unloads_on_every_node_then_releases_the_finalizer(
     assert world.probe(ns, "web-file-opens") is None
     for node in world.nodes.values():
         assert node.agent.outcome(probe_id) is None
-        wait_programs_gone(ids[node.name])
+        _left_binding(node, before[node.name])  # type: ignore[arg-type]
     wait_until(
         "a ProbeUnloaded Event",
         lambda: [e for e in world.events(ns, "web-file-opens") if e["reason"] == "ProbeUnloaded"],

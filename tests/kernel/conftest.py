@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.bpf.loader import BccProgram
+from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
+from tracekeeper_agent.ports import FilterEntries
+from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.programs.sharing import binding_of, program_maps
 from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_api.protocol import ProbeAssignment
 from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
 
 
@@ -62,3 +66,35 @@ def run_in_cgroup(
         text=True,
         timeout=timeout,
     )
+
+
+# --- one probe alone in a program (binding 0), as the reconciler would write it ----------------
+
+_LOADER: BccLoader | None = None
+_ASSIGNMENTS: dict[int, ProbeAssignment] = {}
+
+
+def kernel_loader() -> BccLoader:
+    """One loader (one identity table) for the tests that load programs directly."""
+    global _LOADER
+    if _LOADER is None:
+        _LOADER = BccLoader()
+    return _LOADER
+
+
+def load_alone(programs: list[BccProgram], assignment: ProbeAssignment) -> BccProgram:
+    """The program of the assignment's shape, loaded for it alone; closed after the test."""
+    p = kernel_loader().load(build_plan(assignment))
+    programs.append(p)
+    _ASSIGNMENTS[id(p)] = assignment
+    return p
+
+
+def bind(p: BccProgram, entries: FilterEntries) -> None:
+    """Make `entries` the targets of binding 0 (with its probe's sampling, rate limit and
+    followChildren): identity table, then the program's maps."""
+    identities = kernel_loader().identities
+    slots = {cgid: slot for slot, cgid in enumerate(sorted(entries.cgroups), start=1)}
+    identities.sync(slots)
+    binding = binding_of(0, _ASSIGNMENTS[id(p)], entries)
+    p.update_maps(program_maps([binding], slots))

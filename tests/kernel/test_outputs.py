@@ -13,14 +13,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.kernel.conftest import run_in_cgroup
-from tests.unit.output_fakes import until
+from tests.kernel.conftest import bind, load_alone, run_in_cgroup
+from tests.unit.output_fakes import ListBoard, until
 from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
+from tracekeeper_agent.bpf.loader import BccProgram
 from tracekeeper_agent.outputs.events import EventHub
 from tracekeeper_agent.outputs.metrics import AgentMetrics, cumulative_buckets
 from tracekeeper_agent.ports import FilterEntries, PodIdentity
-from tracekeeper_agent.programs.builder import build_plan
 from tracekeeper_agent.targets.cgroups import cgroup_id
 from tracekeeper_api.protocol import ProbeAssignment
 from tracekeeper_sim.kubelet import create_cgroup
@@ -68,17 +67,17 @@ def load(programs: list[BccProgram], spec: dict[str, Any], pods: dict[str, Path]
     assignment = ProbeAssignment.model_validate(
         {"id": "t/probe", "specHash": "0" * 16, "spec": spec, "targets": PODS}
     )
-    plan = build_plan(assignment)
-    program = BccLoader().load(plan)
-    programs.append(program)
-    program.update_filter(
-        FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1, cgroup_id(pods["pod-b"]): 1})
+    program = load_alone(programs, assignment)
+    plan = program.plan
+    bind(
+        program,
+        FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"]), cgroup_id(pods["pod-b"])})),
     )
     return ActiveProbe(assignment=assignment, plan=plan, program=program)
 
 
 def scrape(probe: ActiveProbe, attributor: CgroupPods, **kwargs: Any) -> dict[str, list[Sample]]:
-    metrics = AgentMetrics(lambda: [probe], attributor, **kwargs)
+    metrics = AgentMetrics(ListBoard(lambda: [probe]), attributor, **kwargs)
     text = generate_latest(metrics.registry).decode()
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
@@ -92,7 +91,7 @@ def test_count_metrics_equal_the_map(loaded: list[BccProgram], pods: dict[str, P
     attributor = CgroupPods(pods)
 
     in_map: dict[tuple[str, str], int] = {}
-    for s in probe.program.read_counts():
+    for s in probe.program.read_counts(0):
         ident = attributor.identify(s.key.cgroup_id or 0)
         assert ident is not None, f"a key of a cgroup the test did not make: {s.key}"
         key = (ident.pod, s.key.comm or "")
@@ -107,7 +106,7 @@ def test_count_metrics_equal_the_map(loaded: list[BccProgram], pods: dict[str, P
     }
     assert hits == in_map
     matched = fams["tracekeeper_probe_matched"][0]
-    assert matched.value == probe.program.read_counters().matched == 1000
+    assert matched.value == probe.program.read_counters(0).matched == 1000
     assert fams["tracekeeper_probe_map_evictions"][0].value == 0
 
 
@@ -115,7 +114,7 @@ def test_histogram_metrics_equal_the_map(loaded: list[BccProgram], pods: dict[st
     spec = {"syscall": {"name": "getppid", "latency": True}, "output": {"kind": "histogram"}}
     probe = load(loaded, spec, pods)
     run_in_cgroup(pods["pod-a/c1"], *getppid_loop(400))
-    (h,) = probe.program.read_histograms()
+    (h,) = probe.program.read_histograms(0)
     assert sum(h.buckets.values()) == 400
 
     samples = scrape(probe, CgroupPods(pods))["tracekeeper_probe_value"]
@@ -146,7 +145,7 @@ async def test_events_rate_limited_and_backlog_accounted_exactly(
             if second:
                 await asyncio.sleep(1.1)  # the next rate limit window: more events get in
             await asyncio.to_thread(run_in_cgroup, pods["pod-a/c1"], *getppid_loop(1000))
-            kernel = probe.program.read_counters()
+            kernel = probe.program.read_counters(0)
             produced = kernel.matched - kernel.sampled_out
             in_ring = produced - kernel.rate_limited - kernel.ring_full
             await until(lambda: counts.received == in_ring)  # noqa: B023 (awaited here)
@@ -161,7 +160,7 @@ async def test_events_rate_limited_and_backlog_accounted_exactly(
             ("pod-a", "c1", "python3")
         }
 
-        fams = scrape(probe, attributor, events=hub)
+        fams = scrape(probe, attributor)
         dropped = {
             s.labels["reason"]: s.value
             for s in fams["tracekeeper_probe_events_dropped"]
@@ -188,7 +187,7 @@ async def test_a_full_ring_is_counted_exactly(
     sub = hub.subscribe(probe.id)
     await hub.sync([probe])
     try:
-        kernel = probe.program.read_counters()
+        kernel = probe.program.read_counters(0)
         counts = hub.counts(probe.id)
         await until(lambda: counts.received == kernel.matched - kernel.ring_full)
         assert kernel.matched == 100_000

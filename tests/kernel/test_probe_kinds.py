@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.conftest import run_in_cgroup
-from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
+from tests.kernel.conftest import bind, kernel_loader, load_alone, run_in_cgroup
+from tracekeeper_agent.bpf.loader import BccProgram
 from tracekeeper_agent.ports import FilterEntries, LoadFailure
 from tracekeeper_agent.programs.builder import build_plan
 from tracekeeper_agent.targets.cgroups import cgroup_id
@@ -36,13 +36,11 @@ def getppid_loop(n: int) -> list[str]:
 
 
 def load(programs: list[BccProgram], a: ProbeAssignment) -> BccProgram:
-    p = BccLoader().load(build_plan(a))
-    programs.append(p)
-    return p
+    return load_alone(programs, a)
 
 
 def counts_by_cgroup(p: BccProgram) -> dict[int | None, int]:
-    return {s.key.cgroup_id: s.value for s in p.read_counts()}
+    return {s.key.cgroup_id: s.value for s in p.read_counts(0)}
 
 
 def bpftool_has_prog(prog_id: int) -> bool:
@@ -67,13 +65,13 @@ def test_tracepoint_counts_hits_and_ignores_misses(
     loaded: list[BccProgram], pods: dict[str, Path]
 ) -> None:
     p = load(loaded, assignment({"tracepoint": "syscalls:sys_enter_getppid"}))
-    p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}))
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])})))
     run_in_cgroup(pods["pod-a/c1"], *getppid_loop(500))
     run_in_cgroup(pods["pod-b/c1"], *getppid_loop(300))
     counts = counts_by_cgroup(p)
     # Keyed by the task's own (container) cgroup, matched through the pod-level entry.
     assert counts == {cgroup_id(pods["pod-a/c1"]): 500}
-    assert p.read_counters().matched == 500
+    assert p.read_counters(0).matched == 500
 
 
 def test_live_filter_update_keeps_the_program(
@@ -81,13 +79,13 @@ def test_live_filter_update_keeps_the_program(
 ) -> None:
     p = load(loaded, assignment({"tracepoint": "syscalls:sys_enter_getppid"}))
     a, b = cgroup_id(pods["pod-a"]), cgroup_id(pods["pod-b"])
-    p.update_filter(FilterEntries(cgroups={a: 1}))
+    bind(p, FilterEntries(cgroups=frozenset({a})))
     ids_before = p.program_ids
     assert all(bpftool_has_prog(i) for i in ids_before)
     run_in_cgroup(pods["pod-a/c1"], *getppid_loop(100))
     run_in_cgroup(pods["pod-b/c1"], *getppid_loop(100))  # miss, and cached as a miss
 
-    p.update_filter(FilterEntries(cgroups={b: 1}))  # swap: a out, b in
+    bind(p, FilterEntries(cgroups=frozenset({b})))  # swap: a out, b in
     run_in_cgroup(pods["pod-a/c1"], *getppid_loop(70))
     run_in_cgroup(pods["pod-b/c1"], *getppid_loop(40))
 
@@ -102,7 +100,7 @@ def test_pod_entry_covers_a_container_created_after_it(
     loaded: list[BccProgram], pods: dict[str, Path]
 ) -> None:
     p = load(loaded, assignment({"tracepoint": "syscalls:sys_enter_getppid"}))
-    p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}))
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])})))
     restarted = create_cgroup(pods["pod-a"] / "c1-restarted")
     run_in_cgroup(pods["pod-a"] / "c1-restarted", *getppid_loop(123))
     assert counts_by_cgroup(p) == {restarted: 123}
@@ -114,7 +112,7 @@ def test_events_carry_captured_fields(loaded: list[BccProgram], pods: dict[str, 
         "output": {"kind": "events", "fields": ["filename", "flags", "dfd"]},
     }
     p = load(loaded, assignment(spec))
-    p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}))
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])})))
     marker = f"/tmp/tracekeeper-marker-{pods['pod-a'].parent.name}"
     code = f"import os\ntry: os.open({marker!r}, os.O_RDONLY)\nexcept OSError: pass"
     run_in_cgroup(pods["pod-a/c1"], PY, "-S", "-c", code)
@@ -136,10 +134,10 @@ def test_rate_limit_drops_are_counted_exactly(
         "output": {"kind": "events", "rateLimit": 10},
     }
     p = load(loaded, assignment(spec))
-    p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}))
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])})))
     run_in_cgroup(pods["pod-a/c1"], *getppid_loop(1000))
     delivered = len(p.poll_events(500))
-    c = p.read_counters()
+    c = p.read_counters(0)
     assert c.matched == 1000
     assert 10 <= delivered <= 20  # one or two one-second windows
     assert c.rate_limited + c.ring_full == c.matched - delivered
@@ -147,10 +145,10 @@ def test_rate_limit_drops_are_counted_exactly(
 
 def test_sampling_is_decided_in_kernel(loaded: list[BccProgram], pods: dict[str, Path]) -> None:
     p = load(loaded, assignment({"tracepoint": "syscalls:sys_enter_getppid", "sampling": 10}))
-    p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}))
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])})))
     run_in_cgroup(pods["pod-a/c1"], *getppid_loop(5000))
     kept = sum(counts_by_cgroup(p).values())
-    c = p.read_counters()
+    c = p.read_counters(0)
     assert c.matched == 5000
     assert kept + c.sampled_out == 5000
     assert 350 < kept < 650  # 1 in 10, binomial sd ~21
@@ -160,9 +158,9 @@ def test_syscall_latency_histogram(loaded: list[BccProgram], pods: dict[str, Pat
     spec = {"syscall": {"name": "getppid", "latency": True}, "output": {"kind": "histogram"}}
     p = load(loaded, assignment(spec))
     assert len(p.program_ids) == 2  # enter and exit
-    p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}))
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])})))
     run_in_cgroup(pods["pod-a/c1"], *getppid_loop(400))
-    (h,) = p.read_histograms()
+    (h,) = p.read_histograms(0)
     assert sum(h.buckets.values()) == 400
     assert all(0 <= slot < 40 for slot in h.buckets)  # < 2**40 ns
 
@@ -173,27 +171,27 @@ def test_tracepoint_field_histogram(loaded: list[BccProgram], pods: dict[str, Pa
         "output": {"kind": "histogram", "value": "count"},
     }
     p = load(loaded, assignment(spec))
-    p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}))
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])})))
     code = (
         "import os\nfd = os.open('/dev/zero', os.O_RDONLY)\nfor _ in range(50): os.read(fd, 4096)"
     )
     run_in_cgroup(pods["pod-a/c1"], PY, "-S", "-c", code)
-    (h,) = p.read_histograms()
+    (h,) = p.read_histograms(0)
     assert h.buckets.get(12, 0) >= 50  # 4096 = 2**12
 
 
 def test_raw_tracepoint(loaded: list[BccProgram], pods: dict[str, Path]) -> None:
     p = load(loaded, assignment({"rawTracepoint": "sys_enter", "output": {"by": ["comm"]}}))
-    p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}))
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])})))
     run_in_cgroup(pods["pod-a/c1"], *getppid_loop(1000))
-    by_comm = {s.key.comm: s.value for s in p.read_counts()}
+    by_comm = {s.key.comm: s.value for s in p.read_counts(0)}
     assert by_comm.get("python3", 0) >= 1000  # every syscall, getppid among them
 
 
 @pytest.mark.parametrize("ret", [False, True], ids=["uprobe", "uretprobe"])
 def test_uprobe_on_libc(loaded: list[BccProgram], pods: dict[str, Path], ret: bool) -> None:
     p = load(loaded, assignment({"uprobe": {"binary": "c", "symbol": "getpid", "return": ret}}))
-    p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}))
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])})))
     code = "import ctypes\nlibc = ctypes.CDLL('libc.so.6')\nfor _ in range(250): libc.getpid()"
     run_in_cgroup(pods["pod-a/c1"], PY, "-S", "-c", code)
     run_in_cgroup(pods["pod-b/c1"], PY, "-S", "-c", code)
@@ -204,10 +202,10 @@ def test_comm_filter_is_matched_in_kernel(loaded: list[BccProgram], pods: dict[s
     targets = {**POD_TARGET, "processNames": ["cat"]}
     spec = {"tracepoint": "syscalls:sys_enter_openat", "output": {"by": ["comm"]}}
     p = load(loaded, assignment(spec, targets))
-    p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}, comms=frozenset({"cat"})))
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])}), comms=frozenset({"cat"})))
     run_in_cgroup(pods["pod-a/c1"], "cat", "/dev/null")
     run_in_cgroup(pods["pod-a/c1"], PY, "-S", "-c", "open('/dev/null').close()")
-    by_comm = {s.key.comm: s.value for s in p.read_counts()}
+    by_comm = {s.key.comm: s.value for s in p.read_counts(0)}
     assert set(by_comm) == {"cat"}
 
 
@@ -226,14 +224,14 @@ def test_pid_filter_follows_children(loaded: list[BccProgram]) -> None:
         text=True,
     )
     try:
-        p.update_filter(FilterEntries(pids=frozenset({parent.pid})))
+        bind(p, FilterEntries(pids=frozenset({parent.pid})))
         assert parent.stdin is not None
         parent.stdin.write("go\n")
         parent.stdin.close()
         assert parent.wait(30) == 0
     finally:
         parent.kill()
-    by_pid = {s.key.pid: s.value for s in p.read_counts()}
+    by_pid = {s.key.pid: s.value for s in p.read_counts(0)}
     children = {pid: n for pid, n in by_pid.items() if pid != parent.pid}
     assert list(children.values()) == [77]  # the shell itself may call getppid too
 
@@ -293,7 +291,7 @@ def test_compile_error_carries_the_compiler_text() -> None:
         }
     )
     with pytest.raises(LoadFailure) as exc:
-        BccLoader().load(build_plan(a))
+        kernel_loader().load(build_plan(a))
     assert exc.value.reason == "CompileFailed"
     assert "error: expected" in exc.value.message
 
@@ -314,9 +312,8 @@ def test_raw_program_uses_the_filter_macros(
             "allowProgram": True,
         }
     )
-    p = BccLoader().load(build_plan(a))
-    loaded.append(p)
-    p.update_filter(FilterEntries(cgroups={cgroup_id(pods["pod-a"]): 1}))
+    p = load_alone(loaded, a)
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])})))
     run_in_cgroup(pods["pod-a/c1"], *getppid_loop(33))
     run_in_cgroup(pods["pod-b/c1"], *getppid_loop(33))
     assert counts_by_cgroup(p) == {cgroup_id(pods["pod-a/c1"]): 33}
@@ -326,5 +323,5 @@ def test_empty_filter_matches_nothing(loaded: list[BccProgram], pods: dict[str, 
     """No pod of the probe's namespace on this node: the program must trace nobody."""
     p = load(loaded, assignment({"tracepoint": "syscalls:sys_enter_getppid"}, {"pods": []}))
     run_in_cgroup(pods["pod-a/c1"], *getppid_loop(50))
-    assert p.read_counts() == []
-    assert p.read_counters().matched == 0
+    assert p.read_counts(0) == []
+    assert p.read_counters(0).matched == 0

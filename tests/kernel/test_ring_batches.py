@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.conftest import run_in_cgroup
+from tests.kernel.conftest import bind, run_in_cgroup
 from tests.kernel.test_probe_kinds import PY, assignment, load
 from tracekeeper_agent.bpf.loader import BccProgram
 from tracekeeper_agent.host.event_records import EventBatch
@@ -46,7 +46,7 @@ def both_paths(
     each of the same records decoded by today's per-record path (BCC's struct of the
     compiled source, BccProgram._on_event: what ring_buffer_poll's callback runs)."""
     program = load(loaded, assignment(spec))
-    program.update_filter(FilterEntries(cgroups={cgroup_id(container.parent): 1}))
+    bind(program, FilterEntries(cgroups=frozenset({cgroup_id(container.parent)})))
     run_in_cgroup(container, PY, "-S", "-c", code)
     batch = program.poll_batch(500, 100_000)
     for record in batch.records:

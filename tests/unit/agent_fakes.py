@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,13 +12,14 @@ from tracekeeper_agent.host.event_records import EventBatch, batch_of
 from tracekeeper_agent.ports import (
     CountSample,
     FilterEntries,
-    FilterKind,
     HistogramSample,
     KernelCounters,
     LoadFailure,
+    ProgramMaps,
     ProgramPlan,
     RawEvent,
 )
+from tracekeeper_agent.programs.builder import plan_inputs
 from tracekeeper_agent.targets.cgroups import CgroupOwner
 from tracekeeper_api.protocol import NodeState, ProbeAssignment
 
@@ -27,44 +28,68 @@ UID_B = "22222222-bbbb-4000-8000-000000000002"
 CID_A = "a" * 64
 
 
+class FakeIdentities:
+    """The node-wide identity table as a dict."""
+
+    def __init__(self) -> None:
+        self.table: dict[int, int] = {}
+        self.syncs = 0
+
+    def sync(self, table: Mapping[int, int]) -> None:
+        self.table = dict(table)
+        self.syncs += 1
+
+
 class FakeProgram:
+    """A shape program: records the maps written; outputs set by tests (bit 0's, or per
+    bit in `by_bit`)."""
+
     def __init__(self, loader: FakeLoader, plan: ProgramPlan, ids: tuple[int, ...]) -> None:
         self.loader = loader
         self.plan = plan
         self._ids = ids
-        self.filters: list[FilterEntries] = []
+        self.filters: list[ProgramMaps] = []
         self.closed = False
         self.counts: list[CountSample] = []
         self.counters = KernelCounters()
+        self.by_bit: dict[int, KernelCounters] = {}
+        self.cleared: list[int] = []
         self.events: queue.Queue[RawEvent] = queue.Queue()
         self.fail_update: Exception | None = None
         self.updated = threading.Event()
-        """Set by every filter update (clear it, then wait for the next one)."""
+        """Set by every map update (clear it, then wait for the next one)."""
 
     @property
     def program_ids(self) -> tuple[int, ...]:
         return self._ids
 
-    def update_filter(self, entries: FilterEntries) -> None:
-        assert not self.closed, "update_filter on a closed program"
+    def update_maps(self, maps: ProgramMaps) -> None:
+        assert not self.closed, "update_maps on a closed program"
         if self.fail_update is not None:
             raise self.fail_update
-        self.filters.append(entries)
-        self.loader.log.append(("update", self.plan.probe_id, self._ids))
+        self.filters.append(maps)
+        self.loader.log.append(("update", self.plan.shape, self._ids))
         self.updated.set()
 
-    def read_counts(self) -> list[CountSample]:
+    def invalidate(self) -> None:
         assert not self.closed
-        return list(self.counts)
 
-    def read_histograms(self) -> list[HistogramSample]:
+    def clear_binding(self, bit: int) -> None:
+        assert not self.closed
+        self.cleared.append(bit)
+
+    def read_counts(self, bit: int) -> list[CountSample]:
+        assert not self.closed
+        return list(self.counts) if bit == 0 else []
+
+    def read_histograms(self, bit: int) -> list[HistogramSample]:
         return []
 
-    def read_counters(self) -> KernelCounters:
-        return self.counters
+    def read_counters(self, bit: int) -> KernelCounters:
+        return self.by_bit.get(bit, self.counters if bit == 0 else KernelCounters())
 
-    def live_keys(self) -> int:
-        return len(self.counts)
+    def live_keys(self, bit: int) -> int:
+        return len(self.counts) if bit == 0 else 0
 
     def poll_events(self, timeout_ms: int) -> list[RawEvent]:
         assert not self.closed, "poll_events on a closed program"
@@ -83,15 +108,31 @@ class FakeProgram:
     def close(self) -> None:
         assert not self.closed, "closed twice"
         self.closed = True
-        self.loader.log.append(("close", self.plan.probe_id, self._ids))
+        self.loader.log.append(("close", self.plan.shape, self._ids))
+
+    @property
+    def maps(self) -> ProgramMaps:
+        return self.filters[-1] if self.filters else ProgramMaps()
+
+    def entries_of(self, bit: int) -> FilterEntries:
+        """What binding `bit` is set on, read back from the maps written (cgroup ids
+        through the identity table)."""
+        m, mask = self.maps, 1 << bit
+        slots = {s for s, v in m.slot_masks.items() if v & mask}
+        return FilterEntries(
+            cgroups=frozenset(c for c, s in self.loader.identities.table.items() if s in slots),
+            pids=frozenset(p for p, v in m.pids.items() if v & mask),
+            comms=frozenset(c for c, v in m.comms.items() if v & mask),
+        )
 
     @property
     def entries(self) -> FilterEntries:
-        return self.filters[-1] if self.filters else FilterEntries()
+        return self.entries_of(0)
 
 
 class FakeLoader:
-    """Counts loads, gives each program fresh ids, fails on request, can block a load."""
+    """Counts loads, gives each program fresh ids, fails on request (by the plan's shape,
+    which fake_build_plan names after the probe), can block a load."""
 
     def __init__(self) -> None:
         self.programs: list[FakeProgram] = []
@@ -99,6 +140,7 @@ class FakeLoader:
         self.failures: dict[str, LoadFailure | Exception] = {}
         self.gate: threading.Event | None = None
         self.loading = threading.Event()
+        self.identities = FakeIdentities()
         self._next_id = 100
         self._lock = threading.Lock()
         self.concurrent = 0
@@ -112,20 +154,23 @@ class FakeLoader:
             self.loading.set()
             if self.gate is not None:
                 assert self.gate.wait(timeout=30), "gate never opened"
-            failure = self.failures.get(plan.probe_id)
+            failure = self.failures.get(plan.shape)
             if failure is not None:
-                self.log.append(("fail", plan.probe_id, ()))
+                self.log.append(("fail", plan.shape, ()))
                 raise failure
             with self._lock:
                 ids = (self._next_id, self._next_id + 1)
                 self._next_id += 2
             program = FakeProgram(self, plan, ids)
             self.programs.append(program)
-            self.log.append(("load", plan.probe_id, ids))
+            self.log.append(("load", plan.shape, ids))
             return program
         finally:
             with self._lock:
                 self.concurrent -= 1
+
+    def close(self) -> None:
+        pass
 
     @property
     def loads(self) -> int:
@@ -136,7 +181,8 @@ class FakeLoader:
         return sum(1 for op, _, _ in self.log if op == "close")
 
     def live(self, probe_id: str) -> list[FakeProgram]:
-        return [p for p in self.programs if p.plan.probe_id == probe_id and not p.closed]
+        """Live programs first loaded for `probe_id` (fake plans are named after it)."""
+        return [p for p in self.programs if p.plan.shape == probe_id and not p.closed]
 
     def only(self, probe_id: str) -> FakeProgram:
         live = self.live(probe_id)
@@ -144,21 +190,19 @@ class FakeLoader:
         return live[0]
 
 
+def unshared_inputs(assignment: ProbeAssignment) -> Hashable:
+    """Plan inputs that give every probe a program of its own, rebuilt when its spec hash
+    changes (the lifecycle tests): its id, spec hash and shape."""
+    return (assignment.id, assignment.spec_hash, plan_inputs(assignment))
+
+
 def fake_build_plan(assignment: ProbeAssignment) -> ProgramPlan:
-    """A plan whose source changes with the spec hash only (as the real builder's does with
-    the spec), compiling the filter kinds the targets use."""
-    targets = assignment.targets
-    kinds: set[FilterKind] = set() if targets.host_wide else {"cgroup"}
-    if targets.pids:
-        kinds.add("pid")
-    if targets.process_names:
-        kinds.add("comm")
+    """A plan named after the probe it was built for (the first of its shape)."""
     source = f"/* {assignment.id} */ program {assignment.spec_hash}"
     return ProgramPlan(
-        probe_id=assignment.id,
+        shape=assignment.id,
         source=source,
         attachments=(),
-        filter_kinds=frozenset(kinds),
         output_kind=assignment.spec.output.kind,
         by=tuple(assignment.spec.output.by),
         source_hash=f"h-{assignment.spec_hash}",

@@ -10,14 +10,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from tracekeeper_agent.active import ActiveProbe
+from tracekeeper_agent.active import ActiveProbe, ProgramBoard
 from tracekeeper_agent.host.event_records import EventBatch, batch_of
 from tracekeeper_agent.ports import (
     CountSample,
-    FilterEntries,
     HistogramSample,
     KernelCounters,
     PodIdentity,
+    ProgramMaps,
     ProgramPlan,
     RawEvent,
 )
@@ -33,8 +33,8 @@ class FakeAttributor:
 
 
 class FakeProgram:
-    """Implements LoadedProgram. `emit` plays the kernel side of an events program: rate
-    limit first, then a ring buffer of `ring_size` records."""
+    """Implements LoadedProgram for one binding (bit 0). `emit` plays the kernel side of an
+    events program: rate limit first, then a ring buffer of `ring_size` records."""
 
     def __init__(
         self,
@@ -63,21 +63,27 @@ class FakeProgram:
     def program_ids(self) -> tuple[int, ...]:
         return (42,)
 
-    def update_filter(self, entries: FilterEntries) -> None:
+    def update_maps(self, maps: ProgramMaps) -> None:
         pass
 
-    def read_counts(self) -> list[CountSample]:
-        return list(self.counts)
+    def invalidate(self) -> None:
+        pass
 
-    def read_histograms(self) -> list[HistogramSample]:
-        return list(self.histograms)
+    def clear_binding(self, bit: int) -> None:
+        pass
 
-    def read_counters(self) -> KernelCounters:
+    def read_counts(self, bit: int) -> list[CountSample]:
+        return list(self.counts) if bit == 0 else []
+
+    def read_histograms(self, bit: int) -> list[HistogramSample]:
+        return list(self.histograms) if bit == 0 else []
+
+    def read_counters(self, bit: int) -> KernelCounters:
         with self._cond:
-            return self.counters
+            return self.counters if bit == 0 else KernelCounters()
 
-    def live_keys(self) -> int:
-        return self.live
+    def live_keys(self, bit: int) -> int:
+        return self.live if bit == 0 else 0
 
     def emit(self, events: Sequence[RawEvent]) -> None:
         with self._cond:
@@ -140,10 +146,9 @@ def make_probe(
         {"id": probe_id, "specHash": "0123456789abcdef", "spec": spec}
     )
     plan = ProgramPlan(
-        probe_id=probe_id,
+        shape=probe_id,
         source="",
         attachments=(),
-        filter_kinds=frozenset({"cgroup"}),
         output_kind=kind,
         by=tuple(by),
     )
@@ -168,3 +173,15 @@ async def until(condition: Callable[[], bool], *, within: float = 10.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(0.005)
+
+
+class ListBoard(ProgramBoard):
+    """A ProgramBoard showing whatever a list holds now (tests change the list between
+    scrapes)."""
+
+    def __init__(self, probes: Callable[[], Sequence[ActiveProbe]]) -> None:
+        super().__init__()
+        self._source = probes
+
+    def probes(self) -> list[ActiveProbe]:
+        return list(self._source())

@@ -216,9 +216,9 @@ def test_render_prints_the_c_a_probe_compiles_to(
     path.write_text(RAW_PROGRAM)
     assert main(["render", "-f", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("/* tracekeeper probe default/raw (program, count) */\n")
-    assert "#define TK_HOST_WIDE 1\n" in out
-    assert "enum tk_counter" in out  # the prelude
+    assert out.startswith("/* tracekeeper program: program of default/raw */\n")
+    assert "#define TK_OUTPUT_COUNT 1\n" in out  # whom it traces is map contents
+    assert "tk_admit(void)" in out  # the prelude
     assert out.rstrip().endswith(
         "TRACEPOINT_PROBE(sched, sched_process_exec) { tk_count(tk_admit()); return 0; }"
     )

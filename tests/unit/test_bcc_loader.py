@@ -15,8 +15,8 @@ def test_the_tracepoint_program_limit_is_explained() -> None:
     explained = explain(seen)
     assert explained.startswith(seen)
     assert explained.endswith(
-        "at most 64 BPF programs on one tracepoint, and other probes or tools on this node "
-        "use them all (BPF_TRACE_MAX_PROGS)"
+        "at most 64 BPF programs on one tracepoint (BPF_TRACE_MAX_PROGS): 64 shapes of 64 "
+        "probes each, or fewer when other tools on this node use some"
     )
 
 

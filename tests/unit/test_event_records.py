@@ -67,12 +67,13 @@ def read(
 
 
 def test_layout_follows_c_struct_rules() -> None:
-    # char comm[16] ends at 40; a char[3] then a u64: padded to 8-byte alignment.
+    # bindings, ts, cgroup, pid, tid, then char comm[16] ends at 48; a char[3] then a u64:
+    # padded to 8-byte alignment.
     layout = record_layout((EventField("s", "str", 3), EventField("n", "uint", 8)))
     fields = layout.dtype.fields
     assert fields is not None
-    assert (fields["f_s"][1], fields["f_n"][1], layout.size) == (40, 48, 56)
-    assert record_layout(()).size == 40
+    assert (fields["f_s"][1], fields["f_n"][1], layout.size) == (48, 56, 64)
+    assert record_layout(()).size == 48
 
 
 def test_walk_decodes_a_run_and_advances_past_it() -> None:

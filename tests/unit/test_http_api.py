@@ -15,8 +15,16 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.unit.agent_fakes import CID_A, UID_A, FakeCgroups, FakeLoader, fake_build_plan, probe
-from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe
+from tests.unit.agent_fakes import (
+    CID_A,
+    UID_A,
+    FakeCgroups,
+    FakeLoader,
+    fake_build_plan,
+    probe,
+    unshared_inputs,
+)
+from tests.unit.output_fakes import FakeAttributor, FakeProgram, ListBoard, make_probe
 from tracekeeper_agent.outputs.events import EventHub
 from tracekeeper_agent.outputs.metrics import AgentMetrics
 from tracekeeper_agent.ports import CountSample, RawEvent, SampleKey
@@ -52,16 +60,15 @@ async def api() -> AsyncIterator[Api]:
     loader = FakeLoader()
     cgroups = FakeCgroups(pods={UID_A: 500}, containers={(UID_A, CID_A): 501})
     reconciler = Reconciler(
-        node="node-1", loader=loader, build_plan=fake_build_plan, cgroups=cgroups
+        node="node-1",
+        loader=loader,
+        build_plan=fake_build_plan,
+        plan_inputs=unshared_inputs,
+        cgroups=cgroups,
     )
     hub = EventHub(reconciler.attributor, poll_timeout_ms=20)
-    reconciler.readers.append(hub)
-    metrics = AgentMetrics(
-        reconciler.active_probes,
-        reconciler.attributor,
-        events=hub,
-        filter_entries=reconciler.filter_entries,
-    )
+    reconciler.board.add_reader(hub)
+    metrics = AgentMetrics(reconciler.board, reconciler.attributor)
     ready = asyncio.Event()
     app = create_app(
         reconciler,
@@ -376,9 +383,9 @@ async def test_waiting_scrapes_of_the_metrics_listener_hold_one_worker_thread() 
     )
     # The probe collector takes the programs lock per probe read (not the whole scrape).
     busy = make_probe("team-a/busy", FakeProgram())
-    metrics = AgentMetrics(
-        lambda: [busy], FakeAttributor(), programs_lock=lambda: reconciler.programs_lock
-    )
+    board = ListBoard(lambda: [busy])
+    board.lock = reconciler.board.lock
+    metrics = AgentMetrics(board, FakeAttributor())
     app = create_metrics_app(reconciler, metrics.registry)
     async with TestClient(TestServer(app)) as client:
 
@@ -387,7 +394,7 @@ async def test_waiting_scrapes_of_the_metrics_listener_hold_one_worker_thread() 
                 await resp.read()
                 return resp.status
 
-        with reconciler.programs_lock:  # as while a program closes
+        with reconciler.board.lock:  # as while a program closes
             scrapes = [asyncio.create_task(scrape()) for _ in range(4)]
             await asyncio.sleep(0.1)
             assert not any(t.done() for t in scrapes)

@@ -20,6 +20,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.unit.output_fakes import ListBoard
 from tracekeeper_agent.outputs.metrics import AgentMetrics
 from tracekeeper_agent.ports import PodIdentity
 from tracekeeper_agent.service.cli import build_parser as agent_parser
@@ -603,7 +604,7 @@ def _exported_names() -> set[str]:
     names: set[str] = set()
     registries: list[CollectorRegistry] = [
         OperatorMetrics().registry,
-        AgentMetrics(lambda: [], _NoPods()).registry,
+        AgentMetrics(ListBoard(lambda: []), _NoPods()).registry,
     ]
     for registry in registries:
         for family in text_string_to_metric_families(generate_latest(registry).decode()):

@@ -12,7 +12,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe, raw_event, until
+from tests.unit.output_fakes import (
+    FakeAttributor,
+    FakeProgram,
+    ListBoard,
+    make_probe,
+    raw_event,
+    until,
+)
 from tracekeeper_agent.active import ActiveProbe
 from tracekeeper_agent.outputs.events import EventHub
 from tracekeeper_agent.outputs.metrics import (
@@ -44,7 +51,7 @@ PODS = FakeAttributor(
 def scrape(
     probes: Sequence[ActiveProbe], **kwargs: object
 ) -> tuple[dict[str, list[Sample]], AgentMetrics]:
-    metrics = AgentMetrics(lambda: probes, PODS, **kwargs)  # type: ignore[arg-type]
+    metrics = AgentMetrics(ListBoard(lambda: probes), PODS, **kwargs)  # type: ignore[arg-type]
     text = generate_latest(metrics.registry).decode()
     families = {f.name: f.samples for f in text_string_to_metric_families(text)}
     return families, metrics
@@ -152,7 +159,7 @@ def test_histogram_buckets_are_cumulative_le_powers_of_two() -> None:
 def test_a_bucket_once_shown_stays_as_the_kernel_counts_grow() -> None:
     program = FakeProgram(histograms=[HistogramSample(SampleKey(cgroup_id=11), {9: 1})])
     probe = make_probe("team-a/read-latency", program, kind="histogram")
-    metrics = AgentMetrics(lambda: [probe], PODS)
+    metrics = AgentMetrics(ListBoard(lambda: [probe]), PODS)
     assert 'le="1024.0"' in generate_latest(metrics.registry).decode()
     program.histograms = [HistogramSample(SampleKey(cgroup_id=11), {2: 1, 9: 1})]
     text = generate_latest(metrics.registry).decode()
@@ -212,7 +219,7 @@ async def test_events_and_drops_by_reason() -> None:
             await until(lambda: hub.counts(probe.id).received == 3)
             program.emit([raw_event(n) for n in range(3, 10)])
             await until(lambda: hub.counts(probe.id).received == 6)
-            fams, _ = scrape([probe], events=hub)
+            fams, _ = scrape([probe])
     finally:
         await hub.close()
     ids = {"namespace": "team-a", "probe": "execs"}
@@ -232,8 +239,8 @@ def test_agent_self_metrics() -> None:
         make_probe("team-a/a", FakeProgram(counters=KernelCounters(lru_new_keys=1), live=3)),
         make_probe("team-a/b", FakeProgram()),
     ]
-    sizes = {"team-a/a": 12, "team-a/b": 0}
-    fams, metrics = scrape(probes, filter_entries=lambda p: sizes[p.id])
+    probes[0].filter_entries = 12
+    fams, metrics = scrape(probes)
     assert fams["tracekeeper_agent_programs_loaded"][0].value == 2.0
     assert by_labels(
         fams["tracekeeper_agent_filter_entries"], "tracekeeper_agent_filter_entries"
@@ -262,7 +269,7 @@ def test_agent_self_metrics() -> None:
 
 def test_a_probe_that_fails_to_read_is_skipped() -> None:
     class Broken(FakeProgram):
-        def read_counts(self) -> list[CountSample]:
+        def read_counts(self, bit: int) -> list[CountSample]:
             raise OSError("map closed")
 
     ok = FakeProgram(counts=[CountSample(SampleKey(cgroup_id=11), 1)])
@@ -272,9 +279,9 @@ def test_a_probe_that_fails_to_read_is_skipped() -> None:
 
 
 def test_second_collector_with_the_same_names_is_refused() -> None:
-    metrics = AgentMetrics(lambda: [], PODS)
+    metrics = AgentMetrics(ListBoard(lambda: []), PODS)
     with pytest.raises(ValueError, match="Duplicated timeseries"):
-        AgentMetrics(lambda: [], PODS, registry=metrics.registry)
+        AgentMetrics(ListBoard(lambda: []), PODS, registry=metrics.registry)
 
 
 def test_promtool_accepts_the_exposition() -> None:
@@ -294,7 +301,9 @@ def test_promtool_accepts_the_exposition() -> None:
         ),
         make_probe("team-a/execs", FakeProgram(), kind="events"),
     ]
-    _, metrics = scrape(probes, filter_entries=lambda p: 1, events=EventHub(PODS))
+    for p in probes:
+        p.filter_entries = 1
+    _, metrics = scrape(probes)
     metrics.observe_compile(0.25)
     result = subprocess.run(
         [promtool, "check", "metrics"],

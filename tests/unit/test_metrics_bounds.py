@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe
+from tests.unit.output_fakes import FakeAttributor, FakeProgram, ListBoard, make_probe
 from tracekeeper_agent.active import ActiveProbe
 from tracekeeper_agent.outputs.metrics import (
     DEFAULT_NAMESPACE_SERIES_CAP,
@@ -102,7 +102,7 @@ def check_scrape(text: str, probes: list[ActiveProbe], series_cap: int) -> None:
         p.id: SERIES for p in probes
     }
     assert folded, "the test must reach the caps"
-    expected = float(sum(sum(h.buckets.values()) for h in probes[0].program.read_histograms()))
+    expected = float(sum(sum(h.buckets.values()) for h in probes[0].read_histograms()))
     totals: dict[str, float] = defaultdict(float)
     for labels, name, value in samples:
         if name.endswith("_count"):
@@ -114,7 +114,9 @@ def check_scrape(text: str, probes: list[ActiveProbe], series_cap: int) -> None:
 
 def test_one_namespace_is_capped_per_node_with_overflow_series_counted() -> None:
     probes = histogram_probes(["team-a"], SLOTS)
-    text = generate_latest(AgentMetrics(lambda: probes, FakeAttributor()).registry).decode()
+    text = generate_latest(
+        AgentMetrics(ListBoard(lambda: probes), FakeAttributor()).registry
+    ).decode()
     check_scrape(text, probes, DEFAULT_NAMESPACE_SERIES_CAP)
     per_probe = series_by_probe(parse(text)["tracekeeper_probe_value"])
     # Probes in id order take the namespace's budget; the last ones keep only their
@@ -127,13 +129,15 @@ def test_one_namespace_is_capped_per_node_with_overflow_series_counted() -> None
 
 def test_the_node_cap_bounds_many_namespaces() -> None:
     probes = histogram_probes([f"team-{i:02d}" for i in range(PROBES)], SLOTS)
-    text = generate_latest(AgentMetrics(lambda: probes, FakeAttributor()).registry).decode()
+    text = generate_latest(
+        AgentMetrics(ListBoard(lambda: probes), FakeAttributor()).registry
+    ).decode()
     check_scrape(text, probes, DEFAULT_NODE_SERIES_CAP)
 
 
 def test_label_sets_per_probe_are_capped_too() -> None:
     probes = histogram_probes(["team-a"], 2)[:1]  # 500 label sets of 5 series each
-    small = AgentMetrics(lambda: probes, FakeAttributor(), series_cap=100)
+    small = AgentMetrics(ListBoard(lambda: probes), FakeAttributor(), series_cap=100)
     per_probe = series_by_probe(
         parse(generate_latest(small.registry).decode())["tracekeeper_probe_value"]
     )
@@ -147,7 +151,9 @@ def test_only_used_buckets_are_emitted_and_stay_a_valid_histogram() -> None:
     ]
     probe = make_probe("team-a/lat", FakeProgram(histograms=hists), kind="histogram", by=("pid",))
     samples = parse(
-        generate_latest(AgentMetrics(lambda: [probe], FakeAttributor()).registry).decode()
+        generate_latest(
+            AgentMetrics(ListBoard(lambda: [probe]), FakeAttributor()).registry
+        ).decode()
     )["tracekeeper_probe_value"]
     les: dict[str, list[str]] = defaultdict(list)
     for labels, name, _ in samples:
@@ -160,7 +166,7 @@ def test_only_used_buckets_are_emitted_and_stay_a_valid_histogram() -> None:
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian prometheus)")
 def test_promtool_accepts_the_capped_sparse_exposition() -> None:
     probes = histogram_probes(["team-a", "team-b"], 12)
-    text = generate_latest(AgentMetrics(lambda: probes, FakeAttributor()).registry)
+    text = generate_latest(AgentMetrics(ListBoard(lambda: probes), FakeAttributor()).registry)
     res = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
     # promtool lints names and help; "no issues" is an empty output (exit 0).
     assert res.returncode == 0, res.stdout + res.stderr
@@ -173,9 +179,9 @@ class _Spy(FakeProgram):
         super().__init__(counters=KernelCounters(matched=1))
         self._lock, self._log, self._name = lock, log, name
 
-    def read_counters(self) -> KernelCounters:
+    def read_counters(self, bit: int) -> KernelCounters:
         self._log.append(f"read {self._name}: lock {'free' if _free(self._lock) else 'held'}")
-        return super().read_counters()
+        return super().read_counters(bit)
 
 
 def _free(lock: threading.Lock) -> bool:
@@ -210,7 +216,9 @@ def test_the_programs_lock_is_taken_per_probe_not_for_the_whole_scrape() -> None
             lock.release()
 
     probes = [make_probe(f"team-a/p{i}", _Spy(lock, log, f"p{i}")) for i in range(3)]
-    metrics = AgentMetrics(lambda: probes, FakeAttributor(), programs_lock=Between)
+    board = ListBoard(lambda: probes)
+    board.lock = Between()  # type: ignore[assignment]
+    metrics = AgentMetrics(board, FakeAttributor())
     generate_latest(metrics.registry)
     assert log == [
         "take: lock free", "read p0: lock held",

@@ -29,7 +29,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.unit.output_fakes import FakeAttributor, FakeProgram, make_probe
+from tests.unit.output_fakes import FakeAttributor, FakeProgram, ListBoard, make_probe
 from tests.unit.test_manifests import MONITORING_DOCS, _one, _rule_group
 from tracekeeper_agent.outputs.metrics import AgentMetrics
 from tracekeeper_agent.ports import CountSample, PodIdentity, SampleKey
@@ -139,7 +139,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         make_probe("team-a/opens", opens, by=("pod", "container")),
         make_probe("team-a/execs", execs, kind="events"),
     ]
-    agent = AgentMetrics(lambda: probes, pods)
+    agent = AgentMetrics(ListBoard(lambda: probes), pods)
 
     def kernel_moves() -> None:  # the kernel counting between scrapes
         opens.counts = [CountSample(SampleKey(cgroup_id=11), opens.counts[0].value + 5)]

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from tests.unit.test_program_builder import CTX
+from tracekeeper_agent.ports import FilterEntries
 from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.programs.sharing import binding_of
 from tracekeeper_agent.service.http_api import MAX_BODY
 from tracekeeper_api.budgets import BUDGET_ANNOTATION, Budget, parse_override
 from tracekeeper_api.probes import TraceProbeSpec
@@ -178,16 +180,45 @@ def test_within_a_namespace_older_probes_keep_their_place() -> None:
     assert list(plan.rendered.refused[NODE]) == ["team-a/a-new"]
 
 
+def _shapes(n: int) -> list[dict[str, Any]]:
+    """n distinct outputs on one tracepoint: count by each set of keys, then events with
+    each set of fields (each is its own program)."""
+    keys, fields = ["pod", "container", "comm", "pid"], ["filename", "flags", "mode", "dfd"]
+    subsets = [
+        [k for b, k in enumerate(items) if mask >> b & 1]
+        for items in (keys, fields)
+        for mask in range(1, 16)
+    ]
+    outputs = [{"kind": "count", "by": s} for s in subsets[:15]]
+    outputs += [{"kind": "events", "fields": s} for s in subsets[15:]]
+    return outputs[:n]
+
+
 def test_programs_per_attach_point_are_budgeted_per_namespace() -> None:
-    same = [probe("team-a", f"o{i:02d}", tracepoint="syscalls:sys_enter_openat") for i in range(20)]
-    other = [probe("team-b", f"o{i}", tracepoint="syscalls:sys_enter_openat") for i in range(3)]
-    plan = plan_cluster(view(same + other, TENANTS), SETTINGS)
+    tp = "syscalls:sys_enter_openat"
+    shapes = [
+        probe("team-a", f"o{i:02d}", tracepoint=tp, output=o) for i, o in enumerate(_shapes(20))
+    ]
+    other = [probe("team-b", f"o{i}", tracepoint=tp) for i in range(3)]
+    plan = plan_cluster(view(shapes + other, TENANTS), SETTINGS)
     assert len(on_node(plan, "team-a")) == Budget().programs_per_attach_point
     assert len(on_node(plan, "team-b")) == 3
     assert plan.rendered.refused[NODE]["team-a/o16"] == (
         "team-a would have 17 programs on tracepoint syscalls:sys_enter_openat on node n1, "
         "its budget is 16 per attach point"
     )
+
+
+def test_probes_of_one_shape_count_as_one_program_per_64() -> None:
+    tp = "syscalls:sys_enter_openat"
+    same = [probe("team-a", f"o{i:02d}", tracepoint=tp) for i in range(30)]
+    budgets = {"team-a": {"probesPerNode": 100, "programsPerAttachPoint": 1}}
+    plan = plan_cluster(view(same, TENANTS, budgets), SETTINGS)
+    assert len(on_node(plan, "team-a")) == 30  # one shared program
+    many = [probe("team-a", f"o{i:02d}", tracepoint=tp) for i in range(65)]
+    plan = plan_cluster(view(many, TENANTS, budgets), SETTINGS)
+    assert len(on_node(plan, "team-a")) == 64  # the 65th would open a second program
+    assert "would have 2 programs on tracepoint" in plan.rendered.refused[NODE]["team-a/o64"]
 
 
 def test_filter_entries_are_budgeted() -> None:
@@ -332,11 +363,13 @@ def test_a_tenant_events_probe_without_a_rate_limit_gets_the_default_in_kernel()
     # Agents report the hash of what they were sent: the status waits for that one.
     assert tenant.spec_hash == spec_hash(tenant.spec) == plan.rendered.spec_hashes[tenant.id]
     assert tenant.spec_hash != spec_hash(v.probes["team-a/execs"].spec)  # type: ignore[arg-type]
-    # What the agent builds from it: the token bucket is compiled in.
+    # What the agent makes of it: the binding's token bucket in the program's maps.
     received = NodeState.model_validate_json(
         node_state(NODE, 1, (tenant,)).model_dump_json(by_alias=True, exclude_none=True)
     ).resolved()
-    assert "#define TK_RATE_LIMIT 1000\n" in build_plan(received.probes[0], CTX).source
+    binding = binding_of(0, received.probes[0], FilterEntries())
+    assert binding.rate_limit == 1000
+    assert build_plan(received.probes[0], CTX).source  # and it builds
     assert sent[f"{SYSTEM}/execs"].spec.output.rate_limit is None  # privileged: no default
 
 

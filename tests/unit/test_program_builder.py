@@ -16,9 +16,9 @@ import pytest
 
 from tracekeeper_agent.host.kernel_features import FeatureCheck, KernelFeatures
 from tracekeeper_agent.ports import LoadFailure
-from tracekeeper_agent.programs.builder import PRELUDE, build_plan, filter_kinds
+from tracekeeper_agent.programs.builder import PRELUDE, build_plan, plan_inputs
 from tracekeeper_agent.programs.kinds import BuildContext
-from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
+from tracekeeper_api.protocol import ProbeAssignment
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden"
@@ -87,19 +87,50 @@ def test_rendered_c_matches_golden(name: str) -> None:
     assert source == golden.read_text()
 
 
-def test_only_used_filter_kinds_are_compiled_in() -> None:
-    assert filter_kinds(ProbeTargets.model_validate(PODS)) == {"cgroup"}
-    assert filter_kinds(ProbeTargets(pids=[1])) == {"pid"}
-    assert filter_kinds(ProbeTargets(host_wide=True, process_names=["x"])) == {"comm"}
-    assert filter_kinds(ProbeTargets(host_wide=True)) == frozenset()
+def test_whom_and_how_often_are_not_in_the_text() -> None:
+    """Targets, sampling and the rate limit are map contents: every variant compiles to one
+    text and one shape key (adding processNames or pids, or changing sampling, compiles
+    nothing)."""
+    base = {"tracepoint": "syscalls:sys_enter_openat", "output": {"kind": "events"}}
+    variants = [
+        assignment(base, PODS),
+        assignment(base, {"pods": []}),
+        assignment({**base, "sampling": 10}, PODS),
+        assignment({**base, "output": {"kind": "events", "rateLimit": 5}}, PODS),
+        assignment(base, {**PODS, "processNames": ["nginx"]}),
+        assignment(base, {"pids": [1]}),
+        assignment(base, {"hostWide": True}),
+    ]
+    sources = {build_plan(a, CTX).source for a in variants}
+    assert len(sources) == 1
+    assert len({plan_inputs(a) for a in variants}) == 1
 
 
-def test_no_targets_still_compiles_a_filter_that_matches_nothing() -> None:
-    """No pod on this node yet: never a program without a filter (that is hostWide)."""
-    plan = build_plan(assignment({"tracepoint": "syscalls:sys_enter_openat"}, {"pods": []}), CTX)
-    assert plan.filter_kinds == {"cgroup"}
-    assert "#define TK_HOST_WIDE 0" in plan.source
-    assert "#define TK_FILTER_CGROUP 1" in plan.source
+def test_what_changes_the_text_changes_the_shape() -> None:
+    base: dict[str, Any] = {"tracepoint": "syscalls:sys_enter_openat"}
+    others: list[dict[str, Any]] = [
+        {"tracepoint": "syscalls:sys_enter_read"},
+        {**base, "output": {"kind": "count", "by": ["pod", "comm"]}},
+        {**base, "output": {"kind": "events"}},
+        {**base, "output": {"kind": "events", "fields": ["filename"]}},
+        {"syscall": {"name": "openat"}},
+        {"syscall": {"name": "openat", "latency": True}, "output": {"kind": "histogram"}},
+    ]
+    keys = {plan_inputs(assignment(spec)) for spec in [base, *others]}
+    assert len(keys) == 1 + len(others)
+    # A privileged namespace's probe never shares with a tenant's.
+    assert plan_inputs(assignment(base), True) != plan_inputs(assignment(base), False)
+    # Following children brings the fork and exit followers into the program.
+    follows = assignment(base, {"pids": [1], "followChildren": True})
+    assert plan_inputs(follows) != plan_inputs(assignment(base, {"pids": [1]}))
+    assert "#define TK_FOLLOW_CHILDREN 1" in build_plan(follows, CTX).source
+
+
+def test_raw_programs_are_never_shared() -> None:
+    spec = {"program": {"source": "int x;"}}
+    a = assignment(spec)
+    b = ProbeAssignment.model_validate({**a.to_wire(), "id": "team-a/other"})
+    assert plan_inputs(a) != plan_inputs(b)
 
 
 def test_kprobe_unsupported_names_the_kernel_and_evidence() -> None:
@@ -163,6 +194,7 @@ def test_event_fields_describe_the_record() -> None:
 
 def test_source_hash_follows_the_source() -> None:
     a = build_plan(assignment({"tracepoint": "syscalls:sys_enter_openat"}), CTX)
-    b = build_plan(assignment({"tracepoint": "syscalls:sys_enter_openat", "sampling": 2}), CTX)
+    events = {"tracepoint": "syscalls:sys_enter_openat", "output": {"kind": "events"}}
+    b = build_plan(assignment(events), CTX)
     again = build_plan(assignment({"tracepoint": "syscalls:sys_enter_openat"}), CTX)
     assert a.source_hash == again.source_hash != b.source_hash

@@ -22,6 +22,7 @@ from tests.unit.agent_fakes import (
     node_state,
     pod,
     probe,
+    unshared_inputs,
 )
 from tracekeeper_agent.active import ActiveProbe
 from tracekeeper_agent.ports import Attachment, KernelCounters, LoadFailure, ProgramPlan
@@ -31,7 +32,6 @@ from tracekeeper_agent.reconcile.reconciler import (
     StaleRevision,
     WrongNode,
     check_revision,
-    plan_key,
     retry_delay,
 )
 from tracekeeper_agent.reconcile.state_store import StateStore
@@ -48,6 +48,7 @@ def make(
     loader = loader or FakeLoader()
     cgroups = cgroups if cgroups is not None else FakeCgroups(pods={UID_A: 500, UID_B: 600})
     kwargs.setdefault("build_plan", fake_build_plan)
+    kwargs.setdefault("plan_inputs", unshared_inputs)
     # Most tests use host targets in team-a; the tenancy tests set the privileged namespaces.
     kwargs.setdefault("privileged_namespaces", None)
     reconciler = Reconciler(node="node-1", loader=loader, cgroups=cgroups, **kwargs)
@@ -66,7 +67,7 @@ async def test_load_reports_program_ids_and_entries() -> None:
     assert (result.state, result.reason) == ("Loaded", "Loaded")
     program = loader.only("team-a/opens")
     assert result.program_ids == list(program.program_ids)
-    assert dict(program.entries.cgroups) == {500: 1}
+    assert program.entries.cgroups == {500}
     assert (result.filter_entries, result.pods) == (1, 1)
     assert report.node == "node-1" and report.revision == 1 and report.boot_id
 
@@ -79,7 +80,7 @@ async def test_same_hash_new_targets_updates_the_filter_only() -> None:
     assert loader.loads == 1 and loader.closes == 0
     assert second.program_ids == first.program_ids
     program = loader.only("team-a/opens")
-    assert dict(program.entries.cgroups) == {500: 1, 600: 1}
+    assert program.entries.cgroups == {500, 600}
     assert second.filter_entries == 2
     assert len(program.filters) == 2
 
@@ -197,7 +198,7 @@ async def test_plans_are_built_only_for_changed_probes() -> None:
         node_state(2, probe(targets=two_pods), probe("b", spec_hash="0000000000000002"))
     )
     assert built == ["team-a/b"]  # new targets of the same spec: map entries only
-    assert dict(loader.only("team-a/opens").entries.cgroups) == {500: 1, 600: 1}
+    assert loader.only("team-a/opens").entries.cgroups == {500, 600}
 
 
 async def test_plans_are_built_off_the_event_loop() -> None:
@@ -221,7 +222,7 @@ async def test_changed_plan_inputs_plan_again() -> None:
     def build(assignment: ProbeAssignment) -> ProgramPlan:
         built.append(files[assignment.id])
         plan = fake_build_plan(assignment)
-        attach = Attachment("uprobe", "f", "sym", "/x", binary_id=(1, hash(files[plan.probe_id])))
+        attach = Attachment("uprobe", "f", "sym", "/x", binary_id=(1, hash(files[plan.shape])))
         return ProgramPlan(**{**plan.__dict__, "attachments": (attach,)})
 
     reconciler, loader, _ = make(build_plan=build, plan_inputs=lambda a: files[a.id])
@@ -299,7 +300,7 @@ async def test_a_tenant_probe_with_a_privileged_field_is_refused(
     assert (refused.state, refused.reason) == ("Failed", "NotPermitted")
     assert field in refused.message
     assert outcome(report).state == "Loaded"
-    assert [p.plan.probe_id for p in loader.programs] == ["team-a/opens"]
+    assert [p.plan.shape for p in loader.programs] == ["team-a/opens"]
 
 
 async def test_a_tenant_probe_with_another_namespaces_pod_is_refused() -> None:
@@ -345,12 +346,9 @@ async def test_suspend_unloads_and_resume_loads_again() -> None:
     assert resumed.state == "Loaded" and loader.loads == 2
 
 
-async def test_a_plan_without_cgroup_or_pid_filter_is_refused_unless_host_wide() -> None:
-    def unconfined(assignment: ProbeAssignment) -> ProgramPlan:
-        plan = fake_build_plan(assignment)
-        return ProgramPlan(**{**plan.__dict__, "filter_kinds": frozenset({"comm"})})
-
-    reconciler, loader, _ = make(build_plan=unconfined)
+async def test_only_host_wide_bindings_match_every_process() -> None:
+    # processNames alone narrows, never widens: without pods or pids nothing matches.
+    reconciler, loader, _ = make()
     report = await reconciler.apply(
         node_state(
             1,
@@ -358,10 +356,10 @@ async def test_a_plan_without_cgroup_or_pid_filter_is_refused_unless_host_wide()
             probe("host", targets={"hostWide": True, "processNames": ["nginx"]}),
         )
     )
-    refused = outcome(report)
-    assert refused.state == "Failed" and "not host-wide" in refused.message
-    assert outcome(report, "host").state == "Loaded"
-    assert [p.plan.probe_id for p in loader.programs] == ["team-a/host"]
+    assert outcome(report).state == outcome(report, "host").state == "Loaded"
+    assert loader.only("team-a/opens").maps.host_mask == 0
+    assert loader.only("team-a/host").maps.host_mask == 1
+    assert loader.only("team-a/opens").maps.comms == {"nginx": 1}
 
 
 async def test_a_probe_whose_pods_have_no_cgroup_has_empty_maps() -> None:
@@ -421,7 +419,7 @@ async def test_a_pending_pod_is_added_when_its_cgroup_appears() -> None:
     updated = await reconciler.refresh_targets(CgroupChanges(pod_uids=frozenset({UID_A})))
     assert updated == 1
     program = loader.only("team-a/opens")
-    assert dict(program.entries.cgroups) == {777: 1}
+    assert program.entries.cgroups == {777}
     after = outcome(reconciler.report())
     assert after.program_ids == first.program_ids and after.filter_entries == 1
     assert after.message == "" and loader.loads == 1
@@ -444,7 +442,7 @@ async def test_polling_follows_children_and_cgroup_paths() -> None:
     cgroups.paths["/system.slice/a.service"] = 42
     assert await reconciler.refresh_targets() == 1  # the pod probe needs no polling
     entries = loader.only("team-a/opens").entries
-    assert entries.pids == {10, 11} and dict(entries.cgroups) == {42: 1}
+    assert entries.pids == {10, 11} and entries.cgroups == {42}
     assert len(loader.only("team-a/pods").filters) == 1
 
 
@@ -506,7 +504,7 @@ class RecordingReaders:
 async def test_readers_let_go_of_a_program_before_it_closes() -> None:
     reconciler, loader, _ = make()
     readers = RecordingReaders()
-    reconciler.readers.append(readers)
+    reconciler.board.add_reader(readers)
     first = outcome(await reconciler.apply(node_state(1, probe())))
     assert readers.synced[-1] == [tuple(first.program_ids)]
     await reconciler.apply(node_state(2, probe(spec_hash="0000000000000002")))
@@ -518,14 +516,15 @@ async def test_readers_let_go_of_a_program_before_it_closes() -> None:
 
 
 async def test_report_carries_drops_and_counts() -> None:
-    reconciler, loader, _ = make(backlog_drops=lambda probe_id: 7)
-    await reconciler.apply(node_state(1, probe()))
+    reconciler, loader, _ = make()
+    await reconciler.apply(node_state(1, probe(output={"kind": "events"})))
     loader.only("team-a/opens").counters = KernelCounters(rate_limited=3, ring_full=2)
+    reconciler.active_probes()[0].counts.backlog = 7
     drops = outcome(reconciler.report()).drops
     assert (drops.rate_limited, drops.ring_full, drops.backlog) == (3, 2, 7)
     active = reconciler.active_probes()
     assert [p.id for p in active] == ["team-a/opens"]
-    assert reconciler.filter_entries(active[0]) == 1
+    assert active[0].filter_entries == 1
     assert reconciler.attributor.identify(500) is not None
 
 
@@ -541,18 +540,6 @@ async def test_close_detaches_everything() -> None:
     await reconciler.apply(node_state(1, probe(), probe("b")))
     await reconciler.close()
     assert loader.closes == 2 and reconciler.active_probes() == []
-
-
-def test_plan_key_covers_attachments() -> None:
-    from tracekeeper_agent.ports import Attachment
-
-    plan = fake_build_plan(ProbeAssignment.model_validate(probe()))
-    moved = ProgramPlan(
-        **{**plan.__dict__, "attachments": (Attachment("uprobe", "f", "sym", "/a"),)}
-    )
-    assert plan_key(plan) != plan_key(moved)
-    renamed = ProgramPlan(**{**plan.__dict__, "probe_id": "team-a/x"})
-    assert plan_key(plan) == plan_key(renamed)
 
 
 # --- persistence ---------------------------------------------------------------------------------
@@ -601,7 +588,7 @@ async def test_poll_targets_runs_until_cancelled() -> None:
     try:
         cgroups.paths["/system.slice/a.service"] = 42
         assert await asyncio.to_thread(program.updated.wait, 10)
-        assert dict(program.entries.cgroups) == {42: 1}
+        assert program.entries.cgroups == {42}
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -16,7 +16,7 @@ from tracekeeper_agent.targets.cgroup_watch import CgroupEvent, CgroupEventKind,
 from tracekeeper_agent.targets.cgroups import CgroupIndex
 from tracekeeper_agent.targets.node import CgroupChanges, NodeCgroups, follow_cgroups
 from tracekeeper_agent.targets.processes import ProcTable, parse_ppid
-from tracekeeper_agent.targets.resolution import BINDING, resolve_targets
+from tracekeeper_agent.targets.resolution import resolve_targets
 from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
 
 
@@ -34,7 +34,7 @@ def pod(uid: str = UID_A, name: str = "web-0", **extra: object) -> dict[str, obj
 def test_all_containers_pod_is_its_pod_level_cgroup() -> None:
     cgroups = FakeCgroups(pods={UID_A: 500}, containers={(UID_A, "c1"): 501, (UID_A, "c2"): 502})
     res = resolve_targets(targets(pods=[pod()]), cgroups)
-    assert dict(res.entries.cgroups) == {500: BINDING}  # one entry covers every container
+    assert res.entries.cgroups == {500}  # one entry covers every container
     assert (res.pods, res.containers, res.pending) == (1, 2, ())
 
 
@@ -52,7 +52,7 @@ def test_listed_containers_are_their_own_cgroups() -> None:
         ]
     )
     res = resolve_targets(t, cgroups)
-    assert dict(res.entries.cgroups) == {501: BINDING}
+    assert res.entries.cgroups == {501}
     assert (res.pods, res.containers) == (1, 1)
     assert res.pending == ("container team-a/web-0/sidecar (not started)",)
 
@@ -78,7 +78,7 @@ def test_pids_comms_and_cgroup_paths() -> None:
         cgroupPaths=["/system.slice/nginx.service", "/system.slice/gone.service"],
     )
     res = resolve_targets(t, cgroups)
-    assert dict(res.entries.cgroups) == {900: BINDING}
+    assert res.entries.cgroups == {900}
     assert res.entries.pids == {10, 20}
     assert res.entries.comms == {"nginx"}
     assert res.pending == ("cgroup /system.slice/gone.service",)
@@ -174,7 +174,7 @@ def test_watcher_events_resolve_a_pending_pod_before_its_containers(root: Path) 
         assert changes.pod_uids == {UID_A}
         assert changes.concerns(t)
         res = resolve_targets(t, cgroups)
-        assert dict(res.entries.cgroups) == {os.stat(pod_dir).st_ino: BINDING}
+        assert res.entries.cgroups == {os.stat(pod_dir).st_ino}
         assert res.containers == 0
 
         container_dir = pod_dir / f"cri-containerd-{CID_A}.scope"

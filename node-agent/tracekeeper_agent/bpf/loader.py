@@ -4,30 +4,35 @@ LoadedProgram reads and writes its maps."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import logging
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from bcc import BPF  # the only place bcc is imported (see the import-linter contract)
 
-from tracekeeper_agent.bpf.maps import KERNEL_OWNED, bump_generation, sync_table
+from tracekeeper_agent.bpf.identity import PinnedIdentities, default_pin
+from tracekeeper_agent.bpf.maps import write_diff, write_values
 from tracekeeper_agent.bpf.ringbuf import RingReader
 from tracekeeper_agent.bpf.stderr_capture import capture_fd2
 from tracekeeper_agent.host.bpf_ids import prog_id
 from tracekeeper_agent.host.event_records import EventBatch, record_layout
 from tracekeeper_agent.ports import (
+    BindingConfig,
     CountSample,
-    FilterEntries,
     HistogramSample,
     KernelCounters,
     LoadFailure,
+    ProgramMaps,
     ProgramPlan,
     RawEvent,
     SampleKey,
 )
+from tracekeeper_agent.programs.constants import NCOUNTERS, Counter
 from tracekeeper_api.protocol import ProbeState
 from tracekeeper_api.reasons import OutcomeReason
 from tracekeeper_api.text import truncate_message
@@ -47,7 +52,8 @@ def _failure_reason(text: str) -> OutcomeReason:
 
 
 class BccProgram:
-    """A loaded program (implements kernel.LoadedProgram)."""
+    """A loaded shape program (implements ports.LoadedProgram): its maps written from
+    ProgramMaps, its outputs read back per binding."""
 
     def __init__(self, bpf: Any, plan: ProgramPlan) -> None:
         self._bpf = bpf
@@ -56,30 +62,70 @@ class BccProgram:
         self._pending: list[RawEvent] = []
         self._reader: RingReader | None = None
         self._program_ids = tuple(sorted(prog_id(f.fd) for f in bpf.funcs.values()))
+        self._maps = ProgramMaps()
+        """What the agent wrote (the maps only it writes are never read back)."""
+        self._gen = 0
 
     @property
     def program_ids(self) -> tuple[int, ...]:
         return self._program_ids
 
-    def update_filter(self, entries: FilterEntries) -> None:
-        kinds = self.plan.filter_kinds
-        if "cgroup" in kinds:
-            sync_table(self._bpf[b"tk_cgroups"], entries.cgroups, key_of=ctypes.c_ulonglong)
-            bump_generation(self._bpf[b"tk_gen"])
-        if "pid" in kinds:
-            sync_table(
-                self._bpf[b"tk_pids"],
-                dict.fromkeys(entries.pids, 1),
-                key_of=ctypes.c_uint,
-                keep=lambda v: bool(v & KERNEL_OWNED),
-            )
-        if "comm" in kinds:
-            comms = self._bpf[b"tk_comms"]
-            sync_table(
-                comms,
-                dict.fromkeys(entries.comms, 1),
-                key_of=lambda name: comms.Key(name.encode()[: _TASK_COMM_LEN - 1]),
-            )
+    def update_maps(self, maps: ProgramMaps) -> None:
+        old, b = self._maps, self._bpf
+        slots = dict.fromkeys(old.slot_masks.keys() - maps.slot_masks.keys(), 0)
+        slots.update((s, m) for s, m in maps.slot_masks.items() if old.slot_masks.get(s) != m)
+        write_values(b[b"tk_slot_masks"], slots, key_of=ctypes.c_int)
+        write_diff(b[b"tk_pids"], old.pids, maps.pids, key_of=ctypes.c_uint)
+        comms = b[b"tk_comms"]
+        write_diff(
+            comms,
+            old.comms,
+            maps.comms,
+            key_of=lambda name: comms.Key(name.encode()[: _TASK_COMM_LEN - 1]),
+        )
+        if old.follow_mask & ~maps.follow_mask and self._has(b"tk_child_pids"):
+            self._drop_children(maps.follow_mask)
+        configs = b[b"tk_bindings"]
+        for bit in old.bindings.keys() | maps.bindings.keys():
+            cfg = maps.bindings.get(bit, BindingConfig())
+            if old.bindings.get(bit, BindingConfig()) != cfg:
+                configs[ctypes.c_int(bit)] = configs.Leaf(cfg.sampling, cfg.rate_limit)
+        self._maps = maps
+        self.invalidate()
+
+    def _drop_children(self, follow: int) -> None:
+        """Children inherited for bindings that no longer follow them: their bits go."""
+        children = self._bpf[b"tk_child_pids"]
+        for k, v in list(children.items()):
+            kept = int(v.value) & follow
+            if kept:
+                children[k] = ctypes.c_ulonglong(kept)
+            else:
+                del children[k]
+
+    def invalidate(self) -> None:
+        """Write the config with a new generation: every cached verdict is recomputed."""
+        m = self._maps
+        self._gen += 1
+        config = self._bpf[b"tk_config"]
+        config[ctypes.c_int(0)] = config.Leaf(
+            self._gen, m.host_mask, m.no_comm_mask, m.follow_mask, m.flags
+        )
+
+    def clear_binding(self, bit: int) -> None:
+        b = self._bpf
+        if self._has(b"tk_values"):
+            values = b[b"tk_values"]
+            mine = [k for k in values if int(k.binding) == bit]
+            for k in mine:
+                with contextlib.suppress(KeyError):
+                    del values[k]
+        counters = b[b"tk_counters"]
+        for c in Counter:
+            counters[ctypes.c_int(bit * NCOUNTERS + c)] = counters.Leaf()
+        if self._has(b"tk_rate"):
+            rate = b[b"tk_rate"]
+            rate[ctypes.c_int(bit)] = rate.Leaf()
 
     def _key(self, k: Any) -> SampleKey:
         by = self.plan.by
@@ -91,11 +137,11 @@ class BccProgram:
             else None,
         )
 
-    def _values(self) -> list[tuple[Any, int]]:
-        if self.plan.output_kind not in ("count", "histogram") and not self._has(b"tk_values"):
+    def _values(self, bit: int) -> list[tuple[Any, int]]:
+        if not self._has(b"tk_values"):
             return []
         table = self._bpf[b"tk_values"]
-        return [(k, sum(int(x) for x in v)) for k, v in table.items()]
+        return [(k, sum(int(x) for x in v)) for k, v in table.items() if int(k.binding) == bit]
 
     def _has(self, name: bytes) -> bool:
         try:
@@ -104,38 +150,39 @@ class BccProgram:
             return False
         return True
 
-    def read_counts(self) -> list[CountSample]:
+    def read_counts(self, bit: int) -> list[CountSample]:
         if self.plan.output_kind == "histogram":
             return []
         totals: dict[SampleKey, int] = defaultdict(int)
-        for k, total in self._values():
+        for k, total in self._values(bit):
             totals[self._key(k)] += total
         return [CountSample(key, value) for key, value in totals.items()]
 
-    def read_histograms(self) -> list[HistogramSample]:
+    def read_histograms(self, bit: int) -> list[HistogramSample]:
         if self.plan.output_kind != "histogram":
             return []
         buckets: dict[SampleKey, dict[int, int]] = defaultdict(dict)
-        for k, total in self._values():
+        for k, total in self._values(bit):
             slots = buckets[self._key(k)]
             slots[int(k.slot)] = slots.get(int(k.slot), 0) + total
         return [HistogramSample(key, slots) for key, slots in buckets.items()]
 
-    def read_counters(self) -> KernelCounters:
+    def read_counters(self, bit: int) -> KernelCounters:
         per_cpu = self._bpf[b"tk_counters"]
-        sums = [sum(int(x) for x in per_cpu[ctypes.c_int(i)]) for i in range(5)]
+        base = bit * NCOUNTERS
+        sums = {c: sum(int(x) for x in per_cpu[ctypes.c_int(base + c)]) for c in Counter}
         return KernelCounters(
-            matched=sums[0],
-            sampled_out=sums[1],
-            rate_limited=sums[2],
-            ring_full=sums[3],
-            lru_new_keys=sums[4],
+            matched=sums[Counter.MATCHED],
+            sampled_out=sums[Counter.SAMPLED_OUT],
+            rate_limited=sums[Counter.RATE_LIMITED],
+            ring_full=sums[Counter.RING_FULL],
+            lru_new_keys=sums[Counter.NEW_KEYS],
         )
 
-    def live_keys(self) -> int:
+    def live_keys(self, bit: int) -> int:
         if not self._has(b"tk_values"):
             return 0
-        return len(self._bpf[b"tk_values"])
+        return sum(1 for k in self._bpf[b"tk_values"] if int(k.binding) == bit)
 
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
         e = self._bpf[b"tk_events"].event(data)
@@ -151,6 +198,7 @@ class BccProgram:
                 cgroup_id=int(e.cgroup),
                 comm=e.comm.decode(errors="replace"),
                 fields=fields,
+                bindings=int(e.bindings),
             )
         )
         return 0
@@ -200,6 +248,22 @@ class BccLoader:
     auto-attach). The object is created before __init__ runs, so that it can be cleaned
     up whatever step fails."""
 
+    def __init__(self, identity_pin: Path | None = None) -> None:
+        self._pin = identity_pin or default_pin()
+        self._identities: PinnedIdentities | None = None
+
+    @property
+    def identities(self) -> PinnedIdentities:
+        """Created with the loader's first use: before any program declares it."""
+        if self._identities is None:
+            self._identities = PinnedIdentities(self._pin)
+        return self._identities
+
+    def close(self) -> None:
+        if self._identities is not None:
+            self._identities.close()
+            self._identities = None
+
     def load(self, plan: ProgramPlan) -> BccProgram:
         try:
             return self._load(plan)
@@ -207,10 +271,12 @@ class BccLoader:
             plan.held.release()  # the kernel holds what was attached; our fds can go
 
     def _load(self, plan: ProgramPlan) -> BccProgram:
+        pin = self.identities.pin
+        cflags = [*_CFLAGS, f'-DTK_IDENTITY_PIN="{pin}"']
         bpf = BPF.__new__(BPF)
         with capture_fd2() as out:
             try:
-                bpf.__init__(text=plan.source.encode(), cflags=_CFLAGS)
+                bpf.__init__(text=plan.source.encode(), cflags=cflags)
             except Exception as exc:
                 error: Exception | None = exc
             else:
@@ -291,8 +357,8 @@ def _clean(text: str) -> str:
 _EXPLANATIONS = (
     (
         re.compile(r"PERF_EVENT_IOC_SET_BPF\): Argument list too long"),
-        "the kernel allows at most 64 BPF programs on one tracepoint, and other probes "
-        "or tools on this node use them all (BPF_TRACE_MAX_PROGS)",
+        "the kernel allows at most 64 BPF programs on one tracepoint (BPF_TRACE_MAX_PROGS): "
+        "64 shapes of 64 probes each, or fewer when other tools on this node use some",
     ),
 )
 

@@ -29,7 +29,21 @@ HEADER_BYTES = 8
 TASK_COMM_LEN = 16
 
 Records = npt.NDArray[np.void]
-"""A structured array: ts, cgroup, pid, tid, comm (u8[16]), then f_<name> per field."""
+"""A structured array: bindings, ts, cgroup, pid, tid, comm (u8[16]), then f_<name> per
+field."""
+
+EVENT_HEADER: tuple[tuple[str, str, Any], ...] = (
+    ("bindings", "u64 bindings;", "<u8"),
+    ("ts", "u64 ts;", "<u8"),
+    ("cgroup", "u64 cgroup;", "<u8"),
+    ("pid", "u32 pid;", "<u4"),
+    ("tid", "u32 tid;", "<u4"),
+    ("comm", "char comm[TASK_COMM_LEN];", (np.uint8, (TASK_COMM_LEN,))),
+)
+"""The members every struct tk_event starts with (name, C declaration, numpy format), in
+order: the program builder renders the C struct from it, record_layout the dtype. Every
+member is naturally aligned at its place. `bindings`: the mask of the probes (bindings of
+a shared program) the record is for."""
 
 
 def roundup(length: int) -> int:
@@ -39,9 +53,9 @@ def roundup(length: int) -> int:
 
 @dataclass(frozen=True)
 class RecordLayout:
-    """struct tk_event (program_builder._event_struct) as a numpy dtype, by C layout rules:
-    u64 ts, u64 cgroup, u32 pid, u32 tid, char comm[16], then the fields (integers 8 bytes,
-    8-aligned; strings char[N]), the size rounded up to 8."""
+    """struct tk_event (programs.builder renders it from EVENT_HEADER) as a numpy dtype, by C
+    layout rules: the header members, then the fields (integers 8 bytes, 8-aligned; strings
+    char[N]), the size rounded up to 8."""
 
     fields: tuple[EventField, ...]
     dtype: np.dtype[np.void]
@@ -66,10 +80,15 @@ class RecordLayout:
 
 
 def record_layout(fields: Sequence[EventField]) -> RecordLayout:
-    names: list[str] = ["ts", "cgroup", "pid", "tid", "comm"]
-    formats: list[Any] = ["<u8", "<u8", "<u4", "<u4", (np.uint8, (TASK_COMM_LEN,))]
-    offsets = [0, 8, 16, 20, 24]
-    at = 24 + TASK_COMM_LEN
+    names: list[str] = []
+    formats: list[Any] = []
+    offsets: list[int] = []
+    at = 0
+    for name, _decl, fmt0 in EVENT_HEADER:
+        names.append(name)
+        formats.append(fmt0)
+        offsets.append(at)
+        at += np.dtype(fmt0).itemsize
     for f in fields:
         if f.kind == "str":
             fmt: Any = (np.uint8, (f.size,))
@@ -179,6 +198,12 @@ class EventBatch:
     def __len__(self) -> int:
         return len(self.records)
 
+    def of_binding(self, bit: int) -> Records:
+        """The records one binding of the program kept (its bit in the mask)."""
+        mine = (self.records["bindings"] >> np.uint64(bit)) & np.uint64(1)
+        kept: Records = self.records[mine.astype(bool)]
+        return kept
+
     def to_raw(self) -> list[RawEvent]:
         """Per event, as the per-record path decodes them (for tests and comparisons)."""
         out = []
@@ -195,6 +220,7 @@ class EventBatch:
                     cgroup_id=int(r["cgroup"]),
                     comm=_text(r["comm"]),
                     fields=fields,
+                    bindings=int(r["bindings"]),
                 )
             )
         return out
@@ -224,6 +250,7 @@ def batch_of(events: Sequence[RawEvent], fields: Sequence[EventField] | None = N
     for i, ev in enumerate(events):
         r = records[i]
         r["ts"], r["cgroup"], r["pid"], r["tid"] = ev.ts_ns, ev.cgroup_id, ev.pid, ev.tid
+        r["bindings"] = ev.bindings
         r["comm"] = _padded(ev.comm, TASK_COMM_LEN)
         for f in layout.fields:
             value = ev.fields.get(f.name, "" if f.kind == "str" else 0)

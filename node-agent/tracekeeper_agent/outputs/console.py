@@ -72,12 +72,12 @@ def render_probe(probe: ActiveProbe, attributor: Attributor, *, top: int = DEFAU
     by, ns = probe.plan.by, probe.namespace
     kind = probe.plan.output_kind
     if kind == "count":
-        rows = aggregate_counts(probe.program.read_counts(), by, ns, attributor)
+        rows = aggregate_counts(probe.read_counts(), by, ns, attributor)
         return count_table(probe.id, by, rows, top=top)
     if kind == "histogram":
-        hists = aggregate_histograms(probe.program.read_histograms(), by, ns, attributor)
+        hists = aggregate_histograms(probe.read_histograms(), by, ns, attributor)
         return histogram_text(probe.id, by, hists, unit=unit_of(probe), top=top)
-    c = probe.program.read_counters()
+    c = probe.read_counters()
     return (
         f"{probe.id}: events (JSON lines), {c.matched - c.sampled_out} produced, "
         f"{c.rate_limited} rate-limited, {c.ring_full} lost to a full ring\n"
@@ -99,10 +99,10 @@ def snapshot(probe: ActiveProbe, attributor: Attributor, *, wall_ns: int) -> dic
     cols = columns(by)
     out: dict[str, Any] = {"time": rfc3339(wall_ns), "probe": probe.id}
     if probe.plan.output_kind == "count":
-        rows = aggregate_counts(probe.program.read_counts(), by, ns, attributor)
+        rows = aggregate_counts(probe.read_counts(), by, ns, attributor)
         out["counts"] = [{**dict(zip(cols, k, strict=True)), "count": n} for k, n in rows]
     elif probe.plan.output_kind == "histogram":
-        hists = aggregate_histograms(probe.program.read_histograms(), by, ns, attributor)
+        hists = aggregate_histograms(probe.read_histograms(), by, ns, attributor)
         out["unit"] = unit_of(probe)
         out["histograms"] = [
             {
@@ -113,7 +113,7 @@ def snapshot(probe: ActiveProbe, attributor: Attributor, *, wall_ns: int) -> dic
             for k, b in hists
         ]
     else:
-        c = probe.program.read_counters()
+        c = probe.read_counters()
         out["events"] = {
             "produced": c.matched - c.sampled_out,
             "rateLimited": c.rate_limited,

@@ -1,14 +1,17 @@
 """Events: ring buffer records read in batches on threads, encoded once, fanned out as chunks.
 
-One poller thread per events probe reads its ring (`poll_batch`: the mmap'd ring, no
-Python call per record), and, when a subscriber has room or the JSON-lines file takes
-it, encodes the whole batch to NDJSON bytes (event_encoding: identity once per cgroup,
-time once per second). The file gets the chunk from that thread; the asyncio loop gets it
-with one call_soon_threadsafe and only queues the same bytes object to every subscriber
-(bounded in bytes), so a flood never holds the loop that serves the API. Memory is bounded
-everywhere: a poller waits while too many of its chunks are not queued yet (the ring then
-fills and the kernel counts ring_full), and a subscriber whose queue is full loses the
-chunk whole, counted as a backlog drop. Per program, exactly:
+One poller thread per events program (shared by the probes of its shape) reads its ring
+(`poll_batch`: the mmap'd ring, no Python call per record), and, when a subscriber has room
+or the JSON-lines file takes it, encodes the whole batch to NDJSON bytes (event_encoding:
+identity once per cgroup, time once per second). The file gets the chunk from that thread;
+the asyncio loop gets it with one call_soon_threadsafe and only queues the same bytes object
+to every subscriber (bounded in bytes), so a flood never holds the loop that serves the API.
+Memory is bounded everywhere: a poller waits while too many of its chunks are not queued yet
+(the ring then fills and the kernel counts ring_full), and a subscriber whose queue is full
+loses the chunk whole, counted as a backlog drop. A record carries the mask of the bindings
+that kept it: the poller splits each batch by binding and encodes each probe's records as
+its own, so a probe's subscribers see only its events.
+Per binding (probe), exactly:
 
     matched - sampled_out = rate_limited + ring_full + received
     received = delivered + backlog          (for each subscriber, while subscribed)
@@ -24,15 +27,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tracekeeper_agent.active import ActiveProbe
+from tracekeeper_agent.active import ActiveProbe, EventCounts
 from tracekeeper_agent.host.event_records import EventBatch, Records
 from tracekeeper_agent.outputs.event_encoding import BASE_KEYS, BatchEncoder
-from tracekeeper_agent.ports import Attributor, EventField, RawEvent
-from tracekeeper_api.protocol import EventDrops
+from tracekeeper_agent.ports import Attributor, EventField, LoadedProgram, RawEvent
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +87,6 @@ def enrich(probe_id: str, raw: RawEvent, attributor: Attributor, wall_offset_ns:
 def encode(event: Event) -> str:
     """One JSON line (with its newline)."""
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n"
-
-
-@dataclass
-class EventCounts:
-    """User-space counts of one loaded program's events (mutated on the loop only)."""
-
-    received: int = 0
-    """Read from the ring buffer."""
-    delivered: int = 0
-    """Put into a subscriber's queue, summed over subscribers."""
-    backlog: int = 0
-    """Lost because a subscriber's queue was full, summed over subscribers."""
 
 
 class Subscription:
@@ -184,20 +173,29 @@ class Subscription:
 
 
 class _Poller:
-    """One thread per events probe: reads its ring in batches, encodes each batch once (off
-    the event loop), hands the chunk to the loop, which only queues it per subscriber."""
+    """One thread per events program: reads its ring in batches, splits each batch by
+    binding, encodes each probe's part once (off the event loop), hands the chunks to the
+    loop, which only queues them per subscriber."""
 
-    def __init__(self, hub: EventHub, probe: ActiveProbe, loop: asyncio.AbstractEventLoop) -> None:
-        self.probe = probe
-        self.counts = EventCounts()
+    def __init__(
+        self,
+        hub: EventHub,
+        program: LoadedProgram,
+        probes: tuple[ActiveProbe, ...],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.program = program
+        self.probes = probes
+        """The program's bindings now: replaced (never mutated) by EventHub.sync."""
         self.failure: str | None = None
         self._hub = hub
         self._loop = loop
         self._stop = threading.Event()
-        self._encoders: dict[tuple[EventField, ...], BatchEncoder] = {}
+        self._encoders: dict[tuple[str, tuple[EventField, ...]], BatchEncoder] = {}
         # Bounds the chunks handed over but not yet queued by the loop.
         self._inflight = threading.Semaphore(hub.inflight_batches)
-        self.thread = threading.Thread(target=self._run, name=f"tk-events:{probe.id}", daemon=True)
+        name = f"tk-events:{probes[0].plan.shape}" if probes else "tk-events"
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         # A poller busy encoding holds the GIL; the loop thread (the API) gets it back
@@ -209,7 +207,7 @@ class _Poller:
         self._stop.set()
 
     def _run(self) -> None:
-        program = self.probe.program
+        program = self.program
         timeout_ms = self._hub.poll_timeout_ms
         pace = self._hub.batch_interval
         most = self._hub.max_batch
@@ -231,16 +229,25 @@ class _Poller:
                     return
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
-            log.exception("events: polling %s failed; poller stopped", self.probe.id)
+            log.exception("events: polling %s failed; poller stopped", self.thread.name)
 
-    def _attribute(self, batch: EventBatch) -> list[tuple[str, Records]]:
-        """Which probe each record is for. Today a program is one probe's: all of them.
-        (A program shared by probes would split the batch here, by its binding mask.)"""
-        return [(self.probe.id, batch.records)]
+    def _attribute(self, batch: EventBatch) -> list[tuple[ActiveProbe, Records]]:
+        """Which probes the records are for: each binding gets those holding its bit."""
+        if len(self.probes) == 1:
+            only = self.probes[0]
+            mine = batch.of_binding(only.bit)
+            return [(only, mine)] if len(mine) else []
+        out = []
+        for probe in self.probes:
+            mine = batch.of_binding(probe.bit)
+            if len(mine):
+                out.append((probe, mine))
+        return out
 
     def _hand_over(self, batch: EventBatch) -> bool:
         hub = self._hub
-        for probe_id, records in self._attribute(batch):
+        for probe, records in self._attribute(batch):
+            probe_id = probe.id
             # Wait (the ring buffer absorbs the pause, or the kernel counts ring_full)
             # rather than queue without bound when the loop falls behind.
             while not self._inflight.acquire(timeout=0.1):
@@ -250,14 +257,15 @@ class _Poller:
             # Nothing is encoded for nobody: only when a subscriber has room or a file
             # takes it (the loop still counts every record).
             if hub.wants(probe_id):
-                encoder = self._encoders.get(batch.layout.fields)
+                key = (probe_id, batch.layout.fields)
+                encoder = self._encoders.get(key)
                 if encoder is None:
                     encoder = BatchEncoder(probe_id, batch.layout, hub.attributor)
-                    self._encoders[batch.layout.fields] = encoder
+                    self._encoders[key] = encoder
                 chunk = encoder.encode(records, monotonic_to_wall_offset())
                 hub.write(chunk)
             try:
-                self._loop.call_soon_threadsafe(hub._dispatch, self, probe_id, len(records), chunk)
+                self._loop.call_soon_threadsafe(hub._dispatch, self, probe, len(records), chunk)
             except RuntimeError:  # the loop closed: the agent is exiting
                 return False
         return True
@@ -267,10 +275,10 @@ class _Poller:
 
 
 class EventHub:
-    """Pollers for the loaded events probes and the subscribers of their streams.
+    """Pollers for the loaded events programs and the subscribers of their probes' streams.
 
-    The reconciler calls `await hub.sync(active_probes)` after each apply and BEFORE it closes
-    programs it replaced or removed: a poller must never poll a closed program."""
+    A reader of the ProgramBoard: the reconciler's publish awaits `hub.sync(probes)`, and
+    closes a program only after it: a poller must never poll a closed program."""
 
     def __init__(
         self,
@@ -292,7 +300,8 @@ class EventHub:
         self._sink = sink
         self._sink_lock = threading.Lock()  # pollers of several probes write it
         self._sink_failed = False
-        self._pollers: dict[str, _Poller] = {}
+        self._pollers: dict[int, _Poller] = {}
+        """By id() of the program polled."""
         self._subs: tuple[Subscription, ...] = ()
         """Replaced, never mutated: poller threads read it without a lock."""
         self._changing = asyncio.Lock()  # a sync or close at a time: they await joins
@@ -300,26 +309,31 @@ class EventHub:
     # --- pollers ---------------------------------------------------------------------------
 
     async def sync(self, probes: Sequence[ActiveProbe]) -> None:
-        """Run exactly one poller per events probe in `probes` (a replaced program gets a new
-        poller); stopped pollers are joined. Subscribers of a probe that is gone are closed."""
+        """Run exactly one poller per events program of `probes`, attributing records to the
+        probes bound in it now; stopped pollers are joined. Subscribers of a probe that is
+        gone are closed."""
         loop = asyncio.get_running_loop()
-        wanted = {p.id: p for p in probes if p.plan.output_kind == "events"}
+        wanted: dict[int, list[ActiveProbe]] = {}
+        programs: dict[int, LoadedProgram] = {}
+        for p in probes:
+            if p.plan.output_kind == "events":
+                wanted.setdefault(id(p.program), []).append(p)
+                programs[id(p.program)] = p.program
         async with self._changing:
-            stale = [
-                poller
-                for pid, poller in self._pollers.items()
-                if pid not in wanted or wanted[pid].program is not poller.probe.program
-            ]
+            stale = [poller for key, poller in self._pollers.items() if key not in wanted]
             await self._stop(stale)
-            for poller in stale:
-                del self._pollers[poller.probe.id]
-                if poller.probe.id not in wanted:
-                    for sub in [s for s in self._subs if s.probe_id == poller.probe.id]:
-                        sub.close()
-            for pid, probe in wanted.items():
-                if pid not in self._pollers:
-                    self._pollers[pid] = _Poller(self, probe, loop)
-                    self._pollers[pid].start()
+            for key in [k for k in self._pollers if k not in wanted]:
+                del self._pollers[key]
+            for key, bound in wanted.items():
+                poller = self._pollers.get(key)
+                if poller is None:
+                    self._pollers[key] = _Poller(self, programs[key], tuple(bound), loop)
+                    self._pollers[key].start()
+                else:
+                    poller.probes = tuple(bound)
+            ids = {p.id for p in probes if p.plan.output_kind == "events"}
+            for sub in [s for s in self._subs if s.probe_id is not None and s.probe_id not in ids]:
+                sub.close()
 
     async def close(self) -> None:
         """Stop every poller, end every subscription, close the file sink."""
@@ -346,35 +360,29 @@ class EventHub:
 
             await asyncio.to_thread(join)
 
+    def _poller_of(self, probe_id: str) -> tuple[_Poller, ActiveProbe] | None:
+        for poller in self._pollers.values():
+            for probe in poller.probes:
+                if probe.id == probe_id:
+                    return poller, probe
+        return None
+
     def running(self) -> dict[str, threading.Thread]:
-        """The poller threads by probe id (for tests and debugging)."""
-        return {pid: p.thread for pid, p in self._pollers.items()}
+        """The poller threads by the probe ids they read for (for tests and debugging)."""
+        return {p.id: poller.thread for poller in self._pollers.values() for p in poller.probes}
 
     def has_probe(self, probe_id: str) -> bool:
-        return probe_id in self._pollers
+        return self._poller_of(probe_id) is not None
 
     def counts(self, probe_id: str) -> EventCounts:
-        """Counts of the probe's current program (zero when it has none)."""
-        poller = self._pollers.get(probe_id)
-        return poller.counts if poller is not None else EventCounts()
-
-    def backlog_drops(self, probe_id: str) -> int:
-        """For Reconciler(backlog_drops=...): the probe's user-space losses."""
-        return self.counts(probe_id).backlog
-
-    def drops(self, probe: ActiveProbe) -> EventDrops:
-        """Every loss of the probe's current program, for its ProbeOutcome."""
-        kernel = probe.program.read_counters()
-        return EventDrops(
-            rate_limited=kernel.rate_limited,
-            ring_full=kernel.ring_full,
-            backlog=self.counts(probe.id).backlog,
-        )
+        """Counts of the probe's current binding (zero when it has none)."""
+        found = self._poller_of(probe_id)
+        return found[1].counts if found is not None else EventCounts()
 
     def failure(self, probe_id: str) -> str | None:
-        """Why the probe's poller stopped on its own, if it did."""
-        poller = self._pollers.get(probe_id)
-        return poller.failure if poller is not None else None
+        """Why the poller of the probe's program stopped on its own, if it did."""
+        found = self._poller_of(probe_id)
+        return found[0].failure if found is not None else None
 
     # --- subscribers -----------------------------------------------------------------------
 
@@ -410,11 +418,13 @@ class EventHub:
 
     # --- on the loop -------------------------------------------------------------------------
 
-    def _dispatch(self, poller: _Poller, probe_id: str, events: int, chunk: bytes | None) -> None:
+    def _dispatch(
+        self, poller: _Poller, probe: ActiveProbe, events: int, chunk: bytes | None
+    ) -> None:
         """Queue one chunk of `events` lines for every subscriber of the probe; without a
         chunk (nobody had room when it was read), every subscriber's backlog takes them."""
         poller.processed()
-        counts = poller.counts
+        counts, probe_id = probe.counts, probe.id
         counts.received += events
         for sub in self._subs:
             if sub.probe_id is not None and sub.probe_id != probe_id:

@@ -1,14 +1,15 @@
 """Prometheus metrics: what loaded probes produce, read from their maps at scrape time.
 
 The collector keeps no copy of any count: every scrape reads the kernel maps of the probes
-the reconciler has loaded, attributes cgroup ids to pods, and sums what ends up with the
-same labels. Each probe contributes at most `series_cap` series per family, each namespace
-at most `namespace_series_cap` on this node and the node at most `node_series_cap`; the
-rest is summed into one overflow series per probe (its label sets counted in
-tracekeeper_probe_series_overflowed), so a probe keyed by pid, or a tenant with many
-probes, cannot flood Prometheus. Histograms show only the buckets that hold values.
+the ProgramBoard holds (each its binding's share of a shared program), attributes cgroup
+ids to pods, and sums what ends up with the same labels. Each probe contributes at most
+`series_cap` series per family, each namespace at most `namespace_series_cap` on this node
+and the node at most `node_series_cap`; the rest is summed into one overflow series per
+probe (its label sets counted in tracekeeper_probe_series_overflowed), so a probe keyed by
+pid, or a tenant with many probes, cannot flood Prometheus. Histograms show only the
+buckets that hold values.
 
-A scrape holds the programs lock only while it copies one probe's maps (a program being
+A scrape holds the board's lock only while it copies one probe's maps (a program being
 closed waits for at most that), and formats everything after.
 """
 
@@ -18,7 +19,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -32,8 +33,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.outputs.events import EventHub
+from tracekeeper_agent.active import ActiveProbe, ProgramBoard
 from tracekeeper_agent.ports import (
     Attributor,
     CountSample,
@@ -57,11 +57,6 @@ DNS labels: no real pod can be called this)."""
 # so that the label set of a family never changes (Prometheus requires it).
 SAMPLE_LABELS = ("namespace", "probe", "pod", "container", "comm", "pid")
 PROBE_LABELS = ("namespace", "probe")
-
-ProbeSource = Callable[[], Sequence[ActiveProbe]]
-FilterEntryCount = Callable[[ActiveProbe], int]
-LockSource = Callable[[], AbstractContextManager[object]]
-"""The reconciler's programs lock (held while a program closes), taken per probe read."""
 
 KeyLabels = tuple[str, str, str, str]
 """pod, container, comm, pid."""
@@ -263,7 +258,6 @@ class _Snapshot:
     counts: list[CountSample]
     histograms: list[HistogramSample]
     live_keys: int
-    filter_entries: int | None
 
 
 class _SeriesBudget:
@@ -294,26 +288,20 @@ class ProbeCollector(Collector):
 
     def __init__(
         self,
-        probes: ProbeSource,
+        board: ProgramBoard,
         attributor: Attributor,
         *,
         series_cap: int = DEFAULT_SERIES_CAP,
         namespace_series_cap: int = DEFAULT_NAMESPACE_SERIES_CAP,
         node_series_cap: int = DEFAULT_NODE_SERIES_CAP,
-        events: EventHub | None = None,
-        filter_entries: FilterEntryCount | None = None,
-        programs_lock: LockSource | None = None,
     ) -> None:
         if min(series_cap, namespace_series_cap, node_series_cap) < 1:
             raise ValueError("series caps must be at least 1")
-        self._probes = probes
+        self._board = board
         self._attributor = attributor
         self._cap = series_cap
         self._namespace_cap = namespace_series_cap
         self._node_cap = node_series_cap
-        self._events = events
-        self._filter_entries = filter_entries
-        self._programs_lock: LockSource = programs_lock or nullcontext
 
     def describe(self) -> Iterator[Metric]:
         # Sample-less families: lets the registry refuse a second collector with our names.
@@ -321,13 +309,13 @@ class ProbeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         fam = _Families.empty()
-        probes = list(self._probes())
+        probes = self._board.probes()
         fam.loaded.add_metric([], float(len(probes)))
         snapshots = []
         for probe in probes:
             try:
                 # One probe at a time: a program closing waits for one map copy, not a scrape.
-                with self._programs_lock():
+                with self._board.lock:
                     snapshots.append(self._snapshot(probe))
             except Exception:
                 log.warning("metrics: reading probe %s failed; skipped", probe.id, exc_info=True)
@@ -339,16 +327,12 @@ class ProbeCollector(Collector):
 
     def _snapshot(self, probe: ActiveProbe) -> _Snapshot:
         kind = probe.plan.output_kind
-        program = probe.program
         return _Snapshot(
             probe=probe,
-            counters=program.read_counters(),
-            counts=program.read_counts() if kind == "count" else [],
-            histograms=program.read_histograms() if kind == "histogram" else [],
-            live_keys=program.live_keys() if kind != "events" else 0,
-            filter_entries=(
-                self._filter_entries(probe) if self._filter_entries is not None else None
-            ),
+            counters=probe.read_counters(),
+            counts=probe.read_counts() if kind == "count" else [],
+            histograms=probe.read_histograms() if kind == "histogram" else [],
+            live_keys=probe.live_keys() if kind != "events" else 0,
         )
 
     def _add_probe(self, snap: _Snapshot, fam: _Families, budget: _SeriesBudget) -> None:
@@ -371,8 +355,7 @@ class ProbeCollector(Collector):
             evicted = max(counters.lru_new_keys - snap.live_keys, 0)
             fam.overflowed.add_metric(ids, float(overflowed))
         fam.evictions.add_metric(ids, float(evicted))
-        if snap.filter_entries is not None:
-            fam.filter_entries.add_metric(ids, float(snap.filter_entries))
+        fam.filter_entries.add_metric(ids, float(probe.filter_entries))
 
     def _labels(self, probe: ActiveProbe, key: SampleKey) -> KeyLabels:
         return key_labels(key, probe.plan.by, probe.namespace, self._attributor)
@@ -420,10 +403,8 @@ class ProbeCollector(Collector):
         ids = [probe.namespace, probe.name]
         fam.dropped.add_metric([*ids, "rate_limit"], float(counters.rate_limited))
         fam.dropped.add_metric([*ids, "ring_full"], float(counters.ring_full))
-        if self._events is not None:
-            counts = self._events.counts(probe.id)
-            fam.events.add_metric(ids, float(counts.received))
-            fam.dropped.add_metric([*ids, "backlog"], float(counts.backlog))
+        fam.events.add_metric(ids, float(probe.counts.received))
+        fam.dropped.add_metric([*ids, "backlog"], float(probe.counts.backlog))
 
 
 # Compiles take about 0.3 s here; large programs and a cold cache several seconds.
@@ -436,27 +417,21 @@ class AgentMetrics:
 
     def __init__(
         self,
-        probes: ProbeSource,
+        board: ProgramBoard,
         attributor: Attributor,
         *,
         registry: CollectorRegistry | None = None,
         series_cap: int = DEFAULT_SERIES_CAP,
         namespace_series_cap: int = DEFAULT_NAMESPACE_SERIES_CAP,
         node_series_cap: int = DEFAULT_NODE_SERIES_CAP,
-        events: EventHub | None = None,
-        filter_entries: FilterEntryCount | None = None,
-        programs_lock: LockSource | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.collector = ProbeCollector(
-            probes,
+            board,
             attributor,
             series_cap=series_cap,
             namespace_series_cap=namespace_series_cap,
             node_series_cap=node_series_cap,
-            events=events,
-            filter_entries=filter_entries,
-            programs_lock=programs_lock,
         )
         self.registry.register(self.collector)
         self._compile = Histogram(

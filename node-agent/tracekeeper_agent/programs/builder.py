@@ -1,7 +1,9 @@
-"""Spec -> BCC C text and an attach plan, checked against the running kernel first.
+"""Spec -> BCC C text and an attach plan of its shape, checked against the running kernel.
 
-The text is the prelude (c_prelude.h: filter, sampling, rate limit, outputs) with
-#defines that compile in only what this probe uses, then the probe kind's functions.
+The text is the shared constants (programs/constants.py) and the shape's #defines (output
+kind, `by` keys), the prelude (c_prelude.h: filter, per-binding sampling and rate limit,
+outputs), then the probe kind's functions. Nothing of who is traced, sampling or the rate
+limit is in it: every probe of one shape compiles to the same text (programs/sharing.py).
 """
 
 from __future__ import annotations
@@ -14,19 +16,16 @@ from functools import cache
 from pathlib import Path
 
 from tracekeeper_agent.host.elf_symbols import UprobeTargetError, find_binary
+from tracekeeper_agent.host.event_records import EVENT_HEADER
 from tracekeeper_agent.host.kernel_features import KernelFeatures, detect
 from tracekeeper_agent.host.rootfs import RootPathError, open_root
-from tracekeeper_agent.ports import FilterKind, HeldFiles, LoadFailure, ProgramPlan, TargetRoot
+from tracekeeper_agent.ports import HeldFiles, LoadFailure, ProgramPlan, TargetRoot
+from tracekeeper_agent.programs.constants import c_defines
 from tracekeeper_agent.programs.kinds import REGISTRY, BuildContext, KindRender
 from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
+from tracekeeper_api.shapes import shape_of
 
 PRELUDE = (Path(__file__).parent / "c_prelude.h").read_text()
-
-MAX_CGROUPS = 16384
-MAX_PIDS = 65536
-MAX_KEYS = 10240
-MAX_CGROUP_LEVEL = 16
-RING_PAGES = 512  # 2 MiB of ring buffer per events probe
 
 
 @cache
@@ -34,69 +33,39 @@ def node_kernel() -> KernelFeatures:
     return detect()
 
 
-def filter_kinds(targets: ProbeTargets) -> frozenset[FilterKind]:
-    """Only the filter kinds a probe uses are compiled in. Pods always bring the cgroup
-    filter, even with no pod on this node yet: an empty map matches nothing."""
-    kinds: set[FilterKind] = set()
-    if targets.pods or targets.cgroup_paths or not (targets.pids or targets.host_wide):
-        kinds.add("cgroup")
-    if targets.pids:
-        kinds.add("pid")
-    if targets.process_names:
-        kinds.add("comm")
-    if targets.host_wide:
-        kinds.discard("cgroup")
-    return frozenset(kinds)
+def follows(assignment: ProbeAssignment) -> bool:
+    """The probe follows the children of its pids: its program has the fork and exit
+    followers (a shape of its own: they cost every other program a slot on those
+    tracepoints otherwise)."""
+    return assignment.targets.follow_children and bool(assignment.targets.pids)
 
 
-def _defines(assignment: ProbeAssignment, kinds: frozenset[FilterKind]) -> str:
-    spec, targets = assignment.spec, assignment.targets
-    out = spec.output
+def _defines(assignment: ProbeAssignment) -> str:
+    out = assignment.spec.output
     by = set(out.by) if out.kind != "events" else set()
     values = {
-        "TK_FILTER_CGROUP": "cgroup" in kinds,
-        "TK_FILTER_PID": "pid" in kinds,
-        "TK_FILTER_COMM": "comm" in kinds,
-        "TK_FOLLOW_CHILDREN": targets.follow_children,
-        "TK_HOST_WIDE": targets.host_wide,
-        "TK_SAMPLING": spec.sampling,
-        "TK_OUTPUT_COUNT": out.kind == "count" or spec.program is not None,
+        "TK_OUTPUT_COUNT": out.kind == "count" or assignment.spec.program is not None,
         "TK_OUTPUT_HISTOGRAM": out.kind == "histogram",
         "TK_OUTPUT_EVENTS": out.kind == "events",
         "TK_BY_CGROUP": bool(by & {"pod", "container"}),
         "TK_BY_PID": "pid" in by,
         "TK_BY_COMM": "comm" in by,
-        "TK_RATE_LIMIT": out.rate_limit or 0,
-        "TK_MAX_CGROUPS": MAX_CGROUPS,
-        "TK_MAX_PIDS": MAX_PIDS,
-        "TK_MAX_KEYS": MAX_KEYS,
-        "TK_MAX_LEVEL": MAX_CGROUP_LEVEL,
-        "TK_RING_PAGES": RING_PAGES,
+        "TK_FOLLOW_CHILDREN": follows(assignment),
     }
-    return "".join(f"#define {k} {int(v)}\n" for k, v in values.items())
+    return c_defines() + "".join(f"#define {k} {int(v)}\n" for k, v in values.items())
 
 
 def _event_struct(kind: KindRender) -> str:
-    members = "\n".join(f"    {d}" for d in kind.event_decls)
-    return (
-        "struct tk_event {\n"
-        "    u64 ts;\n"
-        "    u64 cgroup;\n"
-        "    u32 pid;\n"
-        "    u32 tid;\n"
-        "    char comm[TASK_COMM_LEN];\n"
-        f"{members}\n"
-        "};\n"
-    )
+    members = [decl for _name, decl, _fmt in EVENT_HEADER] + list(kind.event_decls)
+    return "struct tk_event {\n" + "".join(f"    {d}\n" for d in members) + "};\n"
 
 
 def render_source(assignment: ProbeAssignment, ctx: BuildContext) -> tuple[str, KindRender]:
     spec = assignment.spec
     kind = REGISTRY[spec.attach_kind](spec, ctx)
-    kinds = filter_kinds(assignment.targets)
     parts = [
-        f"/* tracekeeper probe {assignment.id} ({spec.attach_kind}, {spec.output.kind}) */\n",
-        _defines(assignment, kinds),
+        f"/* tracekeeper program: {shape_of(assignment).label} */\n",
+        _defines(assignment),
         PRELUDE,
         "\n",
     ]
@@ -135,10 +104,9 @@ def _build(assignment: ProbeAssignment, ctx: BuildContext) -> ProgramPlan:
     spec = assignment.spec
     return ProgramPlan(
         held=HeldFiles(list(kind.held_fds)),
-        probe_id=assignment.id,
+        shape=shape_of(assignment).label,
         source=source,
         attachments=kind.attachments,
-        filter_kinds=filter_kinds(assignment.targets),
         output_kind=spec.output.kind,
         by=tuple(spec.output.by) if spec.output.kind != "events" else (),
         event_fields=kind.event_fields,
@@ -149,20 +117,13 @@ def _build(assignment: ProbeAssignment, ctx: BuildContext) -> ProgramPlan:
 # --- what a plan depends on, and where it is resolved --------------------------------------
 
 
-def plan_inputs(assignment: ProbeAssignment) -> Hashable:
+def plan_inputs(assignment: ProbeAssignment, privileged: bool = True) -> Hashable:
     """What the program of an assignment is built from, besides the files of its uprobe:
-    the spec (by its hash), the permission for raw source and the shape of the targets
-    (which filter kinds and defines are compiled in). Targets themselves are map entries."""
-    t = assignment.targets
-    shape = (
-        bool(t.pods),
-        bool(t.cgroup_paths),
-        bool(t.pids),
-        bool(t.process_names),
-        t.follow_children,
-        t.host_wide,
-    )
-    return (assignment.spec_hash, assignment.allow_program, shape)
+    its shape, the permission for raw source and whether its namespace is privileged (a
+    tenant's probe must not join a program capturing what it may not), and whether it
+    follows children (programs.builder.follows). Probes with equal inputs share one
+    program; targets, sampling and rate limit are map contents."""
+    return (shape_of(assignment), assignment.allow_program, privileged, follows(assignment))
 
 
 RootsOf = Callable[[ProbeTargets], list[TargetRoot]]
@@ -197,8 +158,11 @@ class Planner:
         self._privileged = privileged_namespaces
         """Whose probes may capture address fields (None: every probe, standalone)."""
 
+    def _privileged_ns(self, assignment: ProbeAssignment) -> bool:
+        return self._privileged is None or assignment.namespace in self._privileged
+
     def inputs(self, assignment: ProbeAssignment) -> Hashable:
-        base = plan_inputs(assignment)
+        base = plan_inputs(assignment, self._privileged_ns(assignment))
         up = assignment.spec.uprobe
         if up is None:
             return base
@@ -220,12 +184,11 @@ class Planner:
     def build(self, assignment: ProbeAssignment) -> ProgramPlan:
         roots = self._roots_of(assignment.targets) if assignment.spec.uprobe else []
         try:
-            privileged = self._privileged is None or assignment.namespace in self._privileged
             ctx = BuildContext(
                 kernel=node_kernel(),
                 roots=tuple(roots),
                 allow_program=assignment.allow_program,
-                privileged=privileged,
+                privileged=self._privileged_ns(assignment),
             )
             return _build(assignment, ctx)
         finally:

@@ -1,34 +1,45 @@
-"""Desired NodeState -> programs in the kernel, through the ProgramLoader seam.
+"""Desired NodeState -> shared programs in the kernel, through the ProgramLoader seam.
 
-Per probe: suspended -> unloaded; same program (plan key) -> filter map update only, the
-program stays attached and keeps its BPF ids; changed program -> the new one is loaded and
-its filter filled before the old one is closed (no gap); gone -> closed. One probe's failure
+Probes are grouped by shape (programs/sharing.py: what changes the C text); the probes of
+one shape share one program, each a binding (a bit of the program's mask, up to 64; a 65th
+opens another program of the shape). Per probe: suspended or gone -> its binding is
+removed (map writes; the program is closed with its last binding); same shape -> its
+targets, sampling and rate limit are map writes only, the program keeps its BPF ids; a new
+shape -> the probe is bound in a program of that shape (loaded first if there is none, or
+every one is full) and filled before its old binding goes (no gap). One probe's failure
 never touches the others. Compiles run one at a time in a worker thread, so the event loop
 keeps serving the API and cgroup events meanwhile.
 
-Plans are built (off the loop) only for probes whose plan inputs changed (see
-program_builder.plan_inputs; a uprobe's include the identity of the resolved files). A
-probe that failed for a reason that may pass (AttachFailed) is retried after a per-probe
+A probe that failed for a reason that may pass (AttachFailed) is retried after a per-probe
 backoff, not on every push. An apply runs to completion whatever its caller does: a client
-that disconnects mid-push cancels its wait, never the kernel work.
+that disconnects mid-push cancels its wait, never the kernel work. What is loaded is
+published to the ProgramBoard, which the outputs read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import itertools
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from tracekeeper_agent.active import ActiveProbe
-from tracekeeper_agent.ports import LoadedProgram, LoadFailure, ProgramLoader, ProgramPlan
+from tracekeeper_agent.active import ActiveProbe, ProgramBoard
+from tracekeeper_agent.ports import (
+    LoadedProgram,
+    LoadFailure,
+    ProgramLoader,
+    ProgramMaps,
+    ProgramPlan,
+)
 from tracekeeper_agent.programs.builder import plan_inputs
+from tracekeeper_agent.programs.constants import MAX_BINDINGS, MAX_PROGRAMS_PER_SHAPE
 from tracekeeper_agent.programs.kinds.uprobe import NothingToAttach
+from tracekeeper_agent.programs.sharing import BitTable, IdentitySlots, binding_of, program_maps
 from tracekeeper_agent.reconcile.state_store import StateStore
 from tracekeeper_agent.reconcile.tenancy import DEFAULT_PRIVILEGED, refusal
 from tracekeeper_agent.targets.attribution import TargetAttributor
@@ -55,7 +66,7 @@ log = logging.getLogger(__name__)
 
 PlanBuilder = Callable[[ProbeAssignment], ProgramPlan]
 PlanInputs = Callable[[ProbeAssignment], Hashable]
-"""What a probe's plan depends on; build_plan runs again only when it changes."""
+"""A probe's shape key: what its program is built from. Probes with equal keys share."""
 
 # Failures that recur for the same inputs: not retried (recompiled) until the inputs change.
 # Other failures (attach) may pass and are retried after a per-probe backoff.
@@ -75,6 +86,11 @@ def retry_delay(failures: int, first: float = RETRY_FIRST, most: float = RETRY_M
 SUSPENDED_MESSAGE = "spec.suspend is true: the program is unloaded"
 POLL_INTERVAL = 2.0
 """Seconds between re-resolutions of targets that no cgroup event announces."""
+FULL_MESSAGE = (
+    f"every program of this shape serves {MAX_BINDINGS} probes and this node runs "
+    f"{MAX_PROGRAMS_PER_SHAPE} of them (the kernel's limit per attach point): "
+    f"{MAX_PROGRAMS_PER_SHAPE} x {MAX_BINDINGS} probes of one shape per node"
+)
 
 
 class StateRefused(Exception):
@@ -93,14 +109,6 @@ class StaleRevision(StateRefused):
     def __init__(self, message: str, applied_revision: int) -> None:
         super().__init__(message)
         self.applied_revision = applied_revision
-
-
-class ProgramReaders(Protocol):
-    """Readers of loaded programs in other threads (the EventHub's ring buffer pollers)."""
-
-    async def sync(self, probes: Sequence[ActiveProbe]) -> None:
-        """Read exactly `probes` from now on; return once programs not in it are no longer
-        read (they are closed right after)."""
 
 
 def check_revision(applied: NodeState | None, offered: NodeState) -> bool:
@@ -125,32 +133,21 @@ def check_revision(applied: NodeState | None, offered: NodeState) -> bool:
     return False
 
 
-def plan_key(plan: ProgramPlan) -> str:
-    """What identifies a program: everything in the plan but the probe id. Attachments are
-    included because a uprobe's resolved binary can change while the C text does not."""
-    parts = (
-        plan.source_hash or plan.source,
-        repr(plan.attachments),
-        repr(sorted(plan.filter_kinds)),
-        plan.output_kind,
-        repr(plan.by),
-        repr(plan.event_fields),
-    )
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+_unshared = itertools.count()
 
 
-def check_confined(assignment: ProbeAssignment, plan: ProgramPlan) -> None:
-    """Refuse a plan that would trace every process although the probe is not host-wide:
-    without a cgroup or pid filter compiled in, empty maps would not mean 'nothing'."""
-    if assignment.targets.host_wide:
-        return
-    if not plan.filter_kinds & {"cgroup", "pid"}:
-        raise LoadFailure(
-            "Failed",
-            "Failed",
-            "refused: the program has no cgroup or pid filter but the probe is not host-wide "
-            f"(filter kinds: {sorted(plan.filter_kinds) or 'none'})",
-        )
+@dataclass(eq=False)
+class _Program:
+    """One loaded program of a shape and its bindings."""
+
+    key: Hashable
+    plan: ProgramPlan
+    loaded: LoadedProgram
+    bits: BitTable = field(default_factory=BitTable)
+    bound: dict[int, _Probe] = field(default_factory=dict)
+    """bit -> the probe holding it (a bit freed waits in `bits` until its keys are gone)."""
+    maps: ProgramMaps | None = None
+    """What its maps were last written with."""
 
 
 @dataclass
@@ -161,16 +158,17 @@ class _Probe:
     state: ProbeState
     reason: str
     message: str = ""
-    active: ActiveProbe | None = None
-    key: str = ""
     inputs: Hashable | None = None
-    """The plan inputs this outcome was reached with (None: plan again)."""
+    """The shape key this outcome was reached with (None: plan again)."""
     failures: int = 0
     """Failed loads in a row with these inputs."""
     retry_at: float | None = None
     """Monotonic time after which a failed probe is tried again (None: not with the same
     inputs, or not failed)."""
     resolution: Resolution = field(default_factory=Resolution)
+    program: _Program | None = None
+    bit: int = -1
+    active: ActiveProbe | None = None
 
 
 class Reconciler:
@@ -181,10 +179,10 @@ class Reconciler:
         loader: ProgramLoader,
         build_plan: PlanBuilder,
         cgroups: CgroupLookup,
+        board: ProgramBoard | None = None,
         processes: ProcessTable | None = None,
         store: StateStore | None = None,
         kernel: KernelInfo | None = None,
-        backlog_drops: Callable[[str], int] | None = None,
         compile_observer: Callable[[float], None] | None = None,
         attributor: TargetAttributor | None = None,
         boot_id: str | None = None,
@@ -197,10 +195,8 @@ class Reconciler:
         self.kernel = kernel or KernelInfo()
         self.attributor = attributor or TargetAttributor(cgroups)
         """Kept current with the desired state's pods (the exporters name pods with it)."""
-        self.readers: list[ProgramReaders] = []
-        self.programs_lock = threading.Lock()
-        """Held while a program is closed; readers of kernel maps in other threads (the
-        metrics scrape) hold it too, so that they never read a program being freed."""
+        self.board = board or ProgramBoard()
+        """Where the loaded bindings are published (the outputs read them there)."""
         self._loader = loader
         self._build_plan = build_plan
         self._plan_inputs = plan_inputs
@@ -215,14 +211,17 @@ class Reconciler:
         self._cgroups = cgroups
         self._processes = processes
         self._store = store
-        self._backlog_drops = backlog_drops
         self._compile_observer = compile_observer
         self._state: NodeState | None = None
         """The last accepted state (revision checks); possibly still being applied."""
         self._applied_revision = 0
         self._probes: dict[str, _Probe] = {}
+        self._programs: list[_Program] = []
+        self._slots = IdentitySlots()
         self._apply_lock = asyncio.Lock()
         self._filter_lock = asyncio.Lock()
+        """Held while bindings and the maps that hold them change (map writes are diffs of
+        what the last write left)."""
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -231,15 +230,12 @@ class Reconciler:
         return self._state
 
     def active_probes(self) -> list[ActiveProbe]:
-        """The loaded programs now (a snapshot: exporters iterate it from other threads)."""
-        return [p.active for p in list(self._probes.values()) if p.active is not None]
+        """The loaded bindings now (a snapshot: exporters iterate it from other threads)."""
+        return self.board.probes()
 
-    def filter_entries(self, probe: ActiveProbe) -> int:
-        """Entries in the probe's filter maps (for the metrics collector)."""
-        record = self._probes.get(probe.id)
-        if record is None or record.active is not probe:
-            return 0
-        return record.resolution.entries.size
+    def programs(self) -> int:
+        """Programs loaded now (one per shape, or more for shapes of over 64 probes)."""
+        return len(self._programs)
 
     def report(self) -> NodeReport:
         revision = self._applied_revision  # not the one being applied: its probes are not all in
@@ -257,9 +253,11 @@ class Reconciler:
             message = probe.resolution.pending_message()
         program_ids: list[int] = []
         drops = EventDrops()
-        if probe.active is not None:
-            program_ids = list(probe.active.program.program_ids)
+        shape, shared_by = "", 0
+        if probe.active is not None and probe.program is not None:
+            program_ids = list(probe.program.loaded.program_ids)
             drops = self._drops(probe.active)
+            shape, shared_by = probe.program.plan.shape, len(probe.program.bound)
         res = probe.resolution
         return ProbeOutcome(
             id=probe.assignment.id,
@@ -272,12 +270,16 @@ class Reconciler:
             pods=res.pods,
             containers=res.containers,
             drops=drops,
+            shape=shape,
+            shared_by=shared_by,
         )
 
     def _drops(self, active: ActiveProbe) -> EventDrops:
-        backlog = self._backlog_drops(active.id) if self._backlog_drops else 0
+        backlog = active.counts.backlog
+        if active.plan.output_kind != "events":
+            return EventDrops(backlog=backlog)
         try:
-            counters = active.program.read_counters()
+            counters = active.read_counters()
         except Exception:  # a report must not fail because one map read did
             log.exception("reading the counters of %s", active.id)
             return EventDrops(backlog=backlog)
@@ -316,15 +318,15 @@ class Reconciler:
                 return self.report()
             await self._persist(state)
             previous, self._state = self._state, state
-            # Until the old programs are gone, their events still name their pods.
+            # Until the old bindings are gone, their events still name their pods.
             self.attributor.set_targets([*(previous.probes if previous else []), *state.probes])
             desired = {a.id for a in state.probes}
             for gone in [pid for pid in self._probes if pid not in desired]:
-                await self._close(self._probes.pop(gone))
+                await self._unbind(self._probes.pop(gone))
             await self._converge(state.probes, self._clock() if now is None else now)
             # Report in the order of the desired state.
             self._probes = {a.id: self._probes[a.id] for a in state.probes}
-            await self._sync_readers()  # new programs get their readers
+            await self._publish()
             self.attributor.set_targets(state.probes)
             self._applied_revision = state.revision
             return self.report()
@@ -334,7 +336,7 @@ class Reconciler:
             if self._state is None or self._applied_revision != self._state.revision:
                 return
             await self._converge(self._state.probes, self._clock() if now is None else now)
-            await self._sync_readers()
+            await self._publish()
         return None
 
     async def _converge(self, assignments: Sequence[ProbeAssignment], now: float) -> None:
@@ -344,9 +346,7 @@ class Reconciler:
         for assignment in assignments:
             if assignment.id in refused:
                 current = self._probes.get(assignment.id)
-                await self._replace(
-                    assignment.id, current, _failed(assignment, refused[assignment.id])
-                )
+                await self._replace(current, _failed(assignment, refused[assignment.id]))
                 continue
             await self._apply_probe(assignment, inputs.get(assignment.id), now)
 
@@ -377,74 +377,64 @@ class Reconciler:
         current = self._probes.get(assignment.id)
         if assignment.spec.suspend:
             suspended = _Probe(assignment, "Suspended", "Suspended", SUSPENDED_MESSAGE)
-            await self._replace(assignment.id, current, suspended)
+            await self._replace(current, suspended)
             return
         if current is not None and inputs is not None and current.inputs == inputs:
-            if current.active is not None:
-                await self._update_targets(current, assignment)
+            if current.program is not None:
+                await self._update_binding(current, assignment)
                 return
             if current.retry_at is None or now < current.retry_at:
                 current.assignment = assignment  # the same plan failed: not yet again
                 return
-        built = await asyncio.to_thread(self._plan, assignment)
-        try:
-            await self._apply_plan(assignment, current, built, inputs, now)
-        finally:
-            if isinstance(built, ProgramPlan):
-                built.held.release()  # a plan that was not loaded still holds its files
-
-    async def _apply_plan(
-        self,
-        assignment: ProbeAssignment,
-        current: _Probe | None,
-        built: ProgramPlan | LoadFailure,
-        inputs: Hashable | None,
-        now: float,
-    ) -> None:
-        if isinstance(built, LoadFailure):
-            failed = _failed(assignment, built, inputs, now, current)
-            await self._replace(assignment.id, current, failed)
-            return
-        key = plan_key(built)
-        if current is not None and current.active is not None and current.key == key:
-            current.inputs = inputs
-            await self._update_targets(current, assignment)
-            return
-        loaded = await self._load(built)
-        if isinstance(loaded, LoadFailure):
-            failed = _failed(assignment, loaded, inputs, now, current)
-            await self._replace(assignment.id, current, failed)
-            return
-        fresh = _Probe(assignment, "Loaded", "Loaded", key=key, inputs=inputs)
-        fresh.active = ActiveProbe(assignment=assignment, plan=built, program=loaded)
-        async with self._filter_lock:
-            try:
-                await self._fill(fresh, force=True)
-            except Exception as exc:
-                log.exception("filling the filter of %s", assignment.id)
-                await self._close_program(loaded)
-                broken = LoadFailure("Failed", "Failed", f"filter update failed: {exc}")
-                failed = _failed(assignment, broken, inputs, now, current)
-                await self._replace(assignment.id, current, failed)
+        key: Hashable = inputs if inputs is not None else ("unshared", next(_unshared))
+        program = self._room(key)
+        if program is None:
+            if sum(1 for p in self._programs if p.key == key) >= MAX_PROGRAMS_PER_SHAPE:
+                failure = LoadFailure("Failed", "AttachFailed", FULL_MESSAGE)
+                await self._replace(current, _failed(assignment, failure, inputs, now, current))
                 return
-        # Only now that the new program is attached and filtered does the old one go.
-        await self._replace(assignment.id, current, fresh)
+            loaded = await self._open(assignment, key)
+            if isinstance(loaded, LoadFailure):
+                await self._replace(current, _failed(assignment, loaded, inputs, now, current))
+                return
+            program = loaded
+        fresh = _Probe(assignment, "Loaded", "Loaded", inputs=inputs)
+        try:
+            await self._bind(fresh, program)
+        except LoadFailure as broken:  # the program's maps could not be written: closed
+            await self._replace(current, _failed(assignment, broken, inputs, now, current))
+            return
+        # Only now that the new binding counts does the old one go.
+        await self._replace(current, fresh)
+
+    def _room(self, key: Hashable) -> _Program | None:
+        """A loaded program of the shape with a free bit."""
+        return next((p for p in self._programs if p.key == key and not p.bits.full), None)
+
+    async def _open(self, assignment: ProbeAssignment, key: Hashable) -> _Program | LoadFailure:
+        """Build and load a program of the assignment's shape (its first binding follows)."""
+        built = await asyncio.to_thread(self._plan, assignment)
+        if isinstance(built, LoadFailure):
+            return built
+        try:
+            loaded = await self._load(built)
+        finally:
+            built.held.release()  # a plan that was not loaded still holds its files
+        if isinstance(loaded, LoadFailure):
+            return loaded
+        program = _Program(key=key, plan=built, loaded=loaded)
+        self._programs.append(program)
+        return program
 
     def _plan(self, assignment: ProbeAssignment) -> ProgramPlan | LoadFailure:
         """Build the plan (in a worker thread: uprobes open and scan ELF files)."""
         try:
-            plan = self._build_plan(assignment)
+            return self._build_plan(assignment)
         except LoadFailure as failure:
             return failure
         except Exception as exc:  # a builder bug must not take down the other probes
             log.exception("building the program of %s", assignment.id)
             return LoadFailure("Failed", "Failed", f"building the program failed: {exc}")
-        try:
-            check_confined(assignment, plan)
-        except LoadFailure as failure:
-            plan.held.release()
-            return failure
-        return plan
 
     async def _load(self, plan: ProgramPlan) -> LoadedProgram | LoadFailure:
         def load() -> LoadedProgram:
@@ -466,7 +456,7 @@ class Reconciler:
         except LoadFailure as failure:
             return failure
         except Exception as exc:  # a loader bug fails this probe, not the others
-            log.exception("loading the program of %s", plan.probe_id)
+            log.exception("loading the program of %s", plan.shape)
             return LoadFailure("Failed", "Failed", f"loading the program failed: {exc}")
 
     def _close_orphan(self, done: asyncio.Future[LoadedProgram]) -> None:
@@ -476,69 +466,142 @@ class Reconciler:
         log.warning("closing a program whose load was cancelled")
 
         def close() -> None:
-            with self.programs_lock:
+            with self.board.lock:
                 program.close()
 
         asyncio.get_running_loop().run_in_executor(None, close)
 
-    async def _update_targets(self, probe: _Probe, assignment: ProbeAssignment) -> None:
+    # --- bindings and their maps --------------------------------------------------------------
+
+    async def _bind(self, probe: _Probe, program: _Program) -> None:
+        """Give the probe a bit of `program` and write it into the maps."""
+        bit = program.bits.take(probe.assignment.id)
+        assert bit is not None, "bound in a full program"
+        probe.program, probe.bit = program, bit
+        program.bound[bit] = probe
+        probe.active = ActiveProbe(probe.assignment, program.plan, program.loaded, bit)
         async with self._filter_lock:
-            probe.assignment = assignment
-            assert probe.active is not None
-            probe.active.assignment = assignment
-            try:
-                await self._fill(probe)
-            except Exception as exc:
-                await self._fail_closed(probe, exc)
+            probe.resolution = self._resolve(probe)
+            await self._write_maps()
+        if probe.program is None:  # its program's maps could not be written
+            raise LoadFailure("Failed", "Failed", probe.message)
 
-    async def _fill(self, probe: _Probe, *, force: bool = False) -> None:
-        """Resolve the probe's targets and put them in its filter maps if they changed.
-        Caller holds the filter lock, so the recorded resolution is what the kernel has."""
-        assert probe.active is not None
-        resolution = resolve_targets(probe.assignment.targets, self._cgroups, self._processes)
-        if force or resolution.entries != probe.resolution.entries:
-            await asyncio.to_thread(probe.active.program.update_filter, resolution.entries)
-        probe.resolution = resolution
-
-    async def _fail_closed(self, probe: _Probe, exc: Exception) -> None:
-        """A program whose filter could not be updated may trace whom it no longer should:
-        close it rather than keep it with stale entries."""
-        log.error("filter update of %s failed, closing it: %s", probe.assignment.id, exc)
-        active, probe.active = probe.active, None
-        probe.state, probe.reason = "Failed", "Failed"
-        probe.message = f"filter update failed: {exc}"
-        probe.key = ""
-        probe.inputs = None  # the next push or retry plans it again
-        probe.resolution = Resolution()
-        if active is not None:
-            await self._stop(active)
-
-    async def _replace(self, probe_id: str, old: _Probe | None, new: _Probe) -> None:
-        self._probes[probe_id] = new
-        if old is not None and old.active is not None and old.active is not new.active:
-            await self._stop(old.active)
-
-    async def _close(self, probe: _Probe) -> None:
+    async def _update_binding(self, probe: _Probe, assignment: ProbeAssignment) -> None:
+        """Same shape: the new targets, sampling and rate limit are map writes."""
+        probe.assignment = assignment
         if probe.active is not None:
-            active, probe.active = probe.active, None
-            await self._stop(active)
+            probe.active.assignment = assignment
+        async with self._filter_lock:
+            probe.resolution = self._resolve(probe)
+            await self._write_maps()
 
-    async def _stop(self, active: ActiveProbe) -> None:
-        """Close a program that is no longer in the probe table, once nothing reads it."""
-        await self._sync_readers()
-        await self._close_program(active.program)
+    def _resolve(self, probe: _Probe) -> Resolution:
+        resolution = resolve_targets(probe.assignment.targets, self._cgroups, self._processes)
+        if probe.active is not None:
+            probe.active.filter_entries = resolution.entries.size
+        return resolution
 
-    async def _sync_readers(self) -> None:
-        probes = self.active_probes()
-        for readers in self.readers:
+    async def _write_maps(self) -> None:
+        """Bring the identity table and every program's maps to the bindings (diffs only).
+        Caller holds the filter lock. Cgroups no binding needs keep their slot until every
+        program's masks are rewritten, so that a slot is reused only once no mask names it.
+        A program whose maps cannot be written is closed, its probes Failed (it might trace
+        whom it no longer should); the others go on."""
+        identities = self._loader.identities
+        table = self._slots.assign(self._needed() | self._slots.table().keys())
+        await asyncio.to_thread(identities.sync, table)
+        broken: list[tuple[_Program, Exception]] = []
+        for program in list(self._programs):
+            bindings = [
+                binding_of(bit, p.assignment, p.resolution.entries)
+                for bit, p in program.bound.items()
+            ]
+            maps = program_maps(bindings, table)
+            if maps == program.maps:
+                continue
             try:
-                await readers.sync(probes)
+                await asyncio.to_thread(program.loaded.update_maps, maps)
+            except Exception as exc:
+                broken.append((program, exc))
+            else:
+                program.maps = maps
+        for program, error in broken:
+            await self._fail_closed(program, error)
+        await asyncio.to_thread(identities.sync, self._slots.assign(self._needed()))
+
+    def _needed(self) -> set[int]:
+        return {
+            cgid
+            for program in self._programs
+            for probe in program.bound.values()
+            for cgid in probe.resolution.entries.cgroups
+        }
+
+    async def _replace(self, old: _Probe | None, new: _Probe) -> None:
+        self._probes[new.assignment.id] = new
+        if old is not None and old is not new:
+            await self._unbind(old)
+
+    async def _unbind(self, probe: _Probe) -> None:
+        """Remove the probe's binding: readers let go of it, its bit leaves the masks, its
+        keys and counters are deleted, then the bit is free; a program left without
+        bindings is closed."""
+        program = probe.program
+        if program is None:
+            return
+        probe.active = None
+        await self._publish()  # readers let go of the binding first
+        async with self._filter_lock:
+            try:
+                await self._drop_bit(probe)
             except Exception:
-                log.exception("syncing the readers of loaded programs failed")
+                log.exception("removing the binding of %s", probe.assignment.id)
+        await self._close_if_empty(program)
+
+    async def _drop_bit(self, probe: _Probe) -> None:
+        program, bit = probe.program, probe.bit
+        assert program is not None
+        program.bound.pop(bit, None)
+        probe.program, probe.bit, probe.active = None, -1, None
+        try:
+            await self._write_maps()
+            if program in self._programs:  # not closed by a failed write
+                await asyncio.to_thread(program.loaded.clear_binding, bit)
+        finally:
+            program.bits.release(bit)
+
+    async def _close_if_empty(self, program: _Program) -> None:
+        if program.bound or program not in self._programs:
+            return
+        self._programs.remove(program)
+        await self._publish()
+        await self._close_program(program.loaded)
+
+    async def _fail_closed(self, program: _Program, exc: Exception) -> None:
+        log.error("the maps of %s could not be written, closing it: %s", program.plan.shape, exc)
+        for probe in list(program.bound.values()):
+            probe.state, probe.reason = "Failed", "Failed"
+            probe.message = f"filter update failed: {exc}"
+            probe.inputs = None  # the next push or retry plans it again
+            probe.program, probe.bit, probe.active = None, -1, None
+            probe.resolution = Resolution()
+        program.bound.clear()
+        self._programs.remove(program)
+        await self._publish()
+        await self._close_program(program.loaded)
+
+    async def _publish(self) -> None:
+        probes = []
+        for p in list(self._probes.values()):
+            if p.active is None or p.program is None:
+                continue
+            p.active.shared_by = len(p.program.bound)
+            probes.append(p.active)
+        await self.board.publish(probes)
 
     async def _close_program(self, program: LoadedProgram) -> None:
         def close() -> None:
-            with self.programs_lock:
+            with self.board.lock:
                 program.close()
 
         try:
@@ -550,11 +613,11 @@ class Reconciler:
 
     async def refresh_targets(self, changes: CgroupChanges | None = None) -> int:
         """Re-resolve targets after cgroup changes (None: the periodic poll of probes whose
-        targets can change unseen). Filter updates only. Returns the probes updated."""
+        targets can change unseen). Map writes only. Returns the probes updated."""
         updated = 0
         async with self._filter_lock:
             for probe in list(self._probes.values()):
-                if probe.active is None:
+                if probe.program is None:
                     continue
                 targets = probe.assignment.targets
                 if changes is None:
@@ -562,13 +625,12 @@ class Reconciler:
                         continue
                 elif not changes.concerns(targets):
                     continue
-                before = probe.resolution.entries
-                try:
-                    await self._fill(probe)
-                except Exception as exc:
-                    await self._fail_closed(probe, exc)
-                    continue
-                updated += probe.resolution.entries != before
+                before = probe.resolution
+                probe.resolution = self._resolve(probe)
+                if probe.resolution.entries != before.entries:
+                    updated += 1
+            if updated:
+                await self._write_maps()
         return updated
 
     async def poll_targets(self, interval: float = POLL_INTERVAL) -> None:
@@ -601,8 +663,12 @@ class Reconciler:
     async def close(self) -> None:
         """Detach every program (agent shutdown)."""
         async with self._apply_lock:
-            for probe in list(self._probes.values()):
-                await self._close(probe)
+            for probe in self._probes.values():
+                probe.active = None
+            await self.board.publish([])
+            for program in list(self._programs):
+                self._programs.remove(program)
+                await self._close_program(program.loaded)
 
 
 def _failed(
@@ -617,7 +683,7 @@ def _failed(
     probe = _Probe(assignment, failure.state, failure.reason, failure.message, inputs=inputs)
     if failure.reason in DETERMINISTIC_REASONS or isinstance(failure, NothingToAttach):
         return probe
-    streak = previous.failures if previous is not None and previous.active is None else 0
+    streak = previous.failures if previous is not None and previous.program is None else 0
     probe.failures = streak + 1
     probe.retry_at = now + retry_delay(probe.failures)
     return probe

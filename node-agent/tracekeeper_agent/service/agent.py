@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from tracekeeper_agent.active import ProgramBoard
 from tracekeeper_agent.host.kernel_features import KernelFeatures
 from tracekeeper_agent.outputs.events import EventHub, open_events_file
 from tracekeeper_agent.outputs.metrics import AgentMetrics
@@ -59,10 +60,13 @@ def kernel_info(features: KernelFeatures) -> KernelInfo:
     )
 
 
-def real_loader() -> ProgramLoader:
+def real_loader(node: str | None = None) -> ProgramLoader:
+    """The BCC loader; an agent's (`node` given) pins its identity table at a path of its
+    own node, so that simulated nodes sharing one machine never share one."""
+    from tracekeeper_agent.bpf.identity import PIN_ROOT
     from tracekeeper_agent.bpf.loader import BccLoader  # the only path to bcc
 
-    return BccLoader()
+    return BccLoader(PIN_ROOT / node / "identity" if node else None)
 
 
 @dataclass
@@ -106,18 +110,16 @@ async def running_agent(
     # Uprobes resolve in the targeted containers; tenants may not capture address fields.
     planner = Planner(TargetRoots(cgroups), privileged_namespaces)
     attributor = TargetAttributor(cgroups)
+    # The reconciler publishes what is loaded to the board; the outputs read it there.
+    board = ProgramBoard()
     hub = EventHub(attributor, sink=open_events_file(events_file) if events_file else None)
-    reconciler: Reconciler
-    metrics = AgentMetrics(
-        lambda: reconciler.active_probes(),
-        attributor,
-        events=hub,
-        filter_entries=lambda p: reconciler.filter_entries(p),
-        programs_lock=lambda: reconciler.programs_lock,
-    )
+    board.add_reader(hub)
+    metrics = AgentMetrics(board, attributor)
+    loader = loader or real_loader(node)
     reconciler = Reconciler(
         node=node,
-        loader=loader or real_loader(),
+        board=board,
+        loader=loader,
         build_plan=planner.build,
         plan_inputs=planner.inputs,
         privileged_namespaces=privileged_namespaces,
@@ -125,11 +127,9 @@ async def running_agent(
         processes=ProcTable(),
         store=StateStore(state_dir),
         kernel=kernel_info(node_kernel()),
-        backlog_drops=lambda probe_id: hub.counts(probe_id).backlog,
         compile_observer=metrics.observe_compile,
         attributor=attributor,
     )
-    reconciler.readers.append(hub)
     ready = asyncio.Event()
     app = create_app(reconciler, token=token, registry=metrics.registry, events=hub, ready=ready)
     metrics_app = create_metrics_app(reconciler, metrics.registry)
@@ -153,4 +153,5 @@ async def running_agent(
         await asyncio.gather(*background, return_exceptions=True)
         await hub.close()
         await reconciler.close()
+        loader.close()
         watcher.close()

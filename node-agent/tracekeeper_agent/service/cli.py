@@ -21,6 +21,7 @@ from typing import Literal, cast
 
 import yaml
 
+from tracekeeper_agent.active import ProgramBoard
 from tracekeeper_agent.outputs.events import EventHub
 from tracekeeper_agent.reconcile.reconciler import Reconciler
 from tracekeeper_agent.reconcile.state_store import DEFAULT_STATE_DIR
@@ -136,9 +137,12 @@ async def run(args: argparse.Namespace, state: NodeState, root: Path) -> int:
 
     cgroups = NodeCgroups(CgroupIndex(root))  # host paths only: no pod index to build
     planner = Planner()  # uprobes resolve in the host's root: the host's root user asks
+    board = ProgramBoard()
+    loader = real_loader()
     reconciler = Reconciler(
+        board=board,
         node=state.node,
-        loader=real_loader(),
+        loader=loader,
         build_plan=planner.build,
         plan_inputs=planner.inputs,
         privileged_namespaces=None,  # the file is the host root user's own
@@ -146,7 +150,7 @@ async def run(args: argparse.Namespace, state: NodeState, root: Path) -> int:
         processes=ProcTable(),
     )
     hub = EventHub(reconciler.attributor)
-    reconciler.readers.append(hub)
+    board.add_reader(hub)
     stop = asyncio.Event()
     _stop_on_signals(stop)
     if args.duration is not None:
@@ -156,10 +160,10 @@ async def run(args: argparse.Namespace, state: NodeState, root: Path) -> int:
         report = await reconciler.apply(state)
         for line in outcome_lines(report):
             print(line, file=sys.stderr)
-        if not reconciler.active_probes():
+        if not board.probes():
             return EXIT_NOTHING_LOADED
         await run_console(
-            reconciler.active_probes,
+            board.probes,
             reconciler.attributor,
             hub,
             output=cast(Literal["table", "json"], args.output),
@@ -173,6 +177,7 @@ async def run(args: argparse.Namespace, state: NodeState, root: Path) -> int:
             await polling
         await hub.close()
         await reconciler.close()
+        loader.close()
     return 0
 
 

@@ -222,9 +222,7 @@ def create_app(
     app.router.add_put("/v1/state", routes.put_state)
     app.router.add_get("/v1/state", routes.get_state)
     app.router.add_get("/v1/events", ndjson_handler(events) if events else routes.no_events)
-    app.router.add_get(
-        "/v1/values", values_handler(reconciler, events.backlog_drops if events else None)
-    )
+    app.router.add_get("/v1/values", values_handler(reconciler))
     app.router.add_get("/metrics", routes.metrics)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/readyz", routes.readyz)

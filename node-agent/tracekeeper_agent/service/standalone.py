@@ -107,6 +107,8 @@ def outcome_lines(report: NodeReport) -> list[str]:
         if p.state == "Loaded":
             ids = ", ".join(str(i) for i in p.program_ids)
             detail = f"program ids {ids}; {p.filter_entries} filter entries"
+            if p.shared_by > 1:
+                detail += f"; shared by {p.shared_by} probes"
             if p.message:
                 detail += f"; {p.message}"
         else:

@@ -21,17 +21,17 @@ from tracekeeper_api.output_text import columns
 from tracekeeper_api.protocol import EventDrops
 
 
-def probe_values(probe: ActiveProbe, reconciler: Reconciler, backlog: int = 0) -> ProbeValues:
+def probe_values(probe: ActiveProbe, reconciler: Reconciler) -> ProbeValues:
     """Reads the probe's maps (call off the loop, under the programs lock)."""
     by, ns, attributor = probe.plan.by, probe.namespace, reconciler.attributor
     cols = columns(by)
     kind = probe.plan.output_kind
     if kind == "count":
-        rows = aggregate_counts(probe.program.read_counts(), by, ns, attributor)
+        rows = aggregate_counts(probe.read_counts(), by, ns, attributor)
         counts = [CountRow(key=dict(zip(cols, k, strict=True)), count=n) for k, n in rows]
         return ProbeValues(probe=probe.id, kind="count", by=cols, counts=counts)
     if kind == "histogram":
-        hists = aggregate_histograms(probe.program.read_histograms(), by, ns, attributor)
+        hists = aggregate_histograms(probe.read_histograms(), by, ns, attributor)
         return ProbeValues(
             probe=probe.id,
             kind="histogram",
@@ -41,8 +41,10 @@ def probe_values(probe: ActiveProbe, reconciler: Reconciler, backlog: int = 0) -
                 HistogramRow(key=dict(zip(cols, k, strict=True)), buckets=b) for k, b in hists
             ],
         )
-    c = probe.program.read_counters()
-    drops = EventDrops(rate_limited=c.rate_limited, ring_full=c.ring_full, backlog=backlog)
+    c = probe.read_counters()
+    drops = EventDrops(
+        rate_limited=c.rate_limited, ring_full=c.ring_full, backlog=probe.counts.backlog
+    )
     return ProbeValues(
         probe=probe.id,
         kind="events",
@@ -53,19 +55,15 @@ def probe_values(probe: ActiveProbe, reconciler: Reconciler, backlog: int = 0) -
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def values_handler(reconciler: Reconciler, backlog: Callable[[str], int] | None = None) -> Handler:
-    """`backlog`: the event hub's user-space drops per probe id (events probes)."""
-
+def values_handler(reconciler: Reconciler) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         probe_id = request.query.get("probe", "")
 
         def read() -> ProbeValues | None:
             # Looked up under the lock: a program is never read while (or after) it closes.
-            with reconciler.programs_lock:
-                for probe in reconciler.active_probes():
-                    if probe.id == probe_id:
-                        return probe_values(probe, reconciler, backlog(probe_id) if backlog else 0)
-            return None
+            with reconciler.board.lock:
+                probe = reconciler.board.find(probe_id)
+                return probe_values(probe, reconciler) if probe is not None else None
 
         values = await asyncio.to_thread(read)
         if values is None:

@@ -25,10 +25,6 @@ from tracekeeper_agent.targets.cgroups import (
 from tracekeeper_api.protocol import ProbeTargets
 from tracekeeper_api.text import first_of
 
-BINDING = 1
-"""The map value of every entry: one filter per program until shared probes (several
-bindings per program) arrive."""
-
 MAX_PENDING_LISTED = 5
 """Pending targets named in an outcome message; the rest are counted."""
 
@@ -76,7 +72,7 @@ def resolve_targets(
     targets: ProbeTargets, cgroups: CgroupLookup, processes: ProcessTable | None = None
 ) -> Resolution:
     """The filter entries for `targets` now. Pure given the lookups (no kernel access)."""
-    cgroup_ids: dict[int, int] = {}
+    cgroup_ids: set[int] = set()
     pending: list[str] = []
     pods = containers = 0
     for pod in targets.pods:
@@ -87,7 +83,7 @@ def resolve_targets(
             if cgid is None:
                 pending.append(f"pod {where}")
                 continue
-            cgroup_ids[cgid] = BINDING
+            cgroup_ids.add(cgid)
             pods += 1
             containers += len(cgroups.pod_container_ids(pod.uid))
             continue
@@ -101,7 +97,7 @@ def resolve_targets(
             if cgid is None:
                 pending.append(label)
                 continue
-            cgroup_ids[cgid] = BINDING
+            cgroup_ids.add(cgid)
             found += 1
         pods += found > 0
         containers += found
@@ -110,12 +106,14 @@ def resolve_targets(
         if cgid is None:
             pending.append(f"cgroup {path}")
         else:
-            cgroup_ids[cgid] = BINDING
+            cgroup_ids.add(cgid)
     pids = frozenset(targets.pids)
     if targets.follow_children and pids and processes is not None:
         # Children forked before the program loaded; later ones are the program's to follow.
         pids |= processes.descendants(pids)
-    entries = FilterEntries(cgroups=cgroup_ids, pids=pids, comms=frozenset(targets.process_names))
+    entries = FilterEntries(
+        cgroups=frozenset(cgroup_ids), pids=pids, comms=frozenset(targets.process_names)
+    )
     return Resolution(entries, pods=pods, containers=containers, pending=tuple(pending))
 
 

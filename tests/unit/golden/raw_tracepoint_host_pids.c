@@ -1,28 +1,36 @@
-/* tracekeeper probe team-a/probe (rawTracepoint, count) */
-#define TK_FILTER_CGROUP 0
-#define TK_FILTER_PID 1
-#define TK_FILTER_COMM 0
-#define TK_FOLLOW_CHILDREN 1
-#define TK_HOST_WIDE 0
-#define TK_SAMPLING 1
+/* tracekeeper program: rawTracepoint sched_switch count by pid */
+#define TK_MAX_BINDINGS 64
+#define TK_MAX_IDENTITIES 16384
+#define TK_MAX_SLOTS 16385
+#define TK_MAX_PIDS 8192
+#define TK_MAX_CHILD_PIDS 65536
+#define TK_MAX_COMMS 4096
+#define TK_MAX_KEYS 10240
+#define TK_MAX_LEVEL 16
+#define TK_VERDICT_ENTRIES 16384
+#define TK_RING_PAGES 512
+#define TK_NCOUNTERS 5
+#define TK_MATCHED 0
+#define TK_SAMPLED_OUT 1
+#define TK_RATE_LIMITED 2
+#define TK_RING_FULL 3
+#define TK_NEW_KEYS 4
+#define TK_FLAG_CGROUP 1
+#define TK_FLAG_PID 2
+#define TK_FLAG_COMM 4
+#define TK_FLAG_FOLLOW 8
 #define TK_OUTPUT_COUNT 1
 #define TK_OUTPUT_HISTOGRAM 0
 #define TK_OUTPUT_EVENTS 0
 #define TK_BY_CGROUP 0
 #define TK_BY_PID 1
 #define TK_BY_COMM 0
-#define TK_RATE_LIMIT 0
-#define TK_MAX_CGROUPS 16384
-#define TK_MAX_PIDS 65536
-#define TK_MAX_KEYS 10240
-#define TK_MAX_LEVEL 16
-#define TK_RING_PAGES 512
+#define TK_FOLLOW_CHILDREN 1
 /* ... c_prelude.h ... */
 
 
 RAW_TRACEPOINT_PROBE(sched_switch) {
-    if (!tk_admit())
-        return 0;
-    TK_COUNT();
+    TK_ADMIT();
+    tk_count(tk_mask);
     return 0;
 }

@@ -1,42 +1,57 @@
-/* tracekeeper probe team-a/probe (syscall, histogram) */
-#define TK_FILTER_CGROUP 1
-#define TK_FILTER_PID 0
-#define TK_FILTER_COMM 0
-#define TK_FOLLOW_CHILDREN 0
-#define TK_HOST_WIDE 0
-#define TK_SAMPLING 10
+/* tracekeeper program: syscall read (latency) histogram by container,comm */
+#define TK_MAX_BINDINGS 64
+#define TK_MAX_IDENTITIES 16384
+#define TK_MAX_SLOTS 16385
+#define TK_MAX_PIDS 8192
+#define TK_MAX_CHILD_PIDS 65536
+#define TK_MAX_COMMS 4096
+#define TK_MAX_KEYS 10240
+#define TK_MAX_LEVEL 16
+#define TK_VERDICT_ENTRIES 16384
+#define TK_RING_PAGES 512
+#define TK_NCOUNTERS 5
+#define TK_MATCHED 0
+#define TK_SAMPLED_OUT 1
+#define TK_RATE_LIMITED 2
+#define TK_RING_FULL 3
+#define TK_NEW_KEYS 4
+#define TK_FLAG_CGROUP 1
+#define TK_FLAG_PID 2
+#define TK_FLAG_COMM 4
+#define TK_FLAG_FOLLOW 8
 #define TK_OUTPUT_COUNT 0
 #define TK_OUTPUT_HISTOGRAM 1
 #define TK_OUTPUT_EVENTS 0
 #define TK_BY_CGROUP 1
 #define TK_BY_PID 0
 #define TK_BY_COMM 1
-#define TK_RATE_LIMIT 0
-#define TK_MAX_CGROUPS 16384
-#define TK_MAX_PIDS 65536
-#define TK_MAX_KEYS 10240
-#define TK_MAX_LEVEL 16
-#define TK_RING_PAGES 512
+#define TK_FOLLOW_CHILDREN 0
 /* ... c_prelude.h ... */
 
 
-BPF_TABLE("lru_hash", u64, u64, tk_start, 65536);
+struct tk_start_t {
+    u64 ts;
+    u64 mask;
+};
+BPF_TABLE("lru_hash", u64, struct tk_start_t, tk_start, 65536);
 TRACEPOINT_PROBE(syscalls, sys_enter_read) {
-    if (!tk_admit())
-        return 0;
+    TK_ADMIT();
     u64 id = bpf_get_current_pid_tgid();
-    u64 ts = bpf_ktime_get_ns();
-    tk_start.update(&id, &ts);
+    struct tk_start_t st = {};
+    st.ts = bpf_ktime_get_ns();
+    st.mask = tk_mask;
+    tk_start.update(&id, &st);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_read) {
     u64 id = bpf_get_current_pid_tgid();
-    u64 *start = tk_start.lookup(&id);
+    struct tk_start_t *start = tk_start.lookup(&id);
     if (!start)
         return 0;
-    u64 delta = bpf_ktime_get_ns() - *start;
+    u64 delta = bpf_ktime_get_ns() - start->ts;
+    u64 tk_mask = start->mask;
     tk_start.delete(&id);
-    tk_observe(delta);
+    tk_observe(tk_mask, delta);
     return 0;
 }

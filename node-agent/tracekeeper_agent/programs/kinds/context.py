@@ -25,7 +25,7 @@ class BuildContext:
 @dataclass(frozen=True)
 class KindRender:
     body: str
-    """C functions for this attach point (they call tk_admit() and the output code)."""
+    """C functions for this attach point (they start with TK_ADMIT(), then the output code)."""
     attachments: tuple[Attachment, ...]
     event_fields: tuple[EventField, ...] = ()
     event_decls: tuple[str, ...] = field(default=())

@@ -21,11 +21,6 @@ def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
             f"no {events}/*/{name}",
         )
     body = (
-        f"RAW_TRACEPOINT_PROBE({name}) {{\n"
-        "    if (!tk_admit())\n"
-        "        return 0;\n"
-        f"{emit(spec.output)}"
-        "    return 0;\n"
-        "}\n"
+        f"RAW_TRACEPOINT_PROBE({name}) {{\n    TK_ADMIT();\n{emit(spec.output)}    return 0;\n}}\n"
     )
     return KindRender(body=body, attachments=(Attachment("auto", f"raw_tracepoint__{name}", name),))

@@ -9,7 +9,11 @@ from tracekeeper_agent.programs.kinds.outputs import LATENCY_FIELD, emit
 from tracekeeper_api.probes import TraceProbeSpec
 
 # Entry timestamps by thread; LRU so that threads killed inside a syscall cannot leak entries.
-_LATENCY_MAP = 'BPF_TABLE("lru_hash", u64, u64, tk_start, 65536);\n'
+# The mask of the bindings that admitted the entry rides with its timestamp to the exit.
+_LATENCY_MAP = (
+    "struct tk_start_t {\n    u64 ts;\n    u64 mask;\n};\n"
+    'BPF_TABLE("lru_hash", u64, struct tk_start_t, tk_start, 65536);\n'
+)
 _CAPTURE_LATENCY = "    e->f_latency_ns = delta;\n"
 
 
@@ -29,8 +33,7 @@ def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
     if not sc.latency:
         body = (
             f"TRACEPOINT_PROBE(syscalls, {enter}) {{\n"
-            "    if (!tk_admit())\n"
-            "        return 0;\n"
+            "    TK_ADMIT();\n"
             f"{emit(out)}"
             "    return 0;\n"
             "}\n"
@@ -44,19 +47,21 @@ def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
     # Filter and sample at entry; only admitted calls leave a timestamp for the exit.
     body = (
         _LATENCY_MAP + f"TRACEPOINT_PROBE(syscalls, {enter}) {{\n"
-        "    if (!tk_admit())\n"
-        "        return 0;\n"
+        "    TK_ADMIT();\n"
         "    u64 id = bpf_get_current_pid_tgid();\n"
-        "    u64 ts = bpf_ktime_get_ns();\n"
-        "    tk_start.update(&id, &ts);\n"
+        "    struct tk_start_t st = {};\n"
+        "    st.ts = bpf_ktime_get_ns();\n"
+        "    st.mask = tk_mask;\n"
+        "    tk_start.update(&id, &st);\n"
         "    return 0;\n"
         "}\n\n"
         f"TRACEPOINT_PROBE(syscalls, {exit_}) {{\n"
         "    u64 id = bpf_get_current_pid_tgid();\n"
-        "    u64 *start = tk_start.lookup(&id);\n"
+        "    struct tk_start_t *start = tk_start.lookup(&id);\n"
         "    if (!start)\n"
         "        return 0;\n"
-        "    u64 delta = bpf_ktime_get_ns() - *start;\n"
+        "    u64 delta = bpf_ktime_get_ns() - start->ts;\n"
+        "    u64 tk_mask = start->mask;\n"
         "    tk_start.delete(&id);\n"
         + emit(out, value="delta", captures=_CAPTURE_LATENCY)
         + "    return 0;\n"

@@ -109,8 +109,7 @@ def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
         stmts.append(f"    {stmt}\n")
     body = (
         f"TRACEPOINT_PROBE({fmt.category}, {fmt.name}) {{\n"
-        "    if (!tk_admit())\n"
-        "        return 0;\n"
+        "    TK_ADMIT();\n"
         f"{emit(out, value=value, captures=''.join(stmts))}"
         "    return 0;\n"
         "}\n"

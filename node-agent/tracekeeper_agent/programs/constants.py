@@ -1,0 +1,73 @@
+"""Facts the C prelude and the agent share, written once here and rendered into the
+#define header of every program (no number is spelled in c_prelude.h and Python both)."""
+
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+
+from tracekeeper_api.shapes import BINDINGS_PER_PROGRAM
+
+MAX_BINDINGS = BINDINGS_PER_PROGRAM
+"""Bindings (probes) one program serves: the bits of a u64 mask. A 65th binding of a shape
+opens a second program of that shape."""
+MAX_PROGRAMS_PER_SHAPE = 64
+"""Programs of one shape on a node: the kernel's BPF_TRACE_MAX_PROGS per tracepoint."""
+MAX_IDENTITIES = 16384
+"""Node-wide identity table: cgroup ids of targeted pods and containers (-> pod slot)."""
+MAX_SLOTS = MAX_IDENTITIES + 1
+"""Pod slots (slot 0: none); a program's slot -> binding mask array has one entry each."""
+MAX_PIDS = 8192
+"""Host pids the agent names (privileged probes; preallocated in every program)."""
+MAX_CHILD_PIDS = 65536
+"""Children of followed pids the kernel adds (only in programs that follow children)."""
+MAX_COMMS = 4096
+MAX_KEYS = 10240
+"""Count/histogram keys of one program (all its bindings), LRU."""
+MAX_CGROUP_LEVEL = 16
+VERDICT_ENTRIES = 16384
+RING_PAGES = 512
+"""2 MiB of ring buffer per events program."""
+
+
+class Counter(IntEnum):
+    """Per-binding kernel counters: index binding * NCOUNTERS + counter of tk_counters."""
+
+    MATCHED = 0
+    SAMPLED_OUT = 1
+    RATE_LIMITED = 2
+    RING_FULL = 3
+    NEW_KEYS = 4
+
+
+NCOUNTERS = len(Counter)
+
+
+class Flag(IntFlag):
+    """Runtime flags of a program (tk_config.flags): a filter kind no binding uses costs
+    nothing, without recompiling when the first binding starts using it."""
+
+    CGROUP = 1
+    PID = 2
+    COMM = 4
+    FOLLOW = 8
+    """Some binding follows the children of its pids (the fork handler's work)."""
+
+
+def c_defines() -> str:
+    """The #define lines every program starts with."""
+    values: dict[str, int] = {
+        "TK_MAX_BINDINGS": MAX_BINDINGS,
+        "TK_MAX_IDENTITIES": MAX_IDENTITIES,
+        "TK_MAX_SLOTS": MAX_SLOTS,
+        "TK_MAX_PIDS": MAX_PIDS,
+        "TK_MAX_CHILD_PIDS": MAX_CHILD_PIDS,
+        "TK_MAX_COMMS": MAX_COMMS,
+        "TK_MAX_KEYS": MAX_KEYS,
+        "TK_MAX_LEVEL": MAX_CGROUP_LEVEL,
+        "TK_VERDICT_ENTRIES": VERDICT_ENTRIES,
+        "TK_RING_PAGES": RING_PAGES,
+        "TK_NCOUNTERS": NCOUNTERS,
+    }
+    values.update({f"TK_{c.name}": c.value for c in Counter})
+    values.update({f"TK_FLAG_{f.name}": f.value for f in Flag if f.name})
+    return "".join(f"#define {k} {v}\n" for k, v in values.items())
