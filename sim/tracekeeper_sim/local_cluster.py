@@ -164,6 +164,16 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def exited(procs: Sequence[_Proc]) -> str:
+    """Which of ``procs`` have exited, with their logs' tails; empty while all run."""
+    return "\n".join(
+        f"{p.name} exited with code {p.popen.returncode}; {p.log_path} ends with:\n"
+        + _tail(p.log_path)
+        for p in procs
+        if p.popen.poll() is not None
+    )
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     if shutil.which("openssl") is None:
         raise ControlPlaneError("the openssl CLI is required (apt-get install openssl)")
@@ -287,12 +297,7 @@ class LocalCluster:
 
     def exited(self) -> str:
         """Which processes have exited, with their logs' tails; empty while all run."""
-        return "\n".join(
-            f"{p.name} exited with code {p.popen.returncode}; {p.log_path} ends with:\n"
-            + _tail(p.log_path)
-            for p in self._procs
-            if p.popen.poll() is not None
-        )
+        return exited(self._procs)
 
     # -- lifecycle -------------------------------------------------------------------
 
