@@ -13,9 +13,11 @@ between; every step is attempted and the failures are reported together.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +68,17 @@ def cgroup_mounts() -> list[Path]:
 
 
 def _remove_cgroup_tree(root: Path) -> None:
-    """rmdir a cgroup and its children, leaves first (cgroupfs refuses rm -r)."""
+    """rmdir a cgroup and its children, leaves first (cgroupfs refuses rm -r); a cgroup
+    whose last process just died may stay busy for a moment."""
     for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda w: -w[0].count("/")):
-        os.rmdir(dirpath)
+        for attempt in range(50):
+            try:
+                os.rmdir(dirpath)
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or attempt == 49:
+                    raise
+                time.sleep(0.1)
 
 
 def iptables_tables(save: str) -> dict[str, str]:

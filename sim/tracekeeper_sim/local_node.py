@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracekeeper_sim.host_state import HostState, mounts_under
+from tracekeeper_sim.host_state import HostState, cgroup_mounts, mounts_under
 from tracekeeper_sim.local_cluster import (
     ADMIN,
     ControlPlaneError,
@@ -190,7 +190,8 @@ class LocalNode:
         processes, then put the host back."""
         errors: list[str] = []
         self._keep_logs()
-        for name in ("kube-controller-manager", "kube-scheduler"):
+        # kubelet first: left running, it starts a new sandbox for every pod removed below.
+        for name in ("kube-controller-manager", "kube-scheduler", "kubelet"):
             self._stop_proc(name)
         if self._running("containerd"):
             try:
@@ -198,9 +199,10 @@ class LocalNode:
                 self.crictl("rmp", "--all", "--force")
             except ControlPlaneError as e:
                 errors.append(str(e))
-        for name in ("kube-proxy", "kubelet", "containerd"):
+        for name in ("kube-proxy", "containerd"):
             self._stop_proc(name)
         self._kill_shims()
+        self._kill_containers()
         if os.access(self.bin.kube / "kube-proxy", os.X_OK):
             subprocess.run(
                 [str(self.bin.kube / "kube-proxy"), "--cleanup"], capture_output=True, timeout=60
@@ -322,6 +324,16 @@ class LocalNode:
         for pid in set(self._shim_pids()) - self._shims_before:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+    def _kill_containers(self) -> None:
+        """Processes still in the node's kubepods cgroups (a container whose shim is gone:
+        nothing else would stop it), by PID."""
+        for mount in cgroup_mounts():
+            for procs in (mount / "kubepods").rglob("cgroup.procs"):
+                with contextlib.suppress(OSError):
+                    for pid in procs.read_text().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
 
     def _wait(self, what: str, check: object, proc_name: str) -> None:
         assert callable(check)
