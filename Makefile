@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 PYTEST  := .venv/bin/pytest
 
-.PHONY: setup crds check lint unit kernel e2e manifests-check test controlplane demo bench reliability clean
+.PHONY: setup crds check lint unit kernel e2e e2e-node manifests-check test controlplane node images demo bench reliability clean
 
 setup:            ## install Debian packages, kernel headers link, mounts, venv with bcc
 	bash scripts/setup.sh
@@ -40,10 +40,19 @@ reliability:      ## the models vs the real apiserver on generated objects (TK_D
 	TK_DIFFERENTIAL_EXAMPLES=$${TK_DIFFERENTIAL_EXAMPLES:-10000} $(PYTEST) \
 	    tests/e2e/test_model_vs_apiserver.py -q -s
 
+node:             ## build kubelet & co, containerd, crictl from Go modules (cached by version)
+	bash tests/node/build.sh
+
+images:           ## build the operator, agent, pause and workload images with buildah (cached by content)
+	bash tests/node/images.sh
+
+e2e-node:         ## the node tier: a real node, tracekeeper installed with kubectl apply -k (root)
+	$(PYTEST) tests/node -q -rs
+
 bench:            ## agent benchmarks (root), a table each; bench/README.md has a recorded run
 	$(PY) -m bench.run
 
-# The README's test command: sets the machine up, lints, runs every tier.
+# The README's test command: sets the machine up, lints, runs every tier (the node tier too).
 # pytest exits 5 when it collected nothing: that fails too.
 test: setup lint
 	$(PYTEST) tests -q -rs; rc=$$?; \

@@ -16,6 +16,13 @@ fi
 # linux-headers-amd64: BCC compiles against kernel headers; see the link step below.
 # bpftrace: the peer in bench/; bpftool: inspect what the agent loaded.
 PKGS=(bpfcc-tools python3-bpfcc bpftool linux-headers-amd64 bpftrace python3 make git ca-certificates prometheus)
+# The node tier (tests/node): buildah builds the Dockerfiles on bases mmdebstrap makes;
+# umoci + skopeo pack the pause and workload images (gcc and libc6-dev: the static pause,
+# busybox-static: the workload's shell); runc runs containers under the containerd that
+# tests/node/build.sh builds; CNI plugins, iptables, conntrack and socat are what kubelet
+# and kube-proxy use on a node.
+PKGS+=(buildah mmdebstrap umoci skopeo runc gcc libc6-dev busybox-static
+       containernetworking-plugins iptables conntrack socat jq openssl)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -171,4 +171,7 @@ class OutputApi:
                 if isinstance(record, dict):
                     yield record
         finally:
-            resp.close()  # ends the reader thread too
+            # shutdown first: close() alone waits for the reader thread's blocked read (a
+            # quiet stream kept `tail --for` from ever ending); shutdown ends that read.
+            resp.shutdown()
+            resp.close()

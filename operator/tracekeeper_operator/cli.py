@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -253,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         ",".join(f"{k}={v}" for k, v in settings.agent_labels.items()),
         ", at their endpoint annotation" if settings.trust_endpoint_annotation else "",
     )
+    # kopf's documented way to name itself (its default asks getpass.getuser()).
+    os.environ.setdefault("POD_ID", operator_identity())
     kopf.run(
         registry=registry,
         settings=kopf_settings,
@@ -261,6 +265,13 @@ def run(args: argparse.Namespace) -> int:
         liveness_endpoint=args.liveness,
     )
     return 0
+
+
+def operator_identity() -> str:
+    """Who this operator is, for kopf: the pod's name (its hostname) and PID. kopf's default
+    asks getpass.getuser(), which fails for the image's uid 65532 (no passwd entry) and
+    made the operator exit at start in its own image."""
+    return f"{socket.gethostname()}/{os.getpid()}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

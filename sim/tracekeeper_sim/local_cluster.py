@@ -164,6 +164,16 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def exited(procs: Sequence[_Proc]) -> str:
+    """Which of ``procs`` have exited, with their logs' tails; empty while all run."""
+    return "\n".join(
+        f"{p.name} exited with code {p.popen.returncode}; {p.log_path} ends with:\n"
+        + _tail(p.log_path)
+        for p in procs
+        if p.popen.poll() is not None
+    )
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     if shutil.which("openssl") is None:
         raise ControlPlaneError("the openssl CLI is required (apt-get install openssl)")
@@ -233,8 +243,13 @@ class LocalCluster:
         startup_timeout: float = 120.0,
         stop_timeout: float = 15.0,
         extra_apiserver_args: Sequence[str] = (),
+        node_ip: str | None = None,
     ) -> None:
         self.bin_dir = Path(bin_dir)
+        # With a real node (tests/node): the apiserver also listens on the node's address,
+        # which pods reach and the kubernetes Service's endpoint names (loopback is
+        # refused there); ServiceAccount admission mounts the pods' tokens.
+        self.node_ip = node_ip
         self._owns_dir = cluster_dir is None
         self.dir = Path(cluster_dir) if cluster_dir else Path(tempfile.mkdtemp(prefix="tk-k8s-"))
         self.startup_timeout = startup_timeout
@@ -282,12 +297,7 @@ class LocalCluster:
 
     def exited(self) -> str:
         """Which processes have exited, with their logs' tails; empty while all run."""
-        return "\n".join(
-            f"{p.name} exited with code {p.popen.returncode}; {p.log_path} ends with:\n"
-            + _tail(p.log_path)
-            for p in self._procs
-            if p.popen.poll() is not None
-        )
+        return exited(self._procs)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -430,6 +440,7 @@ class LocalCluster:
             [
                 f"IP:{LOOPBACK}",
                 "IP:::1",
+                *([f"IP:{self.node_ip}"] if self.node_ip else []),
                 "IP:10.96.0.1",  # the kubernetes Service's cluster IP
                 "DNS:localhost",
                 "DNS:kubernetes",
@@ -576,14 +587,40 @@ class LocalCluster:
 
         self._poll_until(proc, "healthy", healthy)
 
+    def _node_flags(self) -> list[str]:
+        """Where the apiserver listens and what it admits: loopback only and no
+        ServiceAccount admission, or (with a node) the node's address too."""
+        enabled, disabled = list(ENABLED_ADMISSION_PLUGINS), list(DISABLED_ADMISSION_PLUGINS)
+        if self.node_ip is None:
+            return [
+                f"--bind-address={LOOPBACK}",
+                f"--advertise-address={LOOPBACK}",
+                f"--enable-admission-plugins={','.join(enabled)}",
+                f"--disable-admission-plugins={','.join(disabled)}",
+                # No kubelets or controllers: nothing to reconcile the kubernetes
+                # Endpoints for, and a loopback address there is invalid anyway.
+                "--endpoint-reconciler-type=none",
+            ]
+        disabled.remove("ServiceAccount")
+        return [
+            "--bind-address=0.0.0.0",
+            f"--advertise-address={self.node_ip}",
+            f"--enable-admission-plugins={','.join([*enabled, 'ServiceAccount'])}",
+            f"--disable-admission-plugins={','.join(disabled)}",
+            # The agent DaemonSet's hostPID.
+            "--allow-privileged=true",
+            # The node's hostname resolves to 127.0.0.1 here: kubectl exec and logs go
+            # to its InternalIP.
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
+        ]
+
     def _start_apiserver(self) -> None:
         pki = self.dir / "pki"
         proc = self._spawn(
             "kube-apiserver",
             [
                 f"--etcd-servers=http://{LOOPBACK}:{self.etcd_port}",
-                f"--bind-address={LOOPBACK}",
-                f"--advertise-address={LOOPBACK}",
+                *self._node_flags(),
                 f"--secure-port={self.apiserver_port}",
                 f"--cert-dir={pki}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -595,11 +632,6 @@ class LocalCluster:
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
-                f"--enable-admission-plugins={','.join(ENABLED_ADMISSION_PLUGINS)}",
-                f"--disable-admission-plugins={','.join(DISABLED_ADMISSION_PLUGINS)}",
-                # No kubelets or controllers: nothing to reconcile the kubernetes
-                # Endpoints for, and a loopback address there is invalid anyway.
-                "--endpoint-reconciler-type=none",
                 *_aggregation_flags(pki),
                 "--profiling=false",
                 "--v=1",

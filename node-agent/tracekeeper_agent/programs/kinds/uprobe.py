@@ -7,7 +7,12 @@ counts). Attachments go through /proc/self/fd/N of the fd that was checked.
 
 from __future__ import annotations
 
-from tracekeeper_agent.host.elf_symbols import UprobeFile, UprobeTargetError, resolve_uprobe
+from tracekeeper_agent.host.elf_symbols import (
+    BinaryNotFound,
+    UprobeFile,
+    UprobeTargetError,
+    resolve_uprobe,
+)
 from tracekeeper_agent.ports import AttachKind, Attachment, LoadFailure, TargetRoot
 from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender
 from tracekeeper_agent.programs.kinds.outputs import regs_function
@@ -61,24 +66,36 @@ def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
 
 
 def resolve_all(binary: str, symbol: str, roots: tuple[TargetRoot, ...]) -> list[UprobeFile]:
-    """The distinct files (by dev and inode) holding `symbol` in every root; all or nothing:
-    one root where it is missing fails the probe, naming that target."""
-    found: dict[tuple[int, int], UprobeFile] = {}
+    """The distinct files holding `symbol` in the roots. A root without the binary (a
+    sidecar, another image) is skipped; none with it, or a binary without the symbol,
+    fails the probe, naming that target.
+
+    Distinct by (inode, size, ctime), not (dev, inode): overlayfs reports its own st_dev
+    per mount, so one image's file in two containers would be attached (and counted) twice.
+    """
+    found: dict[tuple[int, int, int], UprobeFile] = {}
+    missing: list[str] = []
     try:
         for root in roots:
+            where = f" in {root.label}" if len(roots) > 1 else ""
             try:
                 target = resolve_uprobe(binary, symbol, root.fd)
+            except BinaryNotFound as exc:
+                missing.append(f"uprobe {binary}:{symbol}{where}: {exc}")
+                continue
             except UprobeTargetError as exc:
-                where = f" in {root.label}" if len(roots) > 1 else ""
                 raise LoadFailure(
                     "Failed", "AttachFailed", f"uprobe {binary}:{symbol}{where}: {exc}"
                 ) from None
-            if target.file.identity in found:
+            key = (target.file.ino, target.file.size, target.file.change)
+            if key in found:
                 target.close()
             else:
-                found[target.file.identity] = target
+                found[key] = target
     except BaseException:
         for f in found.values():
             f.close()
         raise
+    if not found:
+        raise LoadFailure("Failed", "AttachFailed", missing[0])
     return list(found.values())
