@@ -37,7 +37,8 @@ controlplane:     ## build kube-apiserver, etcd, kubectl from Go modules (cached
 	bash tests/controlplane/build.sh
 
 reliability:      ## the models vs the real apiserver on generated objects (TK_DIFFERENTIAL_EXAMPLES, _SEED)
-	TK_DIFFERENTIAL_EXAMPLES=$${TK_DIFFERENTIAL_EXAMPLES:-10000} $(PYTEST) \
+	TK_DIFFERENTIAL_EXAMPLES=$${TK_DIFFERENTIAL_EXAMPLES:-10000} \
+	TK_DIFFERENTIAL_SEED=$${TK_DIFFERENTIAL_SEED:-random} $(PYTEST) \
 	    tests/e2e/test_model_vs_apiserver.py -q -s
 
 node:             ## build kubelet & co, containerd, crictl from Go modules (cached by version)
