@@ -121,9 +121,10 @@ class Tenant:
         for line in lines[head + 1 :]:
             if line.startswith("("):
                 break
-            node, state, reason, programs, entries, pods_, drops = line.split()
+            node, state, reason, programs, entries, pods_, drops, kernel = line.split()
             rows[node] = {"state": state, "reason": reason, "programs": programs,
-                          "filter_entries": entries, "pods": pods_, "drops": drops}  # fmt: skip
+                          "filter_entries": entries, "pods": pods_, "drops": drops,
+                          "kernel": kernel}  # fmt: skip
         return rows
 
     def ready(self, probe: str) -> bool:

@@ -372,6 +372,7 @@ def test_agent_host_mounts_are_the_documented_ones() -> None:
         "tracefs": "/sys/kernel/tracing",
         "debugfs": "/sys/kernel/debug",
         "cgroup": "/sys/fs/cgroup",
+        "bpffs": "/sys/fs/bpf",
         "lib-modules": "/lib/modules",
         "usr-src": "/usr/src",
         "boot": "/boot",
