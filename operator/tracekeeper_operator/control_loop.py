@@ -282,7 +282,7 @@ class ControlLoop:
         }
         self._kernels = kernels
         plan = plan_cluster(view, self.settings, previous, now, kernels)
-        plan = await self._with_final_values(plan, now)
+        plan = await self._with_final_values(plan, view, now)
         self.plan = plan
         for ns, problem in plan.budget_problems.items():
             if self._budget_problems.get(ns) != problem:  # once per change, not every pass
@@ -295,14 +295,15 @@ class ControlLoop:
         await self._write_statuses(view, plan, previous, now)
         self._arm_expiry(plan, now)
 
-    async def _with_final_values(self, plan: ClusterPlan, now: datetime) -> ClusterPlan:
+    async def _with_final_values(
+        self, plan: ClusterPlan, view: ClusterView, now: datetime
+    ) -> ClusterPlan:
         """Sessions that ended in this pass get their last values, read from the agents
         before the push that unloads the probe."""
         ending = [pid for pid in plan.expired if plan.sessions[pid].final is None]
         if not ending:
             return plan
-        assert self._view is not None
-        probes = self._view().probes
+        probes = view.probes
         views = self.pusher.planner.views()
         sessions = dict(plan.sessions)
         for pid in ending:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
 from tracekeeper_api.budgets import BUDGET_ANNOTATION, Budget
-from tracekeeper_api.durations import format_duration, parse_duration
+from tracekeeper_api.durations import parse_duration
 from tracekeeper_api.output import ProbeValues
 from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.reasons import OperatorReason
@@ -78,13 +78,6 @@ def started(session: DebugSession, now: datetime) -> DebugSession:
         return session
     ends = now + timedelta(seconds=parse_duration(session.duration))
     return session.model_copy(update={"started_at": rfc3339(now), "expires_at": rfc3339(ends)})
-
-
-def time_left(session: DebugSession, now: datetime) -> str:
-    expires = parse_rfc3339(session.expires_at or "")
-    if expires is None:
-        return session.duration
-    return format_duration(max(0.0, (expires - now).total_seconds()))
 
 
 def next_expiry(sessions: Iterable[DebugSession], now: datetime) -> float | None:
