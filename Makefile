@@ -36,10 +36,8 @@ manifests-check:  ## manifests/ and Dockerfiles: hadolint, promtool, yamllint, a
 controlplane:     ## build kube-apiserver, etcd, kubectl from Go modules (cached by version)
 	bash tests/controlplane/build.sh
 
-reliability:      ## the models vs the real apiserver on generated objects (TK_DIFFERENTIAL_EXAMPLES, _SEED)
-	TK_DIFFERENTIAL_EXAMPLES=$${TK_DIFFERENTIAL_EXAMPLES:-10000} \
-	TK_DIFFERENTIAL_SEED=$${TK_DIFFERENTIAL_SEED:-random} $(PYTEST) \
-	    tests/e2e/test_model_vs_apiserver.py -q -s
+reliability:      ## bad input, load and faults in figures (the differential at 10,000 objects, random seed)
+	$(PY) -m reliability.run
 
 node:             ## build kubelet & co, containerd, crictl from Go modules (cached by version)
 	bash tests/node/build.sh

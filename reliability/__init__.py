@@ -1,0 +1,1 @@
+"""The reliability tier (`make reliability`): bad input, load and faults, in figures."""
