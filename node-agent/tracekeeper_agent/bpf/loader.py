@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from bcc import BPF  # the only place bcc is imported (see the import-linter contract)
 
+from tracekeeper_agent.bpf.compiler_memory import QuietRelease
 from tracekeeper_agent.bpf.identity import PinnedIdentities, default_pin
 from tracekeeper_agent.bpf.maps import write_diff, write_values
 from tracekeeper_agent.bpf.ringbuf import RingReader
@@ -248,18 +249,25 @@ class BccLoader:
     auto-attach). The object is created before __init__ runs, so that it can be cleaned
     up whatever step fails."""
 
-    def __init__(self, identity_pin: Path | None = None) -> None:
+    def __init__(
+        self, identity_pin: Path | None = None, quiet_release: QuietRelease | None = None
+    ) -> None:
         self._pin = identity_pin or default_pin()
         self._identities: PinnedIdentities | None = None
+        self._quiet_release = quiet_release or QuietRelease()
+        """Hands the compiler's memory back once compiles stop (bpf/compiler_memory.py)."""
+        self._quiet_release.compiled()  # importing bcc paged the compiler's relocations in
 
     @property
     def identities(self) -> PinnedIdentities:
         """Created with the loader's first use: before any program declares it."""
         if self._identities is None:
             self._identities = PinnedIdentities(self._pin)
+            self._quiet_release.compiled()  # declaring the pinned table is a compile too
         return self._identities
 
     def close(self) -> None:
+        self._quiet_release.close()
         if self._identities is not None:
             self._identities.close()
             self._identities = None
@@ -269,6 +277,7 @@ class BccLoader:
             return self._load(plan)
         finally:
             plan.held.release()  # the kernel holds what was attached; our fds can go
+            self._quiet_release.compiled()
 
     def _load(self, plan: ProgramPlan) -> BccProgram:
         pin = self.identities.pin
