@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tracekeeper_agent.host.bpf_stats import enable_run_time_stats
 from tracekeeper_agent.targets.cgroups import detect_root
 from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
 
@@ -179,26 +180,13 @@ def run_loop(*args: str | int | Path, timeout: float = 120) -> LoopRun:
 
 # --- BPF run-time statistics -------------------------------------------------------------------
 
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
-_BPF_ENABLE_STATS = 32
-_BPF_STATS_RUN_TIME = 0
-
 
 @contextlib.contextmanager
 def bpf_run_time_stats() -> Iterator[None]:
     """Kernel accounting of each BPF program's run count and time (BPF_ENABLE_STATS), on
     while the fd is held: never left on if the benchmark dies. It costs two clock reads
     per program run, so timed repetitions run without it."""
-    number = _BPF_SYSCALL.get(platform.machine())
-    if number is None:
-        raise OSError(f"no bpf(2) syscall number known for {platform.machine()}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    attr = (ctypes.c_uint32 * 32)()  # union bpf_attr, zeroed; enable_stats.type first
-    attr[0] = _BPF_STATS_RUN_TIME
-    fd = libc.syscall(number, _BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
+    fd = enable_run_time_stats()
     try:
         yield
     finally:
@@ -374,7 +362,6 @@ def fill_alone(program: Any, entries: Any, *, sampling: int = 1, rate_limit: int
 
 def fill_reference(program: Any, cgroup_ids: Iterable[int]) -> None:
     """The reference programs' own `tk_cgroups` hash (cgroup id -> 1)."""
-    import ctypes
 
     table = program._bpf[b"tk_cgroups"]  # a reference program's map: not the agent's seam
     for cgid in cgroup_ids:

@@ -42,6 +42,7 @@ from tracekeeper_agent.ports import (
     IdentityMap,
     KernelCounters,
     LoadedProgram,
+    ObjectUsage,
     ProgramMaps,
     ProgramPlan,
     RawEvent,
@@ -98,6 +99,9 @@ class ProfiledProgram:
 
     def live_keys(self, bit: int) -> int:
         return self._inner.live_keys(bit)
+
+    def kernel_objects(self) -> list[ObjectUsage]:
+        return self._inner.kernel_objects()
 
     def poll_batch(self, timeout_ms: int, max_records: int) -> EventBatch:
         # Called on the poller thread only: its profile covers the whole thread (read,

@@ -26,6 +26,7 @@ BENCHMARKS = (
     "container_start",
     "event_throughput",
     "footprint",
+    "probe_cost",
     "control_plane",
 )
 

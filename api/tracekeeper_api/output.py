@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tracekeeper_api.base import WireModel
-from tracekeeper_api.protocol import EventDrops, KernelInfo, ProbeOutcome
+from tracekeeper_api.protocol import EventDrops, KernelInfo, ProbeCost, ProbeOutcome
 
 OUTPUT_GROUP = "output.tracekeeper.dev"
 OUTPUT_VERSION = "v1alpha1"
@@ -144,6 +144,8 @@ class NodeDetail(WireModel):
     drops: EventDrops = Field(default_factory=EventDrops)
     kernel: KernelInfo | None = None
     """What the node's kernel can do, as its agent last reported it."""
+    cost: ProbeCost | None = None
+    """What the probe costs there, as of the agent's last report."""
 
 
 class ProbeNodes(WireModel):
@@ -184,6 +186,7 @@ def node_detail(
         containers=outcome.containers,
         drops=outcome.drops,
         kernel=kernel,
+        cost=outcome.cost,
     )
 
 

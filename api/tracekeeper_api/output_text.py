@@ -11,7 +11,7 @@ from typing import Any
 
 from tracekeeper_api.durations import format_duration
 from tracekeeper_api.output import GAP, RESUMED, ProbeNodes, ProbeValues
-from tracekeeper_api.status import DebugSession
+from tracekeeper_api.status import DebugSession, ProbeCostStatus
 
 COLUMNS = ("pod", "container", "comm", "pid")
 DEFAULT_TOP = 10
@@ -156,15 +156,17 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
+NODE_COLUMNS = ("NODE", "STATE", "REASON", "PROGRAMS", "FILTER ENTRIES", "PODS", "DROPS",
+                "NS/CALL", "KERNEL MEM", "KERNEL")  # fmt: skip
+
+
 def nodes_text(nodes: ProbeNodes) -> str:
     """The per-node table, then each failing node's full message."""
     if not nodes.nodes:
         return "NODES: none runs this probe\n"
-    rows: list[list[str]] = [
-        ["NODE", "STATE", "REASON", "PROGRAMS", "FILTER ENTRIES", "PODS", "DROPS", "KERNEL"]
-    ]
+    rows: list[list[str]] = [list(NODE_COLUMNS)]
     for n in nodes.nodes:
-        d = n.drops
+        d, c = n.drops, n.cost
         rows.append(
             [
                 n.node,
@@ -174,6 +176,8 @@ def nodes_text(nodes: ProbeNodes) -> str:
                 str(n.filter_entries),
                 str(n.pods),
                 f"{d.rate_limited}/{d.ring_full}/{d.backlog}",
+                _ns(c.ns_per_run) if c is not None else "-",
+                bytes_text(c.kernel_memory_bytes) if c is not None else "-",
                 n.kernel.release if n.kernel is not None and n.kernel.release else "-",
             ]
         )
@@ -183,6 +187,35 @@ def nodes_text(nodes: ProbeNodes) -> str:
         if n.message:
             lines.append(f"{n.node}: {n.message}")
     return "\n".join(lines) + "\n"
+
+
+def _ns(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def bytes_text(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def cost_text(cost: ProbeCostStatus) -> str:
+    """status.cost in one line."""
+    parts = [
+        f"{_ns(cost.ns_per_call)} ns per call" if cost.ns_per_call is not None
+        else "ns per call unknown (no run yet, or run-time statistics off)",
+        f"{bytes_text(cost.kernel_memory_bytes)} kernel memory",
+    ]  # fmt: skip
+    if cost.matched_per_second is not None:
+        parts.append(f"{cost.matched_per_second:g} matched/s")
+    if cost.events_per_second:
+        parts.append(f"{cost.events_per_second:g} events/s")
+    where = f"{cost.nodes} node{'s' if cost.nodes != 1 else ''}"
+    return f"COST: {', '.join(parts)} (over {where}, read at {cost.updated_at})\n"
 
 
 def conditions_text(conditions: Sequence[Mapping[str, Any]]) -> str:

@@ -248,6 +248,24 @@ class EventDrops(WireModel):
     """Dropped in user space because a consumer was too slow."""
 
 
+class ProbeCost(WireModel):
+    """What one probe costs on one node, from the kernel's own accounting. A shared
+    program's run time and memory are split equally among the bindings it serves, and a
+    map several programs hold (the node-wide identity table) among all their bindings."""
+
+    run_time_ns: int = 0
+    """Kernel run time of the probe's program attributed to it since this agent loaded it
+    (0 when the node's run-time statistics are off)."""
+    runs: int = 0
+    """Runs of the program attributed to it, split like its run time."""
+    ns_per_run: float | None = None
+    """The program's cost per run (per traced call) over the agent's last window."""
+    kernel_memory_bytes: int = 0
+    """Its share of the memory its programs and maps hold (bpftool's bytes_memlock)."""
+    matched_per_second: float | None = None
+    events_per_second: float | None = None
+
+
 class ProbeOutcome(WireModel):
     """What the agent has for one probe."""
 
@@ -270,6 +288,8 @@ class ProbeOutcome(WireModel):
     probes of one shape share one program (and its program_ids)."""
     shared_by: int = 0
     """Probes (bindings) the program serves, this one included; 0 when none is loaded."""
+    cost: ProbeCost | None = None
+    """None when not loaded (or from an agent that predates it)."""
 
 
 class StaleRevisionBody(WireModel):
@@ -295,6 +315,8 @@ class KernelInfo(WireModel):
     ring_buffer: bool | None = None
     batch_map_ops: bool | None = None
     cgroup_v2: bool | None = None
+    run_time_stats: bool | None = None
+    """BPF run-time statistics on (what a probe's cost in run time is read from)."""
     missing: dict[str, str] = Field(default_factory=dict, max_length=16)
     """feature -> why the agent believes it is missing (e.g. CONFIG_KPROBES is not set)."""
 

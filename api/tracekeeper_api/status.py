@@ -107,6 +107,27 @@ class DebugSession(WireModel):
     """Set when the session ended."""
 
 
+class ProbeCostStatus(WireModel):
+    """What the probe costs, over the nodes that run it, from the kernel's own accounting
+    (BPF run-time statistics and the memory of its programs and maps). A program shared by
+    several probes is split equally among them. Refreshed at a bounded rate (once a minute
+    by default), not with every change."""
+
+    ns_per_call: float | None = None
+    """Mean kernel run time of the probe's program per traced call, over every run since it
+    was loaded (None: no run yet, or run-time statistics are off on those nodes)."""
+    kernel_memory_bytes: int = 0
+    """The probe's share of the kernel memory its programs and maps hold, summed."""
+    matched_per_second: float | None = None
+    """Calls that passed the probe's filter, per second, summed."""
+    events_per_second: float | None = None
+    """Events read from its ring buffers, per second, summed (events probes)."""
+    nodes: int = 0
+    """Nodes whose agent reported these figures."""
+    updated_at: str
+    """RFC 3339 time these figures were read."""
+
+
 class TraceProbeStatus(WireModel):
     """Observed state of a TraceProbe, written by the operator."""
 
@@ -121,6 +142,8 @@ class TraceProbeStatus(WireModel):
     """The first failing nodes, with the agent's reason and message."""
     session: DebugSession | None = None
     """Only with a duration (the spec's or the namespace's maximum)."""
+    cost: ProbeCostStatus | None = None
+    """Only while it is loaded somewhere."""
 
     def condition(self, type_: ConditionType) -> Condition | None:
         return find_condition(self.conditions, type_)

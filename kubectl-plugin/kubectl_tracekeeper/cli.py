@@ -20,12 +20,13 @@ from tracekeeper_api.durations import parse_duration
 from tracekeeper_api.output import NodeValues, ProbeNodes, ProbeValues
 from tracekeeper_api.output_text import (
     conditions_text,
+    cost_text,
     nodes_text,
     record_line,
     session_text,
     values_text,
 )
-from tracekeeper_api.status import DebugSession
+from tracekeeper_api.status import DebugSession, ProbeCostStatus
 
 
 def duration(text: str) -> float:
@@ -115,6 +116,8 @@ def status(api: OutputApi, target: Target, out: TextIO) -> int:
     head = f"TraceProbe {target.namespace}/{target.name}: "
     head += f"Ready={ready.get('status')} ({ready.get('reason', '')})" if ready else "no status yet"
     out.write(head + "\n\n" + conditions_text(st.get("conditions") or []) + "\n")
+    if st.get("cost"):
+        out.write(cost_text(ProbeCostStatus.model_validate(st["cost"])) + "\n")
     if st.get("session"):
         session = DebugSession.model_validate(st["session"])
         out.write(session_text(session, datetime.now(UTC)) + "\n")

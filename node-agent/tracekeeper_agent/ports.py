@@ -181,6 +181,19 @@ class KernelCounters:
     """Keys inserted into the count/histogram map; minus the live keys = evictions."""
 
 
+@dataclass(frozen=True)
+class ObjectUsage:
+    """What the kernel accounts to one BPF object (a program or a map) a program holds:
+    fdinfo's memlock (bpftool's bytes_memlock) and, for programs while run-time statistics
+    are on, the time and count of its runs since it was loaded."""
+
+    kind: Literal["prog", "map"]
+    id: int
+    memlock: int
+    run_time_ns: int = 0
+    run_count: int = 0
+
+
 class LoadFailure(Exception):
     """A probe that could not be loaded, with the outcome to report."""
 
@@ -216,6 +229,10 @@ class LoadedProgram(Protocol):
 
     def live_keys(self, bit: int) -> int:
         """The binding's keys currently in the output map (count/histogram)."""
+
+    def kernel_objects(self) -> list[ObjectUsage]:
+        """The programs and maps this program holds, as the kernel accounts them (maps
+        shared with other programs, the node-wide identity table, are listed by each)."""
 
     def poll_events(self, timeout_ms: int) -> list[RawEvent]:
         """Block up to timeout_ms for ring buffer records (call from a thread): the

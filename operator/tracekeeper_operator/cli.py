@@ -146,6 +146,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS")
     run.add_argument("--unload-timeout", type=float, default=120.0, metavar="SECONDS")
     run.add_argument(
+        "--cost-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often a loaded probe's status.cost is refreshed (default 60)",
+    )
+    run.add_argument(
         "--tenant-budget",
         type=_budget,
         default=Budget(),
@@ -216,6 +223,7 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
         resync_interval=args.resync_interval,
         backoff_max=args.backoff_max,
         unload_timeout=args.unload_timeout,
+        cost_interval=args.cost_interval,
         budget=args.tenant_budget,
         tenant_rules=TenantRules.extended(args.tenant_tracepoint, args.tenant_raw_tracepoint),
     )

@@ -25,6 +25,7 @@ from tracekeeper_api.status import (
 from tracekeeper_operator.agent_views import AgentView, holding_nodes
 from tracekeeper_operator.budgets import NamespaceBudgets
 from tracekeeper_operator.cluster_view import ClusterView
+from tracekeeper_operator.costs import refreshed_cost
 from tracekeeper_operator.inventory import Refused
 from tracekeeper_operator.kube_api import KubeWrites
 from tracekeeper_operator.kube_events import EventSpec, rfc3339
@@ -130,6 +131,7 @@ def probe_status(
     previous: TraceProbeStatus | None,
     now: datetime,
     max_failures: int,
+    cost_interval: float = 60.0,
 ) -> TraceProbeStatus | None:
     """The probe's status now; None to keep the stored one for now: a restarted operator has
     not heard from some agent yet, and the stored status is better than a NodesPending flap
@@ -158,6 +160,9 @@ def probe_status(
         max_failures=max_failures,
         expired=expired_message(session) if expired and session is not None else None,
     )
+    before = previous.cost if previous is not None else None
+    cost = refreshed_cost(outcomes, before, now, cost_interval)
+    folded = folded.model_copy(update={"cost": cost})
     return attach_session(folded, previous, session, expired=expired, now=now)
 
 
@@ -229,6 +234,7 @@ class ControlLoop:
         """Final values read for an ended session, by probe uid, until its status holds them
         (the nodes no longer have them once the probe is unloaded)."""
         self._expiry: asyncio.TimerHandle | None = None
+        self._cost_refresh: asyncio.TimerHandle | None = None
         self._kernels: Mapping[str, KernelInfo] = {}
         self._metrics.watch_probes(self.probe_readiness)
         self._metrics.watch_kernels(lambda: self._kernels)
@@ -245,8 +251,9 @@ class ControlLoop:
         return self._view is not None
 
     def close(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
+        for timer in (self._expiry, self._cost_refresh):
+            if timer is not None:
+                timer.cancel()
 
     def poke(self) -> None:
         self._metrics.reconciles.inc()
@@ -294,6 +301,7 @@ class ControlLoop:
         self.pusher.update(plan.rendered.nodes, plan.endpoints)
         await self._write_statuses(view, plan, previous, now)
         self._arm_expiry(plan, now)
+        self._arm_cost_refresh()
 
     async def _with_final_values(
         self, plan: ClusterPlan, view: ClusterView, now: datetime
@@ -326,6 +334,20 @@ class ControlLoop:
         if delay is not None:
             # A little after: the pass must see the time as past.
             self._expiry = asyncio.get_running_loop().call_later(delay + 0.05, self.poke)
+
+    def _arm_cost_refresh(self) -> None:
+        """A pass every cost interval while some probe is loaded: the agents' reports bring
+        new costs with every resync, but a resync that changed nothing else starts no pass."""
+        interval = self.settings.cost_interval
+        pending = self._cost_refresh is not None and not self._cost_refresh.cancelled()
+        if interval <= 0 or pending or not any(r.ready for r in self._readiness):
+            return
+
+        def refresh() -> None:
+            self._cost_refresh = None
+            self.poke()
+
+        self._cost_refresh = asyncio.get_running_loop().call_later(interval, refresh)
 
     def unsupported(self) -> Mapping[str, Mapping[str, Refused]]:
         """node -> probe id -> what the node's kernel cannot run, as of the last pass."""
@@ -366,6 +388,7 @@ class ControlLoop:
                 previous=previous,
                 now=now_at,
                 max_failures=self.settings.max_failures,
+                cost_interval=self.settings.cost_interval,
             )
             if folded is not None and status_differs(previous, folded):
                 events = probe_events(previous, folded)

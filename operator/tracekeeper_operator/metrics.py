@@ -56,7 +56,7 @@ class _ProbeReadyCollector:
 KernelSource = Callable[[], Mapping[str, KernelInfo]]
 
 KERNEL_FEATURES = ("kprobes", "uprobes", "btf", "headers", "tracepoints", "ring_buffer",
-                   "batch_map_ops", "cgroup_v2")  # fmt: skip
+                   "batch_map_ops", "cgroup_v2", "run_time_stats")  # fmt: skip
 
 
 class _NodeKernelCollector:

@@ -73,6 +73,8 @@ class OperatorSettings:
     backoff_max: float = 30.0
     resync_interval: float = 30.0
     """How often each agent's report is read back (GET /v1/state) to notice restarts."""
+    cost_interval: float = 60.0
+    """How often a loaded probe's status.cost is refreshed from the agents' reports."""
     push_timeout: float = 30.0
     """Per request; a compile on the agent happens inside the PUT."""
     unload_timeout: float = 120.0

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from tracekeeper_api.protocol import ProbeCost
 from tracekeeper_api.reasons import Reason, ReportedReason
 from tracekeeper_api.status import (
     MAX_FAILURES,
@@ -49,6 +50,8 @@ class NodeOutcome:
     message: str = ""
     known: bool = True
     """False until this operator has heard from the node's agent at all (just started)."""
+    cost: ProbeCost | None = None
+    """What the agent reported the probe costs there (Loaded only)."""
 
 
 def _named(nodes: Sequence[str]) -> str:
@@ -83,7 +86,7 @@ def node_outcome(
     if outcome is None or outcome.spec_hash != spec_hash:
         return NodeOutcome(node, "Pending", "NodesPending", "waiting for the agent")
     if outcome.state == "Loaded":
-        return NodeOutcome(node, "Loaded", "Loaded", outcome.message)
+        return NodeOutcome(node, "Loaded", "Loaded", outcome.message, cost=outcome.cost)
     if outcome.state == "Suspended":
         return NodeOutcome(node, "Pending", "NodesPending", "suspended on the agent")
     reported = ReportedReason(outcome.reason or outcome.state)

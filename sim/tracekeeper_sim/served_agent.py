@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tracekeeper_agent.host.bpf_stats import StatsMode
 from tracekeeper_agent.ports import ProgramLoader
 from tracekeeper_agent.service.agent import Agent, running_agent
 from tracekeeper_sim import kubelet
@@ -77,7 +78,7 @@ class ServedAgent:
 
 @contextlib.asynccontextmanager
 async def served_agent(
-    cgroup_root: Path, *, loader: ProgramLoader | None = None
+    cgroup_root: Path, *, loader: ProgramLoader | None = None, run_time_stats: StatsMode = "sampled"
 ) -> AsyncIterator[ServedAgent]:
     with tempfile.TemporaryDirectory(prefix="tk-bench-state-") as state_dir:
         async with running_agent(
@@ -86,6 +87,7 @@ async def served_agent(
             state_dir=Path(state_dir),
             cgroup_root=cgroup_root,
             loader=loader,
+            run_time_stats=run_time_stats,
         ) as agent:
             runner = web.AppRunner(agent.app, handler_cancellation=True, access_log=None)
             await runner.setup()

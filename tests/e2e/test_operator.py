@@ -152,6 +152,8 @@ def test_example_becomes_ready_and_counts_only_selected_pods(
     status = web["ready"]["status"]
     assert status["nodes"] == {"targeted": 2, "loaded": 2, "failed": 0}
     assert status["targets"] == {"pods": 2, "containers": 2}
+    # What it costs, from the agents' answers that made it Ready (refreshed once a minute).
+    assert status["cost"]["nodes"] == 2 and status["cost"]["kernelMemoryBytes"] > 0, status
     assert condition(web["ready"], "Accepted")["status"] == "True"  # type: ignore[index]
     assert condition(web["ready"], "Degraded")["status"] == "False"  # type: ignore[index]
     # The operator posts the Event once its status write returned: a moment after Ready.

@@ -99,7 +99,11 @@ async def make_agent(
 
     async def start() -> RunningAgent:
         context = running_agent(
-            node=NODE, token=TOKEN, state_dir=tmp_path / "state", cgroup_root=cgroup_root
+            node=NODE,
+            token=TOKEN,
+            state_dir=tmp_path / "state",
+            cgroup_root=cgroup_root,
+            run_time_stats="on",  # not sampled: every run of the tests' workloads counts
         )
         agent = await context.__aenter__()
         running = RunningAgent(agent, TestClient(TestServer(agent.app)), context)
@@ -221,6 +225,59 @@ async def test_live_targets_keep_the_program(
     assert hits(after, "web-0") == hits(before, "web-0")
     assert hits(after, "web-1") == hits(before, "web-1")
     assert (await agent.outcome("team-k/opens"))["programIds"] == program_ids
+
+
+def bpftool_memlock(program_ids: list[int]) -> int:
+    """bytes_memlock of these programs and of every map they use, as bpftool counts it."""
+    total, maps = 0, set[int]()
+    for pid in program_ids:
+        out = subprocess.run(
+            ["bpftool", "-j", "prog", "show", "id", str(pid)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        prog = json.loads(out.stdout)
+        total += int(prog["bytes_memlock"])
+        maps.update(int(m) for m in prog.get("map_ids", []))
+    for mid in maps:
+        out = subprocess.run(
+            ["bpftool", "-j", "map", "show", "id", str(mid)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        total += int(json.loads(out.stdout)["bytes_memlock"])
+    return total
+
+
+def metric(metrics_text: str, name: str) -> float:
+    prefix = name + '{namespace="team-k",probe="opens"} '
+    found = [line for line in metrics_text.splitlines() if line.startswith(prefix)]
+    assert found, f"no {name} for team-k/opens"
+    return float(found[0].rsplit(" ", 1)[1])
+
+
+async def test_a_probes_cost_is_the_kernels_own_accounting(
+    make_agent: Callable[[], Awaitable[RunningAgent]], kubepods: Path
+) -> None:
+    web0 = fake_pod(kubepods, "web-0")
+    create_cgroup(web0.container_dir)
+    agent = await make_agent()
+    (loaded,) = (await agent.put(1, opens_probe(web0)))["probes"]
+    assert loaded["state"] == "Loaded", loaded
+    assert (await agent.state())["kernel"]["runTimeStats"] is True
+    await run_cat(web0.container_dir)
+
+    first = (await agent.outcome("team-k/opens"))["cost"]
+    assert first["runs"] > 0 and first["runTimeNs"] > 0, first
+    await run_cat(web0.container_dir, times=10)
+    second = (await agent.outcome("team-k/opens"))["cost"]
+    # Every openat on the machine runs the program (a miss too): ours and the host's.
+    assert second["runs"] >= first["runs"] + 10 and second["runTimeNs"] > first["runTimeNs"]
+    # Alone on the node, the probe holds all its programs and maps: bpftool's sum.
+    assert second["kernelMemoryBytes"] == bpftool_memlock(loaded["programIds"]) > 0
+
+    text = await agent.metrics()
+    assert metric(text, "tracekeeper_probe_run_seconds_total") > 0
+    assert metric(text, "tracekeeper_probe_runs_total") >= second["runs"]
+    assert metric(text, "tracekeeper_probe_kernel_memory_bytes") == second["kernelMemoryBytes"]
 
 
 async def test_changed_spec_replaces_the_program_and_events_stream(

@@ -15,6 +15,7 @@ from tracekeeper_agent.ports import (
     HistogramSample,
     KernelCounters,
     LoadFailure,
+    ObjectUsage,
     ProgramMaps,
     ProgramPlan,
     RawEvent,
@@ -58,6 +59,8 @@ class FakeProgram:
         self.fail_update: Exception | None = None
         self.updated = threading.Event()
         """Set by every map update (clear it, then wait for the next one)."""
+        self.objects = [ObjectUsage("prog", ids[0] if ids else 0, 4096)]
+        """What kernel_objects reports (tests set run times and shared maps)."""
 
     @property
     def program_ids(self) -> tuple[int, ...]:
@@ -90,6 +93,10 @@ class FakeProgram:
 
     def live_keys(self, bit: int) -> int:
         return len(self.counts) if bit == 0 else 0
+
+    def kernel_objects(self) -> list[ObjectUsage]:
+        assert not self.closed
+        return list(self.objects)
 
     def poll_events(self, timeout_ms: int) -> list[RawEvent]:
         assert not self.closed, "poll_events on a closed program"

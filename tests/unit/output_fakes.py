@@ -16,6 +16,7 @@ from tracekeeper_agent.ports import (
     CountSample,
     HistogramSample,
     KernelCounters,
+    ObjectUsage,
     PodIdentity,
     ProgramMaps,
     ProgramPlan,
@@ -57,6 +58,8 @@ class FakeProgram:
         self.fail_poll: Exception | None = None
         self.polls = 0
         self.closed = False
+        self.objects = [ObjectUsage("prog", 42, 4096)]
+        """What kernel_objects reports (tests set run times and maps)."""
         self._cond = threading.Condition()
 
     @property
@@ -84,6 +87,9 @@ class FakeProgram:
 
     def live_keys(self, bit: int) -> int:
         return self.live if bit == 0 else 0
+
+    def kernel_objects(self) -> list[ObjectUsage]:
+        return list(self.objects)
 
     def emit(self, events: Sequence[RawEvent]) -> None:
         with self._cond:

@@ -220,9 +220,8 @@ def test_the_programs_lock_is_taken_per_probe_not_for_the_whole_scrape() -> None
     board.lock = Between()  # type: ignore[assignment]
     metrics = AgentMetrics(board, FakeAttributor())
     generate_latest(metrics.registry)
-    assert log == [
-        "take: lock free", "read p0: lock held",
-        "take: lock free", "read p1: lock held",
-        "take: lock free", "read p2: lock held",
-    ]  # fmt: skip
+    # The maps, probe by probe; then their costs (each its own program here), likewise.
+    per_probe = [f"{what}: lock {how}" for i in range(3) for what, how in (
+        ("take", "free"), (f"read p{i}", "held"))]  # fmt: skip
+    assert log == per_probe + per_probe
     assert _free(lock)  # and formatting ran after the last release

@@ -21,6 +21,7 @@ from tracekeeper_agent.bpf.maps import write_diff, write_values
 from tracekeeper_agent.bpf.ringbuf import RingReader
 from tracekeeper_agent.bpf.stderr_capture import capture_fd2
 from tracekeeper_agent.host.bpf_ids import prog_id
+from tracekeeper_agent.host.bpf_stats import map_usage, prog_usage
 from tracekeeper_agent.host.event_records import EventBatch, record_layout
 from tracekeeper_agent.ports import (
     BindingConfig,
@@ -28,6 +29,7 @@ from tracekeeper_agent.ports import (
     HistogramSample,
     KernelCounters,
     LoadFailure,
+    ObjectUsage,
     ProgramMaps,
     ProgramPlan,
     RawEvent,
@@ -42,6 +44,24 @@ log = logging.getLogger(__name__)
 
 _TASK_COMM_LEN = 16
 _CFLAGS = ["-Wno-macro-redefined", "-Wno-unused-function"]
+
+
+def _map_fds(bpf: Any) -> list[int]:
+    """Every map the module created or opened (the pinned identity table too), also those
+    Python never touched: BCC's own table list, not its lazily filled `tables`."""
+    lib = bcc_lib()
+    return [lib.bpf_table_fd_id(bpf.module, i) for i in range(lib.bpf_num_tables(bpf.module))]
+
+
+def bcc_lib() -> Any:
+    """libbcc with the signatures of the calls BCC's Python side does not declare."""
+    from bcc.libbcc import lib
+
+    lib.bpf_num_tables.restype = ctypes.c_size_t
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_table_fd_id.restype = ctypes.c_int
+    lib.bpf_table_fd_id.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return lib
 
 
 def _failure_reason(text: str) -> OutcomeReason:
@@ -184,6 +204,10 @@ class BccProgram:
         if not self._has(b"tk_values"):
             return 0
         return sum(1 for k in self._bpf[b"tk_values"] if int(k.binding) == bit)
+
+    def kernel_objects(self) -> list[ObjectUsage]:
+        progs = [prog_usage(f.fd) for f in self._bpf.funcs.values()]
+        return progs + [map_usage(fd) for fd in _map_fds(self._bpf)]
 
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
         e = self._bpf[b"tk_events"].event(data)

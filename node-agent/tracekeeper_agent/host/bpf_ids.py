@@ -15,17 +15,27 @@ class NotABpfObject(ValueError):
 
 def prog_id(fd: int, *, proc: Path = Path("/proc")) -> int:
     """The kernel's id of the BPF program behind `fd` in this process."""
-    return _fdinfo_value(fd, "prog_id", proc)
+    return _int_field(fdinfo(fd, proc=proc), fd, "prog_id")
 
 
-def _fdinfo_value(fd: int, key: str, proc: Path) -> int:
+def fdinfo(fd: int, *, proc: Path = Path("/proc")) -> dict[str, str]:
+    """The `key: value` lines of /proc/self/fdinfo/<fd>: for a BPF object, its id, type,
+    memlock and (programs) run statistics."""
     path = proc / "self" / "fdinfo" / str(fd)
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise NotABpfObject(f"fd {fd} is not open") from None
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         name, sep, value = line.partition(":")
-        if sep and name == key:
-            return int(value.strip())
-    raise NotABpfObject(f"fd {fd} has no {key} (not a BPF {key.split('_')[0]}?)")
+        if sep:
+            fields[name] = value.strip()
+    return fields
+
+
+def _int_field(fields: dict[str, str], fd: int, key: str) -> int:
+    try:
+        return int(fields[key])
+    except KeyError:
+        raise NotABpfObject(f"fd {fd} has no {key} (not a BPF {key.split('_')[0]}?)") from None

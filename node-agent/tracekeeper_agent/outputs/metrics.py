@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from tracekeeper_agent.active import ActiveProbe, ProgramBoard
+from tracekeeper_agent.outputs.cost import CostLedger
 from tracekeeper_agent.ports import (
     Attributor,
     CountSample,
@@ -175,6 +176,9 @@ class _Families:
     loaded: GaugeMetricFamily
     filter_entries: GaugeMetricFamily
     overflowed: GaugeMetricFamily
+    run_seconds: CounterMetricFamily
+    runs: CounterMetricFamily
+    kernel_memory: GaugeMetricFamily
 
     @classmethod
     def empty(cls) -> _Families:
@@ -232,6 +236,23 @@ class _Families:
                 f'into the probe\'s overflow series (pod="{OVERFLOW}").',
                 labels=probe,
             ),
+            run_seconds=CounterMetricFamily(
+                "tracekeeper_probe_run_seconds",
+                "Kernel run time of the probe's BPF program (BPF run-time statistics); a "
+                "shared program's is split equally among its probes.",
+                labels=probe,
+            ),
+            runs=CounterMetricFamily(
+                "tracekeeper_probe_runs",
+                "Runs of the probe's BPF program, split like its run time: rate(run_seconds) "
+                "/ rate(runs) is what the program costs per traced call.",
+                labels=probe,
+            ),
+            kernel_memory=GaugeMetricFamily(
+                "tracekeeper_probe_kernel_memory_bytes",
+                "The probe's share of the kernel memory its BPF programs and maps hold.",
+                labels=probe,
+            ),
         )
 
     def __iter__(self) -> Iterator[Metric]:
@@ -246,6 +267,9 @@ class _Families:
             self.loaded,
             self.filter_entries,
             self.overflowed,
+            self.run_seconds,
+            self.runs,
+            self.kernel_memory,
         )
 
 
@@ -294,6 +318,7 @@ class ProbeCollector(Collector):
         series_cap: int = DEFAULT_SERIES_CAP,
         namespace_series_cap: int = DEFAULT_NAMESPACE_SERIES_CAP,
         node_series_cap: int = DEFAULT_NODE_SERIES_CAP,
+        costs: CostLedger | None = None,
     ) -> None:
         if min(series_cap, namespace_series_cap, node_series_cap) < 1:
             raise ValueError("series caps must be at least 1")
@@ -302,6 +327,7 @@ class ProbeCollector(Collector):
         self._cap = series_cap
         self._namespace_cap = namespace_series_cap
         self._node_cap = node_series_cap
+        self._costs = costs
 
     def describe(self) -> Iterator[Metric]:
         # Sample-less families: lets the registry refuse a second collector with our names.
@@ -323,6 +349,15 @@ class ProbeCollector(Collector):
         budget = _SeriesBudget(self._namespace_cap, self._node_cap)
         for snap in sorted(snapshots, key=lambda s: s.probe.id):
             self._add_probe(snap, fam, budget)
+        if self._costs is not None:
+            for probe_id, cost in sorted(self._costs.read().items()):
+                found = next((p for p in probes if p.id == probe_id), None)
+                if found is None:
+                    continue
+                ids = [found.namespace, found.name]
+                fam.run_seconds.add_metric(ids, cost.run_time_ns / 1e9)
+                fam.runs.add_metric(ids, float(cost.runs))
+                fam.kernel_memory.add_metric(ids, float(cost.kernel_memory_bytes))
         yield from fam
 
     def _snapshot(self, probe: ActiveProbe) -> _Snapshot:
@@ -426,12 +461,15 @@ class AgentMetrics:
         node_series_cap: int = DEFAULT_NODE_SERIES_CAP,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.costs = CostLedger(board)
+        """Read by the scrape and by the state report (each probe's ProbeCost)."""
         self.collector = ProbeCollector(
             board,
             attributor,
             series_cap=series_cap,
             namespace_series_cap=namespace_series_cap,
             node_series_cap=node_series_cap,
+            costs=self.costs,
         )
         self.registry.register(self.collector)
         self._compile = Histogram(

@@ -12,7 +12,13 @@ from pathlib import Path
 from aiohttp import web
 
 from tracekeeper_agent.active import ProgramBoard
-from tracekeeper_agent.host.kernel_features import KernelFeatures
+from tracekeeper_agent.host.bpf_stats import (
+    SAMPLE_ON,
+    SAMPLE_PERIOD,
+    RunTimeStats,
+    StatsMode,
+)
+from tracekeeper_agent.host.kernel_features import FeatureCheck, KernelFeatures
 from tracekeeper_agent.outputs.events import EventHub, open_events_file
 from tracekeeper_agent.outputs.metrics import AgentMetrics
 from tracekeeper_agent.ports import ProgramLoader
@@ -34,7 +40,7 @@ from tracekeeper_api.protocol import KernelInfo
 log = logging.getLogger("tracekeeper_agent")
 
 
-def kernel_info(features: KernelFeatures) -> KernelInfo:
+def kernel_info(features: KernelFeatures, run_time_stats: FeatureCheck | None = None) -> KernelInfo:
     checks = {
         "kprobes": features.kprobes,
         "uprobes": features.uprobes,
@@ -45,6 +51,8 @@ def kernel_info(features: KernelFeatures) -> KernelInfo:
         "batchMapOps": features.batch_map_ops,
         "cgroupV2": features.cgroup_v2,
     }
+    if run_time_stats is not None:
+        checks["runTimeStats"] = run_time_stats
     return KernelInfo(
         release=features.release[:128],
         kprobes=features.kprobes.available,
@@ -56,8 +64,29 @@ def kernel_info(features: KernelFeatures) -> KernelInfo:
         ring_buffer=features.ring_buffer.available,
         batch_map_ops=features.batch_map_ops.available,
         cgroup_v2=features.cgroup_v2.available,
+        run_time_stats=run_time_stats.available if run_time_stats is not None else None,
         missing={k: c.evidence[:512] for k, c in checks.items() if not c.available},
     )
+
+
+def _stats_check(stats: RunTimeStats) -> FeatureCheck:
+    if stats.error is not None:
+        log.warning(
+            "BPF run-time statistics unavailable: %s; probes report no run time", stats.error
+        )
+        return FeatureCheck(False, stats.error)
+    if stats.mode == "off":
+        return FeatureCheck(False, "switched off (serve --run-time-stats off)")
+    return FeatureCheck(True, f"BPF_ENABLE_STATS held by the agent ({stats.mode})")
+
+
+async def _sample_stats(stats: RunTimeStats) -> None:
+    """Statistics on SAMPLE_ON seconds of every SAMPLE_PERIOD (they cost every program)."""
+    while True:
+        stats.switch(True)
+        await asyncio.sleep(SAMPLE_ON)
+        stats.switch(False)
+        await asyncio.sleep(SAMPLE_PERIOD - SAMPLE_ON)
 
 
 def real_loader(node: str | None = None) -> ProgramLoader:
@@ -94,6 +123,7 @@ async def running_agent(
     events_file: Path | None = None,
     loader: ProgramLoader | None = None,
     privileged_namespaces: frozenset[str] = DEFAULT_PRIVILEGED,
+    run_time_stats: StatsMode = "sampled",
 ) -> AsyncIterator[Agent]:
     """The agent with its cgroup watcher and target polling running, and the persisted
     state being restored (`ready` is set when done). Serve `agent.app` meanwhile: /healthz
@@ -116,6 +146,7 @@ async def running_agent(
     board.add_reader(hub)
     metrics = AgentMetrics(board, attributor)
     loader = loader or real_loader(node)
+    stats = RunTimeStats(run_time_stats)
     reconciler = Reconciler(
         node=node,
         board=board,
@@ -126,12 +157,19 @@ async def running_agent(
         cgroups=cgroups,
         processes=ProcTable(),
         store=StateStore(state_dir),
-        kernel=kernel_info(node_kernel()),
+        kernel=kernel_info(node_kernel(), _stats_check(stats)),
         compile_observer=metrics.observe_compile,
         attributor=attributor,
     )
     ready = asyncio.Event()
-    app = create_app(reconciler, token=token, registry=metrics.registry, events=hub, ready=ready)
+    app = create_app(
+        reconciler,
+        token=token,
+        registry=metrics.registry,
+        events=hub,
+        ready=ready,
+        costs=metrics.costs,
+    )
     metrics_app = create_metrics_app(reconciler, metrics.registry)
 
     async def restore() -> None:
@@ -145,6 +183,8 @@ async def running_agent(
         asyncio.create_task(reconciler.poll_targets()),
         asyncio.create_task(restore()),
     ]
+    if stats.mode == "sampled":
+        background.append(asyncio.create_task(_sample_stats(stats)))
     try:
         yield Agent(reconciler, hub, metrics, app, metrics_app, ready, cgroups)
     finally:
@@ -155,3 +195,4 @@ async def running_agent(
         await reconciler.close()
         loader.close()
         watcher.close()
+        stats.close()

@@ -26,12 +26,13 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
+from tracekeeper_agent.outputs.cost import CostLedger
 from tracekeeper_agent.outputs.events import EventHub
 from tracekeeper_agent.reconcile.reconciler import Reconciler, StaleRevision, StateRefused
 from tracekeeper_agent.service.event_stream import ndjson_handler
 from tracekeeper_agent.service.values import values_handler
 from tracekeeper_api import signing
-from tracekeeper_api.protocol import NodeState, StaleRevisionBody
+from tracekeeper_api.protocol import NodeReport, NodeState, StaleRevisionBody
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,24 @@ class _Routes:
         reconciler: Reconciler,
         registry: CollectorRegistry | None,
         ready: asyncio.Event,
+        costs: CostLedger | None = None,
     ) -> None:
         self.reconciler = reconciler
         self.registry = registry
         self.ready = ready
+        self.costs = costs
+
+    def _answer(self, report: NodeReport) -> web.Response:
+        """The report with each loaded probe's cost, read now."""
+        if self.costs is not None:
+            try:
+                costs = self.costs.read()
+            except Exception:  # a report must not fail because the accounting did
+                log.exception("reading the probes' costs")
+                costs = {}
+            probes = [p.model_copy(update={"cost": costs.get(p.id)}) for p in report.probes]
+            report = report.model_copy(update={"probes": probes})
+        return web.json_response(report.to_wire())
 
     async def put_state(self, request: web.Request) -> web.Response:
         body = await request.read()  # bounded by the app's client_max_size (413 beyond)
@@ -182,10 +197,10 @@ class _Routes:
             return web.json_response(answer.to_wire(), status=409)
         except StateRefused as exc:
             return _error(exc.status, str(exc), fields=[])
-        return web.json_response(report.to_wire())
+        return self._answer(report)
 
     async def get_state(self, _: web.Request) -> web.Response:
-        return web.json_response(self.reconciler.report().to_wire())
+        return self._answer(self.reconciler.report())
 
     async def no_events(self, _: web.Request) -> web.Response:
         return _error(503, "this agent has no event pipeline")
@@ -211,13 +226,14 @@ def create_app(
     events: EventHub | None = None,
     ready: asyncio.Event | None = None,
     max_body: int = MAX_BODY,
+    costs: CostLedger | None = None,
 ) -> web.Application:
     """The API app. `token` is the token or a function returning the current one; `ready`
     is set once the persisted state was re-applied (/readyz)."""
     current = token if callable(token) else (lambda: token)
     if not current():
         raise ValueError("the API needs a non-empty token")
-    routes = _Routes(reconciler, registry, ready or asyncio.Event())
+    routes = _Routes(reconciler, registry, ready or asyncio.Event(), costs)
     app = web.Application(client_max_size=max_body, middlewares=[_auth_middleware(current)])
     app.router.add_put("/v1/state", routes.put_state)
     app.router.add_get("/v1/state", routes.get_state)
