@@ -1,8 +1,9 @@
 """A probe's cost on its status: the agents' per-node figures summed (pure).
 
 The agents report a probe's cost with every answer, but status carries it at a bounded
-rate: a stored cost younger than the refresh interval is kept as it is, so a probe's
-status is written for its cost at most once per interval, however many nodes report.
+rate: a stored cost younger than the refresh interval is kept as it is (unless the nodes
+running the probe changed), so a probe's status is written for its figures at most once
+per interval, however many nodes report.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def refreshed_cost(
     every: float,
 ) -> ProbeCostStatus | None:
     """The cost the status carries now: `previous` while it is younger than `every`
-    seconds (and the probe still runs somewhere), else the nodes' figures summed anew."""
+    seconds and covers as many nodes, else the nodes' figures summed anew (a node more or
+    less changes the sum at once: it moves with the probe's placement, not with time)."""
     current = summed_cost(outcomes, now)
-    if current is None or previous is None:
+    if current is None or previous is None or current.nodes != previous.nodes:
         return current
     read_at = parse_rfc3339(previous.updated_at)
     if read_at is not None and 0 <= (now - read_at).total_seconds() < every:

@@ -140,6 +140,10 @@ def test_status_cost_is_refreshed_once_per_interval() -> None:
     assert refreshed_cost(later, stored, T0 + timedelta(seconds=59), 60.0) is stored
     fresh = refreshed_cost(later, stored, T0 + timedelta(seconds=60), 60.0)
     assert fresh is not None and fresh.ns_per_call == 150.0
+    # A node more: summed anew at once (the sum follows the placement).
+    two = [*later, _loaded("n2", ProbeCost(run_time_ns=100, runs=1, kernel_memory_bytes=5))]
+    grown = refreshed_cost(two, stored, T0 + timedelta(seconds=1), 60.0)
+    assert grown is not None and grown.nodes == 2 and grown.kernel_memory_bytes == 15
     # Loaded nowhere any more: no cost, at once.
     assert refreshed_cost([], stored, T0 + timedelta(seconds=1), 60.0) is None
 
