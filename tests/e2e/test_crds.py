@@ -90,7 +90,8 @@ class Bad:
 
 TP = "sched:sched_switch"
 ONE_ATTACH = (
-    "set exactly one attach point: tracepoint, rawTracepoint, uprobe, kprobe, syscall or program"
+    "set exactly one attach point: tracepoint, rawTracepoint, uprobe, usdt, kprobe, syscall "
+    "or program"
 )
 MALFORMED = [
     # CEL rules on TraceProbe.spec and .spec.output

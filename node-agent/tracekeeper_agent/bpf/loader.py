@@ -320,11 +320,53 @@ class BccLoader:
                 bpf.attach_uretprobe(
                     name=a.binary.encode(), sym=a.target.encode(), fn_name=a.fn_name.encode()
                 )
+            elif a.kind == "usdt":
+                _attach_at(bpf, a.fn_name, a.binary, a.offset, a.ref_ctr_offset)
             elif a.kind == "kprobe":
                 bpf.attach_kprobe(event=a.target.encode(), fn_name=a.fn_name.encode())
             elif a.kind == "kretprobe":
                 bpf.attach_kretprobe(event=a.target.encode(), fn_name=a.fn_name.encode())
             # "auto": BCC attached TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE on construction
+
+
+def _uprobe_attacher() -> Any:
+    """libbcc's bpf_attach_uprobe with its whole C signature. BCC's Python binding declares
+    six of its seven arguments (it never passes `ref_ctr_offset`, so the callee reads
+    whatever the stack holds there); a function pointer of our own says all seven."""
+    from bcc.libbcc import lib
+
+    attach = lib["bpf_attach_uprobe"]  # a new pointer: BCC's lib.bpf_attach_uprobe is untouched
+    attach.restype = ctypes.c_int
+    attach.argtypes = [
+        ctypes.c_int,  # program fd
+        ctypes.c_int,  # BPF_PROBE_ENTRY
+        ctypes.c_char_p,  # event name
+        ctypes.c_char_p,  # binary path
+        ctypes.c_uint64,  # file offset
+        ctypes.c_int,  # pid (-1: every process)
+        ctypes.c_uint32,  # ref_ctr_offset (0: none)
+    ]
+    return attach
+
+
+_ATTACH_UPROBE: Any = None
+
+
+def _attach_at(bpf: Any, fn_name: str, path: str, offset: int, ref_ctr_offset: int) -> None:
+    """A uprobe at a file offset of `path` in every process, with a semaphore for the
+    kernel to count listeners in (USDT). Kept in BCC's uprobe table, so cleanup() detaches
+    it like any uprobe."""
+    global _ATTACH_UPROBE
+    if _ATTACH_UPROBE is None:
+        _ATTACH_UPROBE = _uprobe_attacher()
+    fn = bpf.load_func(fn_name.encode(), BPF.KPROBE)
+    ev_name = bpf._get_uprobe_evname(b"p", path.encode(), offset, -1)
+    bpf._check_probe_quota(1)
+    fd = _ATTACH_UPROBE(fn.fd, 0, ev_name, path.encode(), offset, -1, ref_ctr_offset)
+    if fd < 0:
+        semaphore = f", semaphore at {ref_ctr_offset:#x}" if ref_ctr_offset else ""
+        raise OSError(f"attaching a uprobe at offset {offset:#x} of {path}{semaphore} failed")
+    bpf._add_uprobe_fd(ev_name, fd)
 
 
 def _event_class(table: Any) -> Any:
