@@ -166,7 +166,7 @@ class UsdtNote:
 
 
 @dataclass(frozen=True, slots=True)
-class _Load:
+class LoadSegment:
     vaddr: int
     memsz: int
     offset: int
@@ -193,7 +193,7 @@ def _notes(elf: ELFFile, label: str) -> list[UsdtNote]:
     base_section = elf.get_section_by_name(BASE_SECTION)
     base_now = int(base_section["sh_addr"]) if base_section is not None else 0
     loads = [
-        _Load(int(s["p_vaddr"]), int(s["p_memsz"]), int(s["p_offset"]), int(s["p_filesz"]))
+        LoadSegment(int(s["p_vaddr"]), int(s["p_memsz"]), int(s["p_offset"]), int(s["p_filesz"]))
         for s in elf.iter_segments("PT_LOAD")
     ]
     machine = str(elf["e_machine"])
@@ -203,12 +203,12 @@ def _notes(elf: ELFFile, label: str) -> list[UsdtNote]:
             continue
         if len(notes) >= MAX_NOTES:
             raise NotAnElf(f"{label} has more than {MAX_NOTES} USDT notes")
-        notes.append(_note(bytes(note["n_descdata"]), order, base_now, loads, machine, label))
+        notes.append(parse_note(bytes(note["n_descdata"]), order, base_now, loads, machine, label))
     return notes
 
 
-def _note(
-    desc: bytes, order: str, base_now: int, loads: list[_Load], machine: str, label: str
+def parse_note(
+    desc: bytes, order: str, base_now: int, loads: list[LoadSegment], machine: str, label: str
 ) -> UsdtNote:
     pc, base, semaphore = struct.unpack_from(order + "QQQ", desc, 0)
     provider, name, args = [*desc[24:].split(b"\0"), b"", b""][:3]
@@ -224,7 +224,7 @@ def _note(
     )
 
 
-def _file_offset(vaddr: int, loads: list[_Load], where: str) -> int:
+def _file_offset(vaddr: int, loads: list[LoadSegment], where: str) -> int:
     for seg in loads:
         if seg.vaddr <= vaddr < seg.vaddr + min(seg.memsz, seg.filesz):
             return vaddr - seg.vaddr + seg.offset
