@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.kernel.conftest import bind, load_alone, run_in_cgroup
 from tracekeeper_agent.bpf.loader import BccProgram
@@ -23,6 +24,8 @@ from tracekeeper_api.protocol import ProbeAssignment
 from tracekeeper_sim.kubelet import create_cgroup
 
 pytestmark = pytest.mark.kernel
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
 
 POD_TARGET = {
     "pods": [{"uid": "00000000-0000-0000-0000-000000000001", "namespace": "t", "name": "p"}]
@@ -222,3 +225,23 @@ def test_a_binary_without_notes_says_so() -> None:
         build_plan(assignment(usdt("/usr/bin/env", "tick")))
     assert exc.value.state == "Failed"
     assert "/usr/bin/env has no USDT probes" in exc.value.message
+
+
+def test_the_examples_python_probe_counts_each_collection(
+    loaded: list[BccProgram], pods: dict[str, Path]
+) -> None:
+    """examples/usdt-python-gc.yaml on Debian's python3, whose probes have semaphores (the
+    interpreter reports only while someone listens); its argument, the generation, is read
+    from the interpreter's stack (`-4@112(%rsp)` in Debian's build)."""
+    doc = yaml.safe_load((EXAMPLES / "usdt-python-gc.yaml").read_text())
+    p = load_alone(loaded, assignment({**doc["spec"], "output": {"kind": "events"}}))
+    bind(p, FilterEntries(cgroups=frozenset({cgroup_id(pods["pod-a"])})))
+
+    def generations(n: int) -> list[int | str]:
+        code = f"import gc\nfor _ in range({n}): gc.collect(2)"
+        run_in_cgroup(pods["pod-a/c1"], "/usr/bin/python3", "-S", "-E", "-c", code)
+        return [e.fields["arg0"] for e in p.poll_events(500)]
+
+    startup = generations(0)
+    assert set(startup) <= {0, 1, 2}
+    assert sorted(generations(40)) == sorted([*startup, *[2] * 40])
