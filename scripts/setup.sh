@@ -15,7 +15,9 @@ fi
 # bpfcc: BCC's libbcc and its Python module (PyPI's "bcc" is an unrelated package).
 # linux-headers-amd64: BCC compiles against kernel headers; see the link step below.
 # bpftrace: the peer in bench/; bpftool: inspect what the agent loaded.
-PKGS=(bpfcc-tools python3-bpfcc bpftool linux-headers-amd64 bpftrace python3 make git ca-certificates prometheus)
+# systemtap-sdt-dev: sys/sdt.h, for the USDT programs the kernel tier builds with gcc.
+PKGS=(bpfcc-tools python3-bpfcc bpftool linux-headers-amd64 bpftrace python3 make git ca-certificates prometheus
+      systemtap-sdt-dev)
 # The node tier (tests/node): buildah builds the Dockerfiles on bases mmdebstrap makes;
 # umoci + skopeo pack the pause and workload images (gcc and libc6-dev: the static pause,
 # busybox-static: the workload's shell); runc runs containers under the containerd that

@@ -10,7 +10,9 @@ from tracekeeper_api.base import SpecModel
 from tracekeeper_api.durations import ProbeDuration
 from tracekeeper_api.filters import TraceFilterSpec
 from tracekeeper_api.strings import (
+    AbsoluteBinaryPath,
     BinaryRef,
+    CIdentifier,
     FieldName,
     KernelIdentifier,
     LabelKey,
@@ -21,7 +23,9 @@ from tracekeeper_api.strings import (
 )
 
 # The attach points, by wire name. Exactly one per TraceProbe.
-ATTACH_POINTS = ("tracepoint", "rawTracepoint", "uprobe", "kprobe", "syscall", "program")
+ATTACH_POINTS = (
+    "tracepoint", "rawTracepoint", "uprobe", "usdt", "kprobe", "syscall", "program"
+)  # fmt: skip
 
 MAX_PROGRAM_SOURCE = 65536
 MAX_EVENTS_PER_SECOND = 1_000_000
@@ -38,6 +42,21 @@ class UprobeSpec(SpecModel):
     """The function's symbol name, as in the ELF symbol table (e.g. SSL_write)."""
     return_: bool = Field(default=False, alias="return")
     """Attach to the function's return instead of its entry (a uretprobe)."""
+
+
+class UsdtSpec(SpecModel):
+    """A statically defined tracing probe (USDT, SystemTap SDT: DTRACE_PROBE in C) in a
+    binary or library of the target containers, as listed by `readelf -n` under
+    .note.stapsdt."""
+
+    binary: AbsoluteBinaryPath
+    """Absolute path of the executable or library inside the target container
+    (/usr/bin/python3)."""
+    provider: CIdentifier
+    """The probe's provider (python; readelf -n says "Provider")."""
+    name: CIdentifier
+    """The probe's name (function__entry; readelf -n says "Name"). Events carry its
+    arguments as arg0..argN (integers; pointers as numbers)."""
 
 
 class KprobeSpec(SpecModel):
@@ -129,11 +148,12 @@ class OutputSpec(SpecModel):
 
 _ONE_ATTACH_RULE = (
     "(has(self.tracepoint) ? 1 : 0) + (has(self.rawTracepoint) ? 1 : 0)"
-    " + (has(self.uprobe) ? 1 : 0) + (has(self.kprobe) ? 1 : 0)"
+    " + (has(self.uprobe) ? 1 : 0) + (has(self.usdt) ? 1 : 0) + (has(self.kprobe) ? 1 : 0)"
     " + (has(self.syscall) ? 1 : 0) + (has(self.program) ? 1 : 0) == 1"
 )
 _ONE_ATTACH_MESSAGE = (
-    "set exactly one attach point: tracepoint, rawTracepoint, uprobe, kprobe, syscall or program"
+    "set exactly one attach point: tracepoint, rawTracepoint, uprobe, usdt, kprobe, syscall "
+    "or program"
 )
 
 
@@ -148,6 +168,8 @@ class TraceProbeSpec(SpecModel):
     """A raw tracepoint by name (e.g. sched_switch); arguments are not decoded."""
     uprobe: UprobeSpec | None = None
     """A user-space function in a binary or library of the target containers."""
+    usdt: UsdtSpec | None = None
+    """A USDT (SDT) probe in a binary or library of the target containers."""
     kprobe: KprobeSpec | None = None
     """A kernel function. Nodes without kprobes report Unsupported."""
     syscall: SyscallSpec | None = None
@@ -228,6 +250,7 @@ class TraceProbeSpec(SpecModel):
             "tracepoint": self.tracepoint,
             "rawTracepoint": self.raw_tracepoint,
             "uprobe": self.uprobe,
+            "usdt": self.usdt,
             "kprobe": self.kprobe,
             "syscall": self.syscall,
             "program": self.program,

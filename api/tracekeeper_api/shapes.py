@@ -63,6 +63,7 @@ _ATTACH_FIELDS = {
     "rawTracepoint": "raw_tracepoint",
     "syscall": "syscall",
     "uprobe": "uprobe",
+    "usdt": "usdt",
     "kprobe": "kprobe",
     "program": "program",
 }
@@ -79,6 +80,8 @@ def _label(spec: TraceProbeSpec, by: tuple[str, ...], fields: tuple[str, ...]) -
     elif spec.uprobe is not None:
         ret = "ret" if spec.uprobe.return_ else ""
         where = f"{spec.uprobe.binary}:{spec.uprobe.symbol}{' ' + ret if ret else ''}"
+    elif spec.usdt is not None:
+        where = f"{spec.usdt.binary}:{spec.usdt.provider}:{spec.usdt.name}"
     else:
         assert spec.kprobe is not None
         where = spec.kprobe.function + (" ret" if spec.kprobe.return_ else "")

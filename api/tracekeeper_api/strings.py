@@ -80,6 +80,25 @@ BinaryRef = Annotated[
     ),
 ]
 
+# USDT binaries: an absolute path only (the notes are in the executable or library file
+# itself; a library name would be a second way to say which file).
+_ABSOLUTE_BINARY = rf"^/({_PATH_PART}/)*{_PATH_PART}$"
+AbsoluteBinaryPath = Annotated[
+    str,
+    _schema(_ABSOLUTE_BINARY, 512),
+    _check(
+        _ABSOLUTE_BINARY,
+        "use an absolute path inside the container (/usr/bin/python3); no '..' or spaces",
+    ),
+]
+
+_C_IDENT = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+CIdentifier = Annotated[
+    str,
+    _schema(_C_IDENT, 64),
+    _check(_C_IDENT, "use a C identifier: letters, digits and '_', not starting with a digit"),
+]
+
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 DnsLabel = Annotated[
     str,

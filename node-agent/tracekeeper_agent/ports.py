@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from tracekeeper_agent.host.event_records import EventBatch
 
 AttachKind = Literal[
-    "tracepoint", "raw_tracepoint", "uprobe", "uretprobe", "kprobe", "kretprobe", "auto"
+    "tracepoint", "raw_tracepoint", "uprobe", "uretprobe", "usdt", "kprobe", "kretprobe", "auto"
 ]
 
 
@@ -42,6 +42,11 @@ class Attachment:
     """uprobes: (st_dev, st_ino) of that file: what identifies the attachment."""
     display: str = ""
     """uprobes: the binary as the probe names it, for messages (never a host path)."""
+    offset: int = 0
+    """usdt: the site's file offset in `binary` (a uprobe at an address, not a symbol)."""
+    ref_ctr_offset: int = 0
+    """usdt: file offset of the probe's semaphore, 0 for none: the kernel increments it in
+    every process mapping the file while the uprobe is attached."""
 
 
 @dataclass(frozen=True)

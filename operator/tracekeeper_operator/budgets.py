@@ -91,6 +91,8 @@ def attach_points(assignment: ProbeAssignment) -> tuple[str, ...]:
     if spec.uprobe is not None:
         kind = "uretprobe" if spec.uprobe.return_ else "uprobe"
         return (f"{kind} {spec.uprobe.binary}:{spec.uprobe.symbol}",)
+    if spec.usdt is not None:  # uprobes at the probe's sites: counted like one uprobe
+        return (f"usdt {spec.usdt.binary}:{spec.usdt.provider}:{spec.usdt.name}",)
     return ()  # raw programs (privileged) attach where their source says
 
 

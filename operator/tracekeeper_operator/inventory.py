@@ -31,6 +31,9 @@ def node_refusal(spec: TraceProbeSpec, node: str, kernel: KernelInfo) -> Refused
                 "use a tracepoint or syscall probe instead")  # fmt: skip
     if spec.uprobe is not None and not kernel.uprobes:
         return "Unsupported", f"{where} has no uprobes{fact('uprobes')}"
+    if spec.usdt is not None and not kernel.uprobes:
+        return ("Unsupported", f"{where} has no uprobes{fact('uprobes')}, which USDT "
+                "probes are attached with")  # fmt: skip
     uses_tracepoints = spec.tracepoint is not None or spec.syscall is not None
     if uses_tracepoints and kernel.tracepoints is False:
         return "Unsupported", f"{where} has no tracepoints{fact('tracepoints')}"

@@ -90,7 +90,8 @@ class Bad:
 
 TP = "sched:sched_switch"
 ONE_ATTACH = (
-    "set exactly one attach point: tracepoint, rawTracepoint, uprobe, kprobe, syscall or program"
+    "set exactly one attach point: tracepoint, rawTracepoint, uprobe, usdt, kprobe, syscall "
+    "or program"
 )
 MALFORMED = [
     # CEL rules on TraceProbe.spec and .spec.output
@@ -132,6 +133,12 @@ MALFORMED = [
         "spec.uprobe.binary", 'Invalid value: "/usr/lib/../../etc/shadow"'),
     Bad("uprobe-without-symbol", "TraceProbe", {"uprobe": {"binary": "/usr/bin/x"}},
         "spec.uprobe.symbol", "Required value"),
+    Bad("usdt-library-name", "TraceProbe",
+        {"usdt": {"binary": "python3", "provider": "python", "name": "line"}},
+        "spec.usdt.binary", 'Invalid value: "python3"'),
+    Bad("usdt-provider-not-an-identifier", "TraceProbe",
+        {"usdt": {"binary": "/usr/bin/python3", "provider": "py-thon", "name": "line"}},
+        "spec.usdt.provider", 'Invalid value: "py-thon"'),
     Bad("sampling-zero", "TraceProbe", {"tracepoint": TP, "sampling": 0},
         "spec.sampling", "should be greater than or equal to 1"),
     Bad("ratelimit-too-high", "TraceProbe",

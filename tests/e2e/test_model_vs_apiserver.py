@@ -82,6 +82,7 @@ SYSCALLS = pool("openat", "read", "sys_enter_read", "Open", "", "a" * 65, valid=
 BINARIES = pool(
     "/usr/bin/python3", "python3", "libc.so.6", "/a/../b", "/", "", "a b", "/" + "d/" * 10 + "x"
 )
+C_IDENTS = pool("python", "function__entry", "_x", "a" * 64, "1bad", "a.b", "", "a" * 65, valid=4)
 FIELDS = pool("filename", "count", "a" * 64, "BAD", "9x", "", "a" * 65, valid=3)
 AGG = pool("pod", "container", "comm", "pid", "nope", valid=4)
 COMMS = pool("nginx", "a" * 15, "a" * 16, "", "a/b", valid=2)
@@ -141,6 +142,7 @@ ATTACH = st.one_of(
     st.fixed_dictionaries({"syscall": some(name=SYSCALLS, latency=BOOLS)}),
     st.fixed_dictionaries({"kprobe": some(function=IDENTS, **{"return": BOOLS})}),
     st.fixed_dictionaries({"uprobe": some(binary=BINARIES, symbol=IDENTS, **{"return": BOOLS})}),
+    st.fixed_dictionaries({"usdt": some(binary=BINARIES, provider=C_IDENTS, name=C_IDENTS)}),
     st.fixed_dictionaries({"program": some(source=pool("int x;", "", "x" * 65537))}),
     st.just({}),
     st.fixed_dictionaries({"tracepoint": TRACEPOINTS, "syscall": st.just({"name": "read"})}),

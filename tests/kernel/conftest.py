@@ -17,6 +17,7 @@ import pytest
 from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
 from tracekeeper_agent.ports import FilterEntries
 from tracekeeper_agent.programs.builder import build_plan
+from tracekeeper_agent.programs.kinds import BuildContext
 from tracekeeper_agent.programs.sharing import binding_of, program_maps
 from tracekeeper_agent.targets.cgroups import detect_root
 from tracekeeper_api.protocol import ProbeAssignment
@@ -82,9 +83,12 @@ def kernel_loader() -> BccLoader:
     return _LOADER
 
 
-def load_alone(programs: list[BccProgram], assignment: ProbeAssignment) -> BccProgram:
-    """The program of the assignment's shape, loaded for it alone; closed after the test."""
-    p = kernel_loader().load(build_plan(assignment))
+def load_alone(
+    programs: list[BccProgram], assignment: ProbeAssignment, ctx: BuildContext | None = None
+) -> BccProgram:
+    """The program of the assignment's shape, loaded for it alone; closed after the test.
+    Binaries resolve in the host's root, or in `ctx`'s roots."""
+    p = kernel_loader().load(build_plan(assignment, ctx))
     programs.append(p)
     _ASSIGNMENTS[id(p)] = assignment
     return p

@@ -67,6 +67,46 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.uprobe.symbol", "Field required"],
     ),
     (
+        "usdt library name",
+        probe({"usdt": {"binary": "c", "provider": "libc", "name": "setjmp"}}),
+        ["spec.usdt.binary", "use an absolute path inside the container"],
+    ),
+    (
+        "usdt path with ..",
+        probe({"usdt": {"binary": "/usr/../bin/x", "provider": "p", "name": "n"}}),
+        ["spec.usdt.binary", "no '..'"],
+    ),
+    (
+        "usdt provider charset",
+        probe({"usdt": {"binary": "/usr/bin/python3", "provider": "py-thon", "name": "n"}}),
+        ["spec.usdt.provider", "use a C identifier"],
+    ),
+    (
+        "usdt name with a dot",
+        probe({"usdt": {"binary": "/usr/bin/python3", "provider": "python", "name": "a.b"}}),
+        ["spec.usdt.name", "use a C identifier"],
+    ),
+    (
+        "usdt name too long",
+        probe({"usdt": {"binary": "/usr/bin/python3", "provider": "python", "name": "n" * 65}}),
+        ["spec.usdt.name", "at most 64 characters"],
+    ),
+    (
+        "usdt missing name",
+        probe({"usdt": {"binary": "/usr/bin/python3", "provider": "python"}}),
+        ["spec.usdt.name", "Field required"],
+    ),
+    (
+        "usdt and uprobe",
+        probe(
+            {
+                "usdt": {"binary": "/usr/bin/python3", "provider": "python", "name": "line"},
+                "uprobe": {"binary": "c", "symbol": "getpid"},
+            }
+        ),
+        ["set exactly one attach point", "found: uprobe, usdt"],
+    ),
+    (
         "kprobe unknown field",
         probe({"kprobe": {"function": "tcp_v4_connect", "retrun": True}}),
         ["spec.kprobe.retrun", "Extra inputs are not permitted"],

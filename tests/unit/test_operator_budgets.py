@@ -221,6 +221,24 @@ def test_probes_of_one_shape_count_as_one_program_per_64() -> None:
     assert "would have 2 programs on tracepoint" in plan.rendered.refused[NODE]["team-a/o64"]
 
 
+def test_usdt_probes_are_budgeted_on_their_probe() -> None:
+    py = {"binary": "/usr/bin/python3", "provider": "python"}
+    entry: dict[str, Any] = {"usdt": {**py, "name": "function__entry"}, "tracepoint": None}
+    probes = [
+        probe("team-a", "e-count", **entry),
+        probe("team-a", "e-events", **entry, output={"kind": "events"}),
+        probe("team-a", "line", usdt={**py, "name": "line"}, tracepoint=None),
+    ]
+    budgets = {"team-a": {"programsPerAttachPoint": 1}}
+    plan = plan_cluster(view(probes, TENANTS, budgets), SETTINGS)
+    # Two shapes on python:function__entry (one over budget); python:line is a point apart.
+    assert len(on_node(plan, "team-a")) == 2
+    assert plan.rendered.refused[NODE]["team-a/e-events"] == (
+        "team-a would have 2 programs on usdt /usr/bin/python3:python:function__entry on node "
+        "n1, its budget is 1 per attach point"
+    )
+
+
 def test_filter_entries_are_budgeted() -> None:
     pods = [pod("team-a", f"w{i}") for i in range(5)] + TENANTS
     plan = plan_cluster(

@@ -46,6 +46,27 @@ def test_each_missing_feature_refuses_what_needs_it() -> None:
     assert node_refusal(tp.spec, "n1", KernelInfo()) is None
 
 
+def test_usdt_probes_need_uprobes() -> None:
+    usdt = {"binary": "/usr/bin/python3", "provider": "python", "name": "function__entry"}
+    p = probe(NS, "usdt", tracepoint=None, usdt=usdt)
+    assert p.spec is not None and node_refusal(p.spec, "n1", THIS_VM) is None
+    no_uprobes = THIS_VM.model_copy(
+        update={"uprobes": False, "missing": {"uprobes": "CONFIG_UPROBES is not set"}}
+    )
+    reason, msg = node_refusal(p.spec, "n1", no_uprobes) or ("", "")
+    assert reason == "Unsupported"
+    assert msg == (
+        "node n1's kernel (6.18.44) has no uprobes (its agent found: CONFIG_UPROBES is not "
+        "set), which USDT probes are attached with"
+    )
+    # Not pushed there at all.
+    v = view([p], [pod(NS, "web-0")])
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    plan = plan_cluster(v, SETTINGS, {p.id: None}, now, {NODE: no_uprobes})
+    assert plan.rendered.nodes.get(NODE, ()) == ()
+    assert plan.rendered.unsupported[NODE][p.id][0] == "Unsupported"
+
+
 def test_a_node_that_cannot_run_it_gets_no_push_and_the_status_names_its_fact() -> None:
     # kprobes are for the privileged namespaces (tenant rules): the platform team's probe.
     ns = SETTINGS.namespace

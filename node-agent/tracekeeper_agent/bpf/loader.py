@@ -336,19 +336,64 @@ class BccLoader:
     @staticmethod
     def _attach(bpf: Any, plan: ProgramPlan) -> None:
         for a in plan.attachments:
-            if a.kind == "uprobe":
-                bpf.attach_uprobe(
-                    name=a.binary.encode(), sym=a.target.encode(), fn_name=a.fn_name.encode()
+            if a.kind in ("uprobe", "uretprobe"):
+                # BCC resolves the symbol to its file offset; we attach (see _attach_at).
+                path, offset = BPF._check_path_symbol(
+                    a.binary.encode(), a.target.encode(), None, -1
                 )
-            elif a.kind == "uretprobe":
-                bpf.attach_uretprobe(
-                    name=a.binary.encode(), sym=a.target.encode(), fn_name=a.fn_name.encode()
-                )
+                ret = a.kind == "uretprobe"
+                _attach_at(bpf, a.fn_name, path.decode(), offset, 0, retprobe=ret)
+            elif a.kind == "usdt":
+                _attach_at(bpf, a.fn_name, a.binary, a.offset, a.ref_ctr_offset)
             elif a.kind == "kprobe":
                 bpf.attach_kprobe(event=a.target.encode(), fn_name=a.fn_name.encode())
             elif a.kind == "kretprobe":
                 bpf.attach_kretprobe(event=a.target.encode(), fn_name=a.fn_name.encode())
             # "auto": BCC attached TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE on construction
+
+
+def _uprobe_attacher() -> Any:
+    """libbcc's bpf_attach_uprobe with its whole C signature. BCC's Python binding declares
+    six of its seven arguments (it never passes `ref_ctr_offset`, so the callee reads
+    whatever the stack holds there); a function pointer of our own says all seven."""
+    from bcc.libbcc import lib
+
+    attach = lib["bpf_attach_uprobe"]  # a new pointer: BCC's lib.bpf_attach_uprobe is untouched
+    attach.restype = ctypes.c_int
+    attach.argtypes = [
+        ctypes.c_int,  # program fd
+        ctypes.c_int,  # BPF_PROBE_ENTRY (0) or BPF_PROBE_RETURN (1)
+        ctypes.c_char_p,  # event name
+        ctypes.c_char_p,  # binary path
+        ctypes.c_uint64,  # file offset
+        ctypes.c_int,  # pid (-1: every process)
+        ctypes.c_uint32,  # ref_ctr_offset (0: none)
+    ]
+    return attach
+
+
+_ATTACH_UPROBE: Any = None
+
+
+def _attach_at(
+    bpf: Any, fn_name: str, path: str, offset: int, ref_ctr_offset: int, *, retprobe: bool = False
+) -> None:
+    """A uprobe (or uretprobe) at a file offset of `path` in every process; with a USDT
+    semaphore for the kernel to count listeners in, or 0 for none. Every uprobe goes
+    through here, so none gets what the stack held as its ref_ctr_offset. Kept in BCC's
+    uprobe table (under BCC's own event names), so cleanup() detaches it like BCC's."""
+    global _ATTACH_UPROBE
+    if _ATTACH_UPROBE is None:
+        _ATTACH_UPROBE = _uprobe_attacher()
+    fn = bpf.load_func(fn_name.encode(), BPF.KPROBE)
+    ev_name = bpf._get_uprobe_evname(b"r" if retprobe else b"p", path.encode(), offset, -1)
+    bpf._check_probe_quota(1)
+    fd = _ATTACH_UPROBE(fn.fd, int(retprobe), ev_name, path.encode(), offset, -1, ref_ctr_offset)
+    if fd < 0:
+        kind = "uretprobe" if retprobe else "uprobe"
+        semaphore = f", semaphore at {ref_ctr_offset:#x}" if ref_ctr_offset else ""
+        raise OSError(f"attaching a {kind} at offset {offset:#x} of {path}{semaphore} failed")
+    bpf._add_uprobe_fd(ev_name, fd)
 
 
 def _event_class(table: Any) -> Any:

@@ -21,7 +21,7 @@ from tracekeeper_agent.host.kernel_features import KernelFeatures, detect
 from tracekeeper_agent.host.rootfs import RootPathError, open_root
 from tracekeeper_agent.ports import HeldFiles, LoadFailure, ProgramPlan, TargetRoot
 from tracekeeper_agent.programs.constants import c_defines
-from tracekeeper_agent.programs.kinds import REGISTRY, BuildContext, KindRender
+from tracekeeper_agent.programs.kinds import REGISTRY, BuildContext, KindRender, binary_of
 from tracekeeper_api.protocol import ProbeAssignment, ProbeTargets
 from tracekeeper_api.shapes import shape_of
 
@@ -118,7 +118,8 @@ def _build(assignment: ProbeAssignment, ctx: BuildContext) -> ProgramPlan:
 
 
 def plan_inputs(assignment: ProbeAssignment, privileged: bool = True) -> Hashable:
-    """What the program of an assignment is built from, besides the files of its uprobe:
+    """What the program of an assignment is built from, besides the files of its binary
+    (uprobe, usdt: the sites and argument layouts of a usdt probe come from the file):
     its shape, the permission for raw source and whether its namespace is privileged (a
     tenant's probe must not join a program capturing what it may not), and whether it
     follows children (programs.builder.follows). Probes with equal inputs share one
@@ -145,7 +146,7 @@ def host_root_only(_: ProbeTargets) -> list[TargetRoot]:
 
 
 class Planner:
-    """The agent's plan builder: uprobe binaries resolve in the roots `roots_of` opens for
+    """The agent's plan builder: uprobe and usdt binaries resolve in the roots `roots_of` opens for
     the probe's targets (the targeted containers' in the agent, the host's standalone).
     `inputs` is cheap (no compile, no ELF scan) and says when `build` must run again."""
 
@@ -163,15 +164,15 @@ class Planner:
 
     def inputs(self, assignment: ProbeAssignment) -> Hashable:
         base = plan_inputs(assignment, self._privileged_ns(assignment))
-        up = assignment.spec.uprobe
-        if up is None:
+        binary = binary_of(assignment.spec)
+        if binary is None:
             return base
         files: set[object] = set()
         roots = self._roots_of(assignment.targets)
         try:
             for root in roots:
                 try:
-                    opened = find_binary(up.binary, root.fd)
+                    opened = find_binary(binary, root.fd)
                 except (RootPathError, UprobeTargetError, OSError) as exc:
                     files.add(f"{root.label}: {exc}")
                     continue
@@ -182,7 +183,7 @@ class Planner:
         return (base, frozenset(files), bool(roots))
 
     def build(self, assignment: ProbeAssignment) -> ProgramPlan:
-        roots = self._roots_of(assignment.targets) if assignment.spec.uprobe else []
+        roots = self._roots_of(assignment.targets) if binary_of(assignment.spec) else []
         try:
             ctx = BuildContext(
                 kernel=node_kernel(),

@@ -2,7 +2,8 @@
 
 A kind checks its spec against the running kernel and renders the C functions that
 attach there; the shared prelude (filter, sampling, outputs) comes from the builder.
-Adding a kind is one new module plus one line in REGISTRY.
+Adding a kind is one new module plus one line in REGISTRY (and one in BINARY_OF if it
+resolves a binary in the targets' roots).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tracekeeper_agent.programs.kinds import (
     syscall,
     tracepoint,
     uprobe,
+    usdt,
 )
 from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender
 from tracekeeper_api.probes import TraceProbeSpec
@@ -27,8 +29,23 @@ REGISTRY: dict[str, Renderer] = {
     "rawTracepoint": raw_tracepoint.render,
     "syscall": syscall.render,
     "uprobe": uprobe.render,
+    "usdt": usdt.render,
     "kprobe": kprobe.render,
     "program": program.render,
 }
 
-__all__ = ["REGISTRY", "BuildContext", "KindRender", "Renderer"]
+BINARY_OF: dict[str, Callable[[TraceProbeSpec], str | None]] = {
+    "uprobe": uprobe.binary_of,
+    "usdt": usdt.binary_of,
+}
+"""Kinds whose binary resolves in the targeted containers' roots: the planner opens those
+roots for them, and a plan's inputs include the identity of the file found in each."""
+
+
+def binary_of(spec: TraceProbeSpec) -> str | None:
+    """The binary the probe's kind resolves in the targets' roots, if it has one."""
+    of = BINARY_OF.get(spec.attach_kind)
+    return of(spec) if of is not None else None
+
+
+__all__ = ["BINARY_OF", "REGISTRY", "BuildContext", "KindRender", "Renderer", "binary_of"]

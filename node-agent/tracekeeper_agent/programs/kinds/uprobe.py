@@ -30,6 +30,10 @@ class NothingToAttach(LoadFailure):
         super().__init__("Loaded", "Loaded", message)
 
 
+def binary_of(spec: TraceProbeSpec) -> str | None:
+    return spec.uprobe.binary if spec.uprobe is not None else None
+
+
 def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
     up = spec.uprobe
     assert up is not None
