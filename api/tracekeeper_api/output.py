@@ -8,7 +8,8 @@ events (`gap_record`, `resumed_record`) carry `type`; events never do (`tag_even
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import Field
@@ -26,7 +27,12 @@ the subresources log, exec, attach, proxy and portforward from its request timeo
 default), so any other name would cut every `tail` after a minute."""
 VALUES = "values"
 NODES = "nodes"
-SUBRESOURCES = (LOG, VALUES, NODES)
+TRACEPOINTS = "tracepoints"
+"""The tracepoints the kernels of the probe's nodes have (matching ?match=GLOB)."""
+SUBRESOURCES = (LOG, VALUES, NODES, TRACEPOINTS)
+MAX_TRACEPOINTS = 5000
+"""Names in one node's answer; a wider glob says `truncated` (a kernel has ~2,000)."""
+MAX_MATCH = 256
 
 KEY_COLUMNS = ("pod", "container", "comm", "pid")
 """The aggregation keys a row can carry, in display order."""
@@ -146,6 +152,42 @@ class NodeDetail(WireModel):
     """What the node's kernel can do, as its agent last reported it."""
     cost: ProbeCost | None = None
     """What the probe costs there, as of the agent's last report."""
+
+
+class Tracepoints(WireModel):
+    """One node's tracepoints (GET /v1/tracepoints on its agent), asked for on request: a
+    kernel's list is too long to send with every report."""
+
+    match: str = Field(default="*", max_length=MAX_MATCH)
+    """The glob the names were chosen by (fnmatch, e.g. `syscalls:sys_enter_*`)."""
+    total: int = 0
+    """Tracepoints matching, even beyond the names listed."""
+    names: list[str] = Field(default_factory=list, max_length=MAX_TRACEPOINTS)
+    """category:name, sorted; the first MAX_TRACEPOINTS."""
+    truncated: bool = False
+
+
+def select_tracepoints(names: Iterable[str], match: str) -> Tracepoints:
+    """The names matching the glob, sorted, at most MAX_TRACEPOINTS of them."""
+    if len(match) > MAX_MATCH:
+        raise ValueError(f"match is longer than {MAX_MATCH} characters")
+    chosen = sorted(n for n in set(names) if fnmatch.fnmatchcase(n, match))
+    return Tracepoints(
+        match=match,
+        total=len(chosen),
+        names=chosen[:MAX_TRACEPOINTS],
+        truncated=len(chosen) > MAX_TRACEPOINTS,
+    )
+
+
+class ProbeTracepoints(WireModel):
+    """GET .../tracepoints: each of the probe's nodes' tracepoints matching `match`."""
+
+    probe: str
+    match: str = "*"
+    nodes: dict[str, Tracepoints] = Field(default_factory=dict)
+    unavailable: dict[str, str] = Field(default_factory=dict)
+    """Nodes whose agent could not answer, and why."""
 
 
 class ProbeNodes(WireModel):

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from tracekeeper_api.durations import format_duration
-from tracekeeper_api.output import GAP, RESUMED, ProbeNodes, ProbeValues
+from tracekeeper_api.output import GAP, RESUMED, ProbeNodes, ProbeTracepoints, ProbeValues
 from tracekeeper_api.status import DebugSession, ProbeCostStatus
 
 COLUMNS = ("pod", "container", "comm", "pid")
@@ -186,6 +186,26 @@ def nodes_text(nodes: ProbeNodes) -> str:
     for n in nodes.nodes:
         if n.message:
             lines.append(f"{n.node}: {n.message}")
+    return "\n".join(lines) + "\n"
+
+
+def tracepoints_text(listing: ProbeTracepoints) -> str:
+    """Each tracepoint matching, and which of the probe's nodes have it."""
+    nodes = sorted(listing.nodes)
+    have: dict[str, list[str]] = {}
+    for node in nodes:
+        for name in listing.nodes[node].names:
+            have.setdefault(name, []).append(node)
+    rows = [["TRACEPOINT", "NODES"]]
+    for name in sorted(have):
+        rows.append([name, "all" if have[name] == nodes else ",".join(have[name])])
+    lines = _table(rows) if have else [f"no tracepoint matches {listing.match!r} on any node"]
+    for node in nodes:
+        t = listing.nodes[node]
+        if t.truncated:
+            lines.append(f"{node}: {t.total} match, the first {len(t.names)} listed")
+    for node, why in sorted(listing.unavailable.items()):
+        lines.append(f"{node}: not asked: {why}")
     return "\n".join(lines) + "\n"
 
 

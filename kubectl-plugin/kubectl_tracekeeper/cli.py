@@ -17,13 +17,14 @@ from typing import TextIO
 
 from kubectl_tracekeeper.output_client import OutputApi, OutputError, Target, load
 from tracekeeper_api.durations import parse_duration
-from tracekeeper_api.output import NodeValues, ProbeNodes, ProbeValues
+from tracekeeper_api.output import NodeValues, ProbeNodes, ProbeTracepoints, ProbeValues
 from tracekeeper_api.output_text import (
     conditions_text,
     cost_text,
     nodes_text,
     record_line,
     session_text,
+    tracepoints_text,
     values_text,
 )
 from tracekeeper_api.status import DebugSession, ProbeCostStatus
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--per-node", action="store_true", help="also each node's values")
     top.add_argument("-o", "--output", choices=["table", "json"], default="table")
     sub.add_parser("status", parents=[common], help="conditions and per-node detail")
+    tps = sub.add_parser(
+        "tracepoints", parents=[common], help="tracepoints the kernels of its nodes have"
+    )
+    tps.add_argument("--match", default="*", help="a glob, e.g. 'sched:*' (default: all)")
+    tps.add_argument("-o", "--output", choices=["table", "json"], default="table")
     return parser
 
 
@@ -128,6 +134,15 @@ def status(api: OutputApi, target: Target, out: TextIO) -> int:
     return 0
 
 
+def tracepoints(api: OutputApi, target: Target, args: argparse.Namespace, out: TextIO) -> int:
+    listing = ProbeTracepoints.model_validate(api.get_json(target, "tracepoints", match=args.match))
+    if args.output == "json":
+        out.write(json.dumps(listing.to_wire(), separators=(",", ":")) + "\n")
+    else:
+        out.write(tracepoints_text(listing))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -138,6 +153,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
             return tail(api, target, args, out)
         if args.command == "top":
             return top(api, target, args, out)
+        if args.command == "tracepoints":
+            return tracepoints(api, target, args, out)
         return status(api, target, out)
     except OutputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -149,6 +149,27 @@ def test_bob_reads_with_view_only(world: World, teams: dict[str, str]) -> None:
     report("bob (view): kubectl tracekeeper status", "\n" + res.stdout)
 
 
+def test_alice_asks_her_probes_nodes_for_their_tracepoints(
+    world: World, teams: dict[str, str]
+) -> None:
+    a = teams["a"]
+    res = plugin(world.cluster, "alice", "tracepoints", "web-file-opens", "-n", a,
+                 "--match", "syscalls:sys_enter_openat*", "-o", "json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    listing = json.loads(res.stdout)
+    assert set(listing["nodes"]) == {"node-a", "node-b"} and listing["unavailable"] == {}
+    for node in listing["nodes"].values():
+        assert "syscalls:sys_enter_openat" in node["names"], node
+        assert all(n.startswith("syscalls:sys_enter_openat") for n in node["names"])
+    table = plugin(world.cluster, "alice", "tracepoints", "web-file-opens", "-n", a,
+                   "--match", "syscalls:sys_enter_openat*")  # fmt: skip
+    rows = [line.split() for line in table.stdout.splitlines()]
+    assert ["syscalls:sys_enter_openat", "all"] in rows, table.stdout
+    report("alice: kubectl tracekeeper tracepoints", "\n" + table.stdout)
+    denied = plugin(world.cluster, "alice", "tracepoints", "exec-events", "-n", teams["b"])
+    assert denied.returncode == 1 and "traceprobes/tracepoints" in denied.stderr, denied.stderr
+
+
 def test_a_direct_request_with_forged_headers_is_refused(world: World) -> None:
     port = world.output_port  # type: ignore[attr-defined]
     ctx = ssl.create_default_context()

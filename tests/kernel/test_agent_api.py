@@ -280,6 +280,22 @@ async def test_a_probes_cost_is_the_kernels_own_accounting(
     assert metric(text, "tracekeeper_probe_kernel_memory_bytes") == second["kernelMemoryBytes"]
 
 
+async def test_the_kernels_tracepoints_are_listed_on_request(
+    make_agent: Callable[[], Awaitable[RunningAgent]],
+) -> None:
+    agent = await make_agent()
+    path = "/v1/tracepoints?match=syscalls:sys_enter_getpp*"
+    async with agent.client.get(path, headers=AUTH) as resp:
+        assert resp.status == 200
+        listing = await resp.json()
+    assert listing == {"match": "syscalls:sys_enter_getpp*", "total": 1,
+                       "names": ["syscalls:sys_enter_getppid"], "truncated": False}  # fmt: skip
+    async with agent.client.get("/v1/tracepoints?match=" + "x" * 300, headers=AUTH) as resp:
+        assert resp.status == 400 and "longer than" in (await resp.json())["error"]
+    async with agent.client.get("/v1/tracepoints") as resp:
+        assert resp.status == 401  # the node's inventory is behind the token too
+
+
 async def test_changed_spec_replaces_the_program_and_events_stream(
     make_agent: Callable[[], Awaitable[RunningAgent]], kubepods: Path
 ) -> None:

@@ -114,6 +114,12 @@ def find_tracefs(candidates: Sequence[Path] = DEFAULT_TRACEFS) -> Path:
     raise TracefsNotFound(f"tracefs is not mounted at any of: {tried}")
 
 
+def available_tracepoints(*, tracefs: Path | None = None) -> list[str]:
+    """Every tracepoint of this kernel, category:name (tracefs' available_events)."""
+    text = ((tracefs or find_tracefs()) / "available_events").read_text()
+    return [line.strip() for line in text.splitlines() if ":" in line]
+
+
 def split_tracepoint(tracepoint: str) -> tuple[str, str]:
     """'category:name' -> (category, name), refusing anything that is not a plain name."""
     category, sep, name = tracepoint.partition(":")

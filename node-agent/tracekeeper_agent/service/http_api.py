@@ -26,12 +26,14 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
+from tracekeeper_agent.host.tracefs import TracefsError, available_tracepoints
 from tracekeeper_agent.outputs.cost import CostLedger
 from tracekeeper_agent.outputs.events import EventHub
 from tracekeeper_agent.reconcile.reconciler import Reconciler, StaleRevision, StateRefused
 from tracekeeper_agent.service.event_stream import ndjson_handler
 from tracekeeper_agent.service.values import values_handler
 from tracekeeper_api import signing
+from tracekeeper_api.output import select_tracepoints
 from tracekeeper_api.protocol import NodeReport, NodeState, StaleRevisionBody
 
 log = logging.getLogger(__name__)
@@ -202,6 +204,17 @@ class _Routes:
     async def get_state(self, _: web.Request) -> web.Response:
         return self._answer(self.reconciler.report())
 
+    async def tracepoints(self, request: web.Request) -> web.Response:
+        """This kernel's tracepoints matching ?match=GLOB (the node inventory, on request)."""
+        try:
+            names = await asyncio.to_thread(available_tracepoints)
+            answer = select_tracepoints(names, request.query.get("match", "*"))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        except (OSError, TracefsError) as exc:
+            return _error(503, f"cannot list tracepoints: {exc}")
+        return web.json_response(answer.to_wire())
+
     async def no_events(self, _: web.Request) -> web.Response:
         return _error(503, "this agent has no event pipeline")
 
@@ -239,6 +252,7 @@ def create_app(
     app.router.add_get("/v1/state", routes.get_state)
     app.router.add_get("/v1/events", ndjson_handler(events) if events else routes.no_events)
     app.router.add_get("/v1/values", values_handler(reconciler))
+    app.router.add_get("/v1/tracepoints", routes.tracepoints)
     app.router.add_get("/metrics", routes.metrics)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/readyz", routes.readyz)

@@ -1,4 +1,5 @@
-"""Reading one probe's output from an agent: GET /v1/values and the GET /v1/events stream.
+"""Reading from an agent for the output API: GET /v1/values, the GET /v1/events stream, and
+GET /v1/tracepoints (the node's kernel, on request).
 
 Requests are signed with the agent token like the operator's pushes (the token never
 travels); a values answer is believed only when the agent signed it back. The event stream
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from yarl import URL
 
 from tracekeeper_api import signing
-from tracekeeper_api.output import ProbeValues
+from tracekeeper_api.output import ProbeValues, Tracepoints
 from tracekeeper_operator.agent_client import TokenSource, _TooLarge, read_bounded
 from tracekeeper_operator.agent_errors import AgentError
 
@@ -28,6 +29,8 @@ MAX_EVENT_LINE = 256 * 1024
 
 class AgentReads(Protocol):
     async def values(self, endpoint: str, probe_id: str) -> ProbeValues: ...
+
+    async def tracepoints(self, endpoint: str, match: str) -> Tracepoints: ...
 
     def events(self, endpoint: str, probe_id: str) -> AsyncIterator[dict[str, Any]]: ...
 
@@ -53,9 +56,9 @@ class HttpAgentReads:
         if self._session is not None:
             await self._session.close()
 
-    async def values(self, endpoint: str, probe_id: str) -> ProbeValues:
+    async def _signed_get(self, endpoint: str, path: str) -> tuple[int, bytes]:
+        """GET path, signed; (status, body) of an answer the agent signed back."""
         key = self._tokens.token()
-        path = _path("/v1/values", probe_id)
         signed = signing.sign_request(key, "GET", path, b"")
         try:
             async with self._client().get(
@@ -76,6 +79,10 @@ class HttpAgentReads:
             raise AgentError(
                 f"agent answer not signed with the API token (HTTP {status})"
             ) from None
+        return status, body
+
+    async def values(self, endpoint: str, probe_id: str) -> ProbeValues:
+        status, body = await self._signed_get(endpoint, _path("/v1/values", probe_id))
         if status == 404:
             raise AgentError("probe not loaded on this node")
         if status != 200:
@@ -87,6 +94,21 @@ class HttpAgentReads:
         if values.probe != probe_id:
             raise AgentError("agent answered for another probe")
         return values
+
+    async def tracepoints(self, endpoint: str, match: str) -> Tracepoints:
+        path = f"/v1/tracepoints?match={quote(match, safe='')}"
+        status, body = await self._signed_get(endpoint, path)
+        if status == 404:
+            raise AgentError("this node's agent predates listing tracepoints")
+        if status != 200:
+            raise AgentError(f"agent refused the request (HTTP {status})")
+        try:
+            answer = Tracepoints.model_validate_json(body)
+        except ValidationError as exc:
+            raise AgentError("agent answer is not Tracepoints") from exc
+        if answer.match != match:
+            raise AgentError("agent answered for another match")
+        return answer
 
     async def events(self, endpoint: str, probe_id: str) -> AsyncIterator[dict[str, Any]]:
         """The probe's events until the agent ends the stream; AgentError on failure."""

@@ -1,4 +1,4 @@
-"""The aggregated API's HTTP side: discovery, and traceprobes/{log,values,nodes}.
+"""The aggregated API's HTTP side: discovery, and traceprobes/{log,values,nodes,tracepoints}.
 
 Every request needs the front proxy's client certificate (401 otherwise); resource requests
 also need the user it names to pass a SubjectAccessReview for that probe and subresource
@@ -20,16 +20,20 @@ from aiohttp import web
 
 from tracekeeper_api.output import (
     LOG,
+    MAX_MATCH,
     NODES,
     OUTPUT_API_VERSION,
     OUTPUT_GROUP,
     OUTPUT_VERSION,
     RESOURCE,
     SUBRESOURCES,
+    TRACEPOINTS,
     VALUES,
     NodeValues,
     ProbeNodes,
+    ProbeTracepoints,
     ProbeValues,
+    Tracepoints,
     merge_values,
     node_detail,
 )
@@ -186,6 +190,8 @@ class _Routes:
                 ],
             )
             return web.json_response(nodes.to_wire())
+        if sub == TRACEPOINTS:
+            return await self._tracepoints(probe_id, places, request.query.get("match", "*"))
         live = [p for p in places if running(p) and p.endpoint]
         if not live:
             return self._not_ready(probe_id, probe)
@@ -240,6 +246,35 @@ class _Routes:
             )
         headers = {"X-Tracekeeper-Unavailable": ",".join(sorted(missing))} if missing else {}
         return web.json_response(merged.to_wire(), headers=headers)
+
+    async def _tracepoints(
+        self, probe_id: str, places: list[Placement], match: str
+    ) -> web.Response:
+        """Every node the probe targets, loaded there or not: "why does my probe fail on that
+        node" is asked of the nodes where it does not run."""
+        if len(match) > MAX_MATCH:
+            return status(400, "BadRequest", f"match is longer than {MAX_MATCH} characters")
+        with_agent = [p for p in places if p.endpoint]
+
+        async def one(p: Placement) -> Tracepoints | str:
+            assert p.endpoint is not None
+            try:
+                return await self.src.reads.tracepoints(p.endpoint, match)
+            except AgentError as exc:
+                return str(exc)
+
+        answers = await asyncio.gather(*(one(p) for p in with_agent))
+        pairs = list(zip(with_agent, answers, strict=True))
+        unavailable = {p.node: a for p, a in pairs if isinstance(a, str)}
+        unavailable |= {p.node: "no tracekeeper agent runs on this node"
+                        for p in places if not p.endpoint}  # fmt: skip
+        listing = ProbeTracepoints(
+            probe=probe_id,
+            match=match,
+            nodes={p.node: a for p, a in pairs if isinstance(a, Tracepoints)},
+            unavailable=unavailable,
+        )
+        return web.json_response(listing.to_wire())
 
     async def _log(self, request: web.Request, probe_id: str) -> web.StreamResponse:
         stream = MergedStream(
