@@ -174,11 +174,12 @@ class _Routes:
         self.ready = ready
         self.costs = costs
 
-    def _answer(self, report: NodeReport) -> web.Response:
-        """The report with each loaded probe's cost, read now."""
+    async def _answer(self, report: NodeReport) -> web.Response:
+        """The report with each loaded probe's cost, read now (off the loop: a scrape may
+        hold the ledger meanwhile)."""
         if self.costs is not None:
             try:
-                costs = self.costs.read()
+                costs = await asyncio.to_thread(self.costs.read)
             except Exception:  # a report must not fail because the accounting did
                 log.exception("reading the probes' costs")
                 costs = {}
@@ -199,10 +200,10 @@ class _Routes:
             return web.json_response(answer.to_wire(), status=409)
         except StateRefused as exc:
             return _error(exc.status, str(exc), fields=[])
-        return self._answer(report)
+        return await self._answer(report)
 
     async def get_state(self, _: web.Request) -> web.Response:
-        return self._answer(self.reconciler.report())
+        return await self._answer(self.reconciler.report())
 
     async def tracepoints(self, request: web.Request) -> web.Response:
         """This kernel's tracepoints matching ?match=GLOB (the node inventory, on request)."""
