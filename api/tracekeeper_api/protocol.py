@@ -315,6 +315,8 @@ class CgroupClaims(WireModel):
     """Cgroups given their pod's identity in the mkdir call, since the agent started."""
     identity_full: int = 0
     """Claims the identity table had no room for."""
+    program_ids: list[int] = Field(default_factory=list, max_length=8)
+    """The claims program's BPF ids (cgroup_mkdir, cgroup_rmdir): one per node."""
 
 
 class NodeReport(WireModel):

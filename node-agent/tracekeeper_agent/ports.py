@@ -116,7 +116,9 @@ class FilterEntries:
 
     @property
     def size(self) -> int:
-        return len(self.cgroups) + len(self.pids) + len(self.comms) + len(self.pods)
+        """Entries naming what exists now (a pending pod counts once its cgroup does)."""
+        known = sum(1 for p in self.pods if p.cgroup_id is not None)
+        return len(self.cgroups) + len(self.pids) + len(self.comms) + known
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,10 @@ class IdentityMap(Protocol):
         kernel claimed for pods no binding targets any more (before the slots are reused)."""
 
     def claim_counters(self) -> ClaimCounters: ...
+
+    @property
+    def program_ids(self) -> tuple[int, ...]:
+        """The claims program's BPF ids (one program per table: per node)."""
 
 
 class ProgramLoader(Protocol):

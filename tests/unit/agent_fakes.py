@@ -65,6 +65,10 @@ class FakeIdentities:
     def claim_counters(self) -> ClaimCounters:
         return ClaimCounters(claimed=len(self.claimed))
 
+    @property
+    def program_ids(self) -> tuple[int, ...]:
+        return (7, 8)
+
 
 class FakeProgram:
     """A shape program: records the maps written; outputs set by tests (bit 0's, or per

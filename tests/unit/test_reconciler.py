@@ -367,7 +367,7 @@ async def test_a_probe_whose_pods_have_no_cgroup_waits_for_the_kernel_to_claim_t
     reconciler, loader, cgroups = make(cgroups=FakeCgroups())
     report = await reconciler.apply(node_state(1, probe()))
     result = outcome(report)
-    assert result.state == "Loaded" and result.filter_entries == 1  # the pod's slot
+    assert result.state == "Loaded" and result.filter_entries == 0  # no cgroup yet
     program = loader.only("team-a/opens")
     assert program.entries.size == 0  # no cgroup has the slot yet: nothing matches
     assert result.message == "waiting for the cgroups of pod team-a/web-0"

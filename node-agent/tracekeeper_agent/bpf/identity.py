@@ -23,6 +23,7 @@ from typing import Any
 from bcc import BPF
 
 from tracekeeper_agent.bpf.maps import write_diff
+from tracekeeper_agent.host.bpf_ids import prog_id
 from tracekeeper_agent.ports import ClaimCounters
 from tracekeeper_agent.programs.claims import claimable, claims_source, path_bytes, path_key
 from tracekeeper_agent.programs.constants import MAX_PENDING_PATHS, ClaimCounter
@@ -60,13 +61,12 @@ class PinnedIdentities:
         self._pending = self._bpf[b"tk_pending"]
         self._written: dict[int, int] = {}
         self._pending_written: dict[str, int] = {}
+        self._program_ids = tuple(sorted(prog_id(f.fd) for f in self._bpf.funcs.values()))
 
     @property
     def program_ids(self) -> tuple[int, ...]:
         """The claims program's BPF ids (mkdir, rmdir): bpftool prog show id N."""
-        from tracekeeper_agent.host.bpf_ids import prog_id
-
-        return tuple(sorted(prog_id(f.fd) for f in self._bpf.funcs.values()))
+        return self._program_ids
 
     def sync(self, table: Mapping[int, int]) -> None:
         # An entry the agent wrote may be gone already: cgroup_rmdir deleted it.

@@ -571,8 +571,9 @@ class Reconciler:
     def claims(self) -> CgroupClaims:
         """The pending table and the kernel's claims, for the report and the metrics."""
         tables = self._tables
+        identities = self._loader.identities
         try:
-            counters = self._loader.identities.claim_counters()
+            counters = identities.claim_counters()
         except Exception:  # a report must not fail because one map read did
             log.exception("reading the cgroup claim counters")
             counters = ClaimCounters()
@@ -583,6 +584,7 @@ class Reconciler:
             left_out_pods=tables.left_out_pods,
             claimed=counters.claimed,
             identity_full=counters.identity_full,
+            program_ids=list(identities.program_ids),
         )
 
     async def _replace(self, old: _Probe | None, new: _Probe) -> None:

@@ -130,6 +130,7 @@ async def running_agent(
         compile_observer=metrics.observe_compile,
         attributor=attributor,
     )
+    metrics.add_claims(reconciler.claims)
     ready = asyncio.Event()
     app = create_app(reconciler, token=token, registry=metrics.registry, events=hub, ready=ready)
     metrics_app = create_metrics_app(reconciler, metrics.registry)
