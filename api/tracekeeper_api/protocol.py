@@ -316,7 +316,7 @@ class CgroupClaims(WireModel):
     identity_full: int = 0
     """Claims the identity table had no room for."""
     program_ids: list[int] = Field(default_factory=list, max_length=8)
-    """The claims program's BPF ids (cgroup_mkdir, cgroup_rmdir): one per node."""
+    """The claims program's BPF ids, cgroup_mkdir's then cgroup_rmdir's: one per node."""
 
 
 class NodeReport(WireModel):

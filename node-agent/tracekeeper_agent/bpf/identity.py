@@ -29,6 +29,7 @@ from tracekeeper_agent.programs.claims import claimable, claims_source, path_byt
 from tracekeeper_agent.programs.constants import MAX_PENDING_PATHS, ClaimCounter
 
 PIN_ROOT = Path("/sys/fs/bpf/tracekeeper")
+_HOOKS = ("cgroup_mkdir", "cgroup_rmdir")
 _serial = itertools.count()
 
 
@@ -61,11 +62,15 @@ class PinnedIdentities:
         self._pending = self._bpf[b"tk_pending"]
         self._written: dict[int, int] = {}
         self._pending_written: dict[str, int] = {}
-        self._program_ids = tuple(sorted(prog_id(f.fd) for f in self._bpf.funcs.values()))
+        funcs = self._bpf.funcs
+        self._program_ids = tuple(
+            prog_id(funcs[f"tracepoint__cgroup__{t}".encode()].fd) for t in _HOOKS
+        )
 
     @property
     def program_ids(self) -> tuple[int, ...]:
-        """The claims program's BPF ids (mkdir, rmdir): bpftool prog show id N."""
+        """The claims program's BPF ids, cgroup_mkdir's then cgroup_rmdir's (bpftool prog
+        show id N)."""
         return self._program_ids
 
     def sync(self, table: Mapping[int, int]) -> None:
