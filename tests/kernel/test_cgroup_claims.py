@@ -25,7 +25,7 @@ from tests.kernel.test_agent_api import (  # noqa: F401  (fixtures)
     make_agent,
     wait_for,
 )
-from tracekeeper_agent.bpf.identity import PIN_ROOT
+from tracekeeper_agent.bpf.identity import PIN_ROOT, PinnedIdentities, default_pin
 from tracekeeper_agent.targets.cgroups import Runtime, cgroup_id
 from tracekeeper_sim.kubelet import (
     CgroupDriver,
@@ -216,3 +216,26 @@ async def test_fallback_rmdir_and_restart(make_agent: Agent, kubepods_trees: Pat
     assert (await restarted.state())["cgroupClaims"]["pendingPods"] == 1
     made = await start_at_once(early)
     assert counts(restarted).get(cgroup_id(early.container), 0) == made
+
+
+def test_release_deletes_the_claims_of_a_freed_slot_only(cgroup_sandbox: Path) -> None:
+    identities = PinnedIdentities(default_pin())
+    try:
+        root = cgroup_sandbox.parent
+        paths = {f"/{cgroup_sandbox.name}/pod-{n}": n for n in (1, 2)}
+        identities.sync_pending(paths)
+        ids: dict[int, int] = {}
+        for path, slot in paths.items():
+            create_cgroup(root / path.lstrip("/"))
+            ids[slot] = cgroup_id(root / path.lstrip("/"))
+        identities.sync({ids[1]: 1, 99: 1})  # the agent also knows pod-1's cgroup
+        assert identities.kernel_entries() == {ids[1]: 1, ids[2]: 2, 99: 1}
+        identities.sync_pending({})
+        identities.release([1, 2])
+        # pod-2's claim (unknown to the agent) is gone; what the agent wrote is its to sync.
+        assert identities.kernel_entries() == {ids[1]: 1, 99: 1}
+        (root / f"{cgroup_sandbox.name}/pod-1").rmdir()  # rmdir deletes it in the kernel
+        identities.sync({})  # and the agent's delete of it is no error
+        assert identities.kernel_entries() == {}
+    finally:
+        identities.close()
