@@ -321,6 +321,26 @@ class KernelInfo(WireModel):
     """feature -> why the agent believes it is missing (e.g. CONFIG_KPROBES is not set)."""
 
 
+class CgroupClaims(WireModel):
+    """The kernel's recognition of pod cgroups at mkdir: the paths targeted pods will get,
+    waiting in a bounded table, and what the claims program did with them."""
+
+    pending_pods: int = 0
+    """Targeted pods without a cgroup yet whose paths are all in the table."""
+    pending_paths: int = 0
+    capacity: int = 0
+    """Paths the table holds at most."""
+    left_out_pods: int = 0
+    """Pending pods not in the table now (full, or a path too long): their first calls are
+    caught by the inotify fallback only. Never silent: also a metric."""
+    claimed: int = 0
+    """Cgroups given their pod's identity in the mkdir call, since the agent started."""
+    identity_full: int = 0
+    """Claims the identity table had no room for."""
+    program_ids: list[int] = Field(default_factory=list, max_length=8)
+    """The claims program's BPF ids, cgroup_mkdir's then cgroup_rmdir's: one per node."""
+
+
 class NodeReport(WireModel):
     """The agent's answer to PUT /v1/state and GET /v1/state."""
 
@@ -330,6 +350,7 @@ class NodeReport(WireModel):
     """Random per agent start: a change tells the operator the agent restarted."""
     kernel: KernelInfo = Field(default_factory=KernelInfo)
     probes: list[ProbeOutcome] = Field(default_factory=list)
+    cgroup_claims: CgroupClaims = Field(default_factory=CgroupClaims)
 
 
 def spec_hash(spec: TraceProbeSpec) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -95,17 +95,35 @@ class ProgramPlan:
 
 
 @dataclass(frozen=True)
+class PodEntry:
+    """A whole pod a binding traces: one pod slot, named by its uid whether its cgroup
+    exists or not, so that the slot a pending pod gets stays its slot once the cgroup is
+    made (by the kernel at mkdir, or learned through inotify)."""
+
+    uid: str
+    """Lower case, as kubelet names its cgroup."""
+    cgroup_id: int | None = None
+    """The pod-level cgroup (the ancestor of all its containers); None: not made yet."""
+    paths: tuple[str, ...] = ()
+    """Pending only: where kubelet will make it, from the v2 root (targets/pod_paths.py)."""
+
+
+@dataclass(frozen=True)
 class FilterEntries:
     """Whom one probe (binding) traces on this node, resolved: what its bit is set on."""
 
     cgroups: frozenset[int] = frozenset()
-    """cgroup ids (inodes of cgroup v2 directories): pod-level or container-level."""
+    """cgroup ids (inodes of cgroup v2 directories) of container and cgroupPaths targets."""
     pids: frozenset[int] = frozenset()
     comms: frozenset[str] = frozenset()
+    pods: frozenset[PodEntry] = frozenset()
+    """Whole-pod targets, pending or not."""
 
     @property
     def size(self) -> int:
-        return len(self.cgroups) + len(self.pids) + len(self.comms)
+        """Entries naming what exists now (a pending pod counts once its cgroup does)."""
+        known = sum(1 for p in self.pods if p.cgroup_id is not None)
+        return len(self.cgroups) + len(self.pids) + len(self.comms) + known
 
 
 @dataclass(frozen=True)
@@ -252,12 +270,39 @@ class LoadedProgram(Protocol):
         """Detach and free the program and its maps."""
 
 
+@dataclass(frozen=True)
+class ClaimCounters:
+    """The cgroup claims program's counters (programs.constants.ClaimCounter), summed."""
+
+    mkdirs: int = 0
+    claimed: int = 0
+    identity_full: int = 0
+    removed: int = 0
+
+
 class IdentityMap(Protocol):
     """The node-wide identity table in the kernel (cgroup id -> pod slot), shared by every
-    program the loader loads."""
+    program the loader loads, and the pending table from which the kernel adds to it at
+    mkdir (and removes from it at rmdir)."""
 
     def sync(self, table: Mapping[int, int]) -> None:
-        """Make it hold exactly `table` (writes and deletes of what changed)."""
+        """Make the agent's entries exactly `table` (writes and deletes of what changed; an
+        entry the kernel removed already at rmdir is no error). Entries the kernel claimed
+        at mkdir are left alone."""
+
+    def sync_pending(self, paths: Mapping[str, int]) -> None:
+        """Make the pending table hold exactly `paths` (path from the v2 root -> pod slot;
+        at most MAX_PENDING_PATHS, each claimable)."""
+
+    def release(self, slots: Collection[int]) -> None:
+        """Delete every entry naming these slots that `sync` did not write: cgroups the
+        kernel claimed for pods no binding targets any more (before the slots are reused)."""
+
+    def claim_counters(self) -> ClaimCounters: ...
+
+    @property
+    def program_ids(self) -> tuple[int, ...]:
+        """The claims program's BPF ids (one program per table: per node)."""
 
 
 class ProgramLoader(Protocol):

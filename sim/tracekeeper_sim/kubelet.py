@@ -1,6 +1,7 @@
-"""Playing kubelet on this machine: its cgroup layout (written once, here), and making,
-filling and removing the cgroups of fake pods. Dev-only: the tests, the demo and the
-benchmarks use it; the agent only parses these paths back (tracekeeper_agent.targets.cgroups).
+"""Playing kubelet on this machine: the candidate search over its cgroup layout (the forward
+naming is the agent's, tracekeeper_agent.targets.pod_paths: it predicts pending pods' paths),
+and making, filling and removing the cgroups of fake pods. Dev-only: the tests, the demo and
+the benchmarks use it.
 
 Kubelet lays pods out by cgroup driver:
 
@@ -16,7 +17,6 @@ import contextlib
 import errno
 import time
 from collections.abc import Iterable
-from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 from tracekeeper_agent.targets.cgroups import (
@@ -26,52 +26,10 @@ from tracekeeper_agent.targets.cgroups import (
     split_container_id,
     walk_cgroups,
 )
-
-
-class CgroupDriver(StrEnum):
-    SYSTEMD = "systemd"
-    CGROUPFS = "cgroupfs"
-
-
-class QosClass(StrEnum):
-    GUARANTEED = "guaranteed"
-    BURSTABLE = "burstable"
-    BESTEFFORT = "besteffort"
-
-
-def _systemd_uid(pod_uid: str) -> str:
-    return pod_uid.replace("-", "_")
-
-
-def pod_cgroup_relpath(
-    pod_uid: str,
-    *,
-    qos: QosClass,
-    driver: CgroupDriver,
-    kubepods: str | None = None,
-) -> PurePosixPath:
-    """Where kubelet puts a pod, relative to the cgroup root (`kubepods` overrides the
-    top-level name, e.g. 'kubelet-kubepods.slice' under a custom --cgroup-root)."""
-    if driver is CgroupDriver.SYSTEMD:
-        top = kubepods or "kubepods.slice"
-        prefix = top.removesuffix(".slice").rsplit("/", 1)[-1]
-        uid = _systemd_uid(pod_uid)
-        if qos is QosClass.GUARANTEED:
-            return PurePosixPath(top, f"{prefix}-pod{uid}.slice")
-        return PurePosixPath(top, f"{prefix}-{qos}.slice", f"{prefix}-{qos}-pod{uid}.slice")
-    top = kubepods or "kubepods"
-    if qos is QosClass.GUARANTEED:
-        return PurePosixPath(top, f"pod{pod_uid}")
-    return PurePosixPath(top, str(qos), f"pod{pod_uid}")
-
-
-def container_cgroup_name(container_id: str, *, driver: CgroupDriver, runtime: Runtime) -> str:
-    """The container's directory name inside its pod directory."""
-    _, cid = split_container_id(container_id)
-    if driver is CgroupDriver.SYSTEMD:
-        prefix = {Runtime.CONTAINERD: "cri-containerd", Runtime.CRIO: "crio"}.get(runtime, "docker")
-        return f"{prefix}-{cid}.scope"
-    return f"crio-{cid}" if runtime is Runtime.CRIO else cid
+from tracekeeper_agent.targets.pod_paths import CgroupDriver as CgroupDriver
+from tracekeeper_agent.targets.pod_paths import QosClass as QosClass
+from tracekeeper_agent.targets.pod_paths import container_cgroup_name as container_cgroup_name
+from tracekeeper_agent.targets.pod_paths import pod_cgroup_relpath as pod_cgroup_relpath
 
 
 def container_cgroup_relpath(

@@ -508,7 +508,9 @@ def test_an_abandoned_push_is_applied_whole_and_leaks_nothing(
         assert [p["state"] for p in report["probes"]] == ["Loaded"] * len(TRACEPOINTS), report
         reported = {i for p in report["probes"] for i in p["programIds"]}
         assert len(reported) == len(TRACEPOINTS)
-        assert agent_held_programs(proc.pid) == reported
+        claims = set(report["cgroupClaims"]["programIds"])  # the node's cgroup_mkdir/rmdir
+        assert len(claims) == 2
+        assert agent_held_programs(proc.pid) == reported | claims
 
         # A later push behaves: answered, and the kernel holds exactly what it reports.
         body = json.dumps({"node": NODE, "revision": 2, "probes": probes[:2]}).encode()
@@ -516,7 +518,7 @@ def test_an_abandoned_push_is_applied_whole_and_leaks_nothing(
         assert status == 200, text
         report = json.loads(text)
         assert report["revision"] == 2 and [p["state"] for p in report["probes"]] == ["Loaded"] * 2
-        assert agent_held_programs(proc.pid) == {
+        assert agent_held_programs(proc.pid) == claims | {
             i for p in report["probes"] for i in p["programIds"]
         }
     finally:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from tracekeeper_agent.host.event_records import EventBatch, batch_of
 from tracekeeper_agent.ports import (
+    ClaimCounters,
     CountSample,
     FilterEntries,
     HistogramSample,
@@ -22,6 +24,7 @@ from tracekeeper_agent.ports import (
 )
 from tracekeeper_agent.programs.builder import plan_inputs
 from tracekeeper_agent.targets.cgroups import CgroupOwner
+from tracekeeper_agent.targets.pod_paths import pod_cgroup_paths
 from tracekeeper_api.protocol import NodeState, ProbeAssignment
 
 UID_A = "11111111-aaaa-4000-8000-000000000001"
@@ -30,15 +33,42 @@ CID_A = "a" * 64
 
 
 class FakeIdentities:
-    """The node-wide identity table as a dict."""
+    """The node-wide identity table and the pending table as dicts; `mkdir` plays the
+    kernel's claims program, `released` records what the agent asked to release."""
 
     def __init__(self) -> None:
         self.table: dict[int, int] = {}
+        self.claimed: dict[int, int] = {}
+        self.pending: dict[str, int] = {}
+        self.released: list[set[int]] = []
         self.syncs = 0
 
     def sync(self, table: Mapping[int, int]) -> None:
-        self.table = dict(table)
+        self.table = {**self.claimed, **table}
         self.syncs += 1
+
+    def sync_pending(self, paths: Mapping[str, int]) -> None:
+        self.pending = dict(paths)
+
+    def release(self, slots: Collection[int]) -> None:
+        self.released.append(set(slots))
+        self.claimed = {k: s for k, s in self.claimed.items() if s not in slots}
+        self.table = {k: s for k, s in self.table.items() if k in self.claimed or s not in slots}
+
+    def mkdir(self, path: str, cgroup_id: int) -> bool:
+        """The claims program's part of mkdir(2): True when the path was pending."""
+        slot = self.pending.get(path)
+        if slot is None:
+            return False
+        self.claimed[cgroup_id] = self.table[cgroup_id] = slot
+        return True
+
+    def claim_counters(self) -> ClaimCounters:
+        return ClaimCounters(claimed=len(self.claimed))
+
+    @property
+    def program_ids(self) -> tuple[int, ...]:
+        return (7, 8)
 
 
 class FakeProgram:
@@ -235,6 +265,9 @@ class FakeCgroups:
 
     def path_cgroup_id(self, path: str) -> int | None:
         return self.paths.get(path)
+
+    def pod_cgroup_paths(self, pod_uid: str) -> tuple[str, ...]:
+        return pod_cgroup_paths(pod_uid, [PurePosixPath("kubepods.slice")])
 
     def owner(self, cgroup_id: int) -> CgroupOwner | None:
         for uid, cgid in self.pods.items():

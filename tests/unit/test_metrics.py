@@ -37,6 +37,7 @@ from tracekeeper_agent.ports import (
     PodIdentity,
     SampleKey,
 )
+from tracekeeper_api.protocol import CgroupClaims
 
 PODS = FakeAttributor(
     {
@@ -314,3 +315,18 @@ def test_promtool_accepts_the_exposition() -> None:
     )
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
     assert result.stdout + result.stderr == b""
+
+
+def test_cgroup_claims_are_read_at_scrape_time() -> None:
+    metrics = AgentMetrics(ListBoard(lambda: []), PODS)
+    now = [CgroupClaims(pending_pods=2, pending_paths=6, capacity=2048, left_out_pods=1)]
+    metrics.add_claims(lambda: now[0])
+    now[0] = now[0].model_copy(update={"claimed": 5, "identity_full": 1})
+    text = generate_latest(metrics.registry).decode()
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert values["tracekeeper_agent_pending_cgroup_pods"] == 2.0
+    assert values["tracekeeper_agent_pending_cgroup_paths"] == 6.0
+    assert values["tracekeeper_agent_pending_cgroup_paths_capacity"] == 2048.0
+    assert values["tracekeeper_agent_pending_cgroup_pods_left_out"] == 1.0  # never silent
+    assert values["tracekeeper_agent_cgroups_claimed_total"] == 5.0
+    assert values["tracekeeper_agent_cgroup_claims_identity_full_total"] == 1.0

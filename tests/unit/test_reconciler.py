@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.unit.agent_fakes import (
+    CID_A,
     UID_A,
     UID_B,
     FakeCgroups,
@@ -362,12 +363,45 @@ async def test_only_host_wide_bindings_match_every_process() -> None:
     assert loader.only("team-a/opens").maps.comms == {"nginx": 1}
 
 
-async def test_a_probe_whose_pods_have_no_cgroup_has_empty_maps() -> None:
-    reconciler, loader, _ = make(cgroups=FakeCgroups())
-    result = outcome(await reconciler.apply(node_state(1, probe())))
-    assert result.state == "Loaded" and result.filter_entries == 0
-    assert loader.only("team-a/opens").entries.size == 0
+async def test_a_probe_whose_pods_have_no_cgroup_waits_for_the_kernel_to_claim_them() -> None:
+    reconciler, loader, cgroups = make(cgroups=FakeCgroups())
+    report = await reconciler.apply(node_state(1, probe()))
+    result = outcome(report)
+    assert result.state == "Loaded" and result.filter_entries == 0  # no cgroup yet
+    program = loader.only("team-a/opens")
+    assert program.entries.size == 0  # no cgroup has the slot yet: nothing matches
     assert result.message == "waiting for the cgroups of pod team-a/web-0"
+    # Its paths, every QoS class, wait in the pending table with the slot its mask names.
+    pending = loader.identities.pending
+    assert sorted(pending) == sorted(cgroups.pod_cgroup_paths(UID_A)) and len(pending) == 3
+    (slot,) = set(pending.values())
+    assert program.maps.slot_masks == {slot: 1}
+    claims = report.cgroup_claims
+    assert (claims.pending_pods, claims.pending_paths, claims.left_out_pods) == (1, 3, 0)
+    # mkdir: the kernel writes the entry; the agent's later writes keep it, and it counts.
+    path = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+    assert loader.identities.mkdir(path + UID_A.replace("-", "_") + ".slice", 900)
+    await reconciler.refresh_targets(CgroupChanges(everything=True))
+    assert program.entries.cgroups == {900}
+    assert reconciler.report().cgroup_claims.claimed == 1
+    # inotify then reports it: the same slot, nothing pending any more.
+    cgroups.pods[UID_A] = 900
+    await reconciler.refresh_targets(CgroupChanges(frozenset({UID_A})))
+    assert loader.identities.table == {900: slot} and loader.identities.pending == {}
+    assert program.maps.slot_masks == {slot: 1}
+    assert outcome(reconciler.report()).message == ""
+
+
+async def test_a_pod_no_probe_targets_any_more_releases_its_slot_and_claims() -> None:
+    reconciler, loader, _ = make(cgroups=FakeCgroups())
+    await reconciler.apply(node_state(1, probe(), probe("b", targets={"pods": [pod(UID_B)]})))
+    slot = loader.identities.pending[next(iter(FakeCgroups().pod_cgroup_paths(UID_A)))]
+    assert loader.identities.mkdir(FakeCgroups().pod_cgroup_paths(UID_A)[1], 900)
+    await reconciler.apply(node_state(2, probe("b", targets={"pods": [pod(UID_B)]})))
+    # The agent never learned of cgroup 900, yet its claim goes before the slot is free.
+    assert loader.identities.released == [{slot}]
+    assert 900 not in loader.identities.table
+    assert all(s != slot for s in loader.identities.pending.values())
 
 
 # --- revisions ------------------------------------------------------------------------------
@@ -450,14 +484,16 @@ async def test_a_failed_filter_update_closes_the_program() -> None:
     reconciler, loader, cgroups = make()
     await reconciler.apply(node_state(1, probe(), probe("other")))
     loader.only("team-a/opens").fail_update = OSError("map full")
-    cgroups.pods[UID_A] = 501
-    await reconciler.refresh_targets(CgroupChanges(everything=True))
+    cgroups.containers[(UID_A, CID_A)] = 501  # the probe's container starts: a new entry
+    app = {"name": "app", "containerId": f"containerd://{CID_A}"}
+    targets = {"pods": [pod(allContainers=False, containers=[app])]}
+    await reconciler.apply(node_state(2, probe(targets=targets), probe("other")))
     result = outcome(reconciler.report())
     assert result.state == "Failed" and "map full" in result.message
     assert loader.live("team-a/opens") == []
     assert outcome(reconciler.report(), "other").state == "Loaded"
     # The next push tries again, with a new program.
-    report = await reconciler.apply(node_state(2, probe(), probe("other")))
+    report = await reconciler.apply(node_state(3, probe(), probe("other")))
     assert outcome(report).state == "Loaded"
 
 

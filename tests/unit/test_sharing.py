@@ -6,13 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from tests.unit.agent_fakes import UID_A, UID_B, FakeCgroups, FakeLoader, fake_build_plan, pod
-from tracekeeper_agent.ports import FilterEntries
-from tracekeeper_agent.programs.constants import MAX_BINDINGS, Flag
+from tracekeeper_agent.ports import FilterEntries, PodEntry
+from tracekeeper_agent.programs.constants import MAX_BINDINGS, MAX_CGROUP_PATH, Flag
 from tracekeeper_agent.programs.sharing import (
     Binding,
     BitTable,
     IdentitySlots,
+    SlotKey,
     bits_of,
+    node_tables,
     program_maps,
 )
 from tracekeeper_agent.reconcile.reconciler import Reconciler
@@ -29,11 +31,35 @@ def test_bits_are_the_lowest_free_and_reused_only_once_released() -> None:
     assert table.full and table.take("p65") is None
 
 
-def test_identity_slots_are_kept_and_freed_slots_reused() -> None:
-    slots = IdentitySlots()
+def test_identity_slots_are_kept_and_freed_slots_reused_last() -> None:
+    slots = IdentitySlots(capacity=4)
     assert slots.assign([500, 600]) == {500: 1, 600: 2}
-    assert slots.assign([600, 700]) == {600: 2, 700: 1}  # 500's slot went to 700
-    assert slots.assign([600, 700, 800]) == {600: 2, 700: 1, 800: 3}
+    # 500's slot is not reused while fresh ones are left (a claim may still name it).
+    assert slots.assign([600, 700]) == {600: 2, 700: 3}
+    assert slots.assign([600, 700, "pod-a"]) == {600: 2, 700: 3, "pod-a": 4}
+    assert slots.assign([700, "pod-a", 800]) == {700: 3, "pod-a": 4, 800: 1}  # oldest freed
+    assert slots.assign([700, "pod-a", 800, 900]) == {700: 3, "pod-a": 4, 800: 1, 900: 2}
+
+
+def test_node_tables_put_pending_pods_whole_or_not_at_all() -> None:
+    a = PodEntry("a", None, ("/k/pod-a-1", "/k/pod-a-2"))
+    b = PodEntry("b", None, ("/k/pod-b-1", "/k/pod-b-2"))
+    long = PodEntry("c", None, ("/" + "x" * MAX_CGROUP_PATH,))
+    known = PodEntry("d", 42)
+    entries = [
+        FilterEntries(cgroups=frozenset({500}), pods=frozenset({a, known})),
+        FilterEntries(pods=frozenset({b, long})),
+    ]
+    slots: dict[SlotKey, int] = {500: 1, "a": 2, "b": 3, "c": 4, "d": 5}
+    tables = node_tables(entries, slots, capacity=3)
+    assert tables.identity == {500: 1, 42: 5}
+    # a fits; b's two paths do not fit in what is left; c's path is longer than the
+    # program reads: both counted, neither half in.
+    assert tables.pending == {"/k/pod-a-1": 2, "/k/pod-a-2": 2}
+    assert (tables.pending_pods, tables.left_out_pods) == (1, 2)
+    maps = program_maps([Binding(0, entries[0]), Binding(1, entries[1])], slots)
+    assert maps.slot_masks == {1: 1, 2: 1, 5: 1, 3: 2, 4: 2}
+    assert maps.flags & Flag.CGROUP
 
 
 def test_bits_of_a_mask() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.agent_fakes import CID_A, UID_A, UID_B, FakeCgroups, FakeProcesses
-from tracekeeper_agent.ports import PodIdentity
+from tracekeeper_agent.ports import PodEntry, PodIdentity
 from tracekeeper_agent.targets.attribution import TargetAttributor
 from tracekeeper_agent.targets.cgroup_watch import CgroupEvent, CgroupEventKind, CgroupWatcher
 from tracekeeper_agent.targets.cgroups import CgroupIndex
@@ -34,7 +34,8 @@ def pod(uid: str = UID_A, name: str = "web-0", **extra: object) -> dict[str, obj
 def test_all_containers_pod_is_its_pod_level_cgroup() -> None:
     cgroups = FakeCgroups(pods={UID_A: 500}, containers={(UID_A, "c1"): 501, (UID_A, "c2"): 502})
     res = resolve_targets(targets(pods=[pod()]), cgroups)
-    assert res.entries.cgroups == {500}  # one entry covers every container
+    assert res.entries.pods == {PodEntry(UID_A, 500)}  # one entry covers every container
+    assert not res.entries.cgroups
     assert (res.pods, res.containers, res.pending) == (1, 2, ())
 
 
@@ -57,9 +58,14 @@ def test_listed_containers_are_their_own_cgroups() -> None:
     assert res.pending == ("container team-a/web-0/sidecar (not started)",)
 
 
-def test_pod_without_cgroup_yet_is_pending_and_matches_nothing() -> None:
-    res = resolve_targets(targets(pods=[pod(), pod(UID_B, "web-1")]), FakeCgroups())
-    assert res.entries.size == 0
+def test_pod_without_cgroup_yet_is_pending_with_the_paths_it_will_get() -> None:
+    cgroups = FakeCgroups()
+    res = resolve_targets(targets(pods=[pod(), pod(UID_B.upper(), "web-1")]), cgroups)
+    assert not res.entries.cgroups  # no cgroup matches yet; the kernel claims them at mkdir
+    assert res.entries.pods == {
+        PodEntry(UID_A, None, cgroups.pod_cgroup_paths(UID_A)),
+        PodEntry(UID_B, None, cgroups.pod_cgroup_paths(UID_B)),  # kubelet's lower case
+    }
     assert res.pending == ("pod team-a/web-0", "pod team-a/web-1")
     assert res.pending_message() == "waiting for the cgroups of pod team-a/web-0, pod team-a/web-1"
 
@@ -174,7 +180,7 @@ def test_watcher_events_resolve_a_pending_pod_before_its_containers(root: Path) 
         assert changes.pod_uids == {UID_A}
         assert changes.concerns(t)
         res = resolve_targets(t, cgroups)
-        assert res.entries.cgroups == {os.stat(pod_dir).st_ino}
+        assert res.entries.pods == {PodEntry(UID_A, os.stat(pod_dir).st_ino)}
         assert res.containers == 0
 
         container_dir = pod_dir / f"cri-containerd-{CID_A}.scope"
@@ -186,7 +192,8 @@ def test_watcher_events_resolve_a_pending_pod_before_its_containers(root: Path) 
         pod_dir.rmdir()
         changes = cgroups.apply_events(watcher.read())
         assert changes.pod_uids == {UID_A}
-        assert resolve_targets(t, cgroups).entries.size == 0
+        (gone,) = resolve_targets(t, cgroups).entries.pods
+        assert gone.cgroup_id is None and gone.paths  # pending again
 
 
 def test_apply_events_overflow_concerns_everything(root: Path) -> None:

@@ -277,17 +277,18 @@ class BccLoader:
         self, identity_pin: Path | None = None, quiet_release: QuietRelease | None = None
     ) -> None:
         self._pin = identity_pin or default_pin()
-        self._identities: PinnedIdentities | None = None
         self._quiet_release = quiet_release or QuietRelease()
         """Hands the compiler's memory back once compiles stop (bpf/compiler_memory.py)."""
-        self._quiet_release.compiled()  # importing bcc paged the compiler's relocations in
+        # Before any program declares the table, and from one thread: the reconciler reads
+        # it from the event loop (reports) and the compile worker (loads) alike.
+        self._identities: PinnedIdentities | None = PinnedIdentities(self._pin)
+        self._quiet_release.compiled()  # importing bcc and the claims program paged it in
 
     @property
     def identities(self) -> PinnedIdentities:
-        """Created with the loader's first use: before any program declares it."""
+        """The node's identity table and its cgroup claims program (one per loader)."""
         if self._identities is None:
-            self._identities = PinnedIdentities(self._pin)
-            self._quiet_release.compiled()  # declaring the pinned table is a compile too
+            raise RuntimeError("the loader is closed")
         return self._identities
 
     def close(self) -> None:

@@ -17,13 +17,15 @@ def write_diff(
     desired: Mapping[Any, int],
     *,
     key_of: Callable[[Any], Any],
+    missing_ok: bool = False,
 ) -> tuple[int, int]:
     """Bring a map that only the agent writes from `written` (what it holds) to `desired`,
-    without reading it back. Returns (upserts, deletes)."""
+    without reading it back. Returns (upserts, deletes). `missing_ok`: an entry to delete
+    may be gone already (the kernel deletes too)."""
     stale = [key_of(k) for k in written if k not in desired]
     changes = {k: v for k, v in desired.items() if written.get(k) != v}
     if stale:
-        _delete(table, stale)
+        _delete(table, stale, missing_ok=missing_ok)
     if changes:
         _update(table, changes, key_of)
     return len(changes), len(stale)
@@ -48,10 +50,14 @@ def _update(table: Any, changes: Mapping[Any, int], key_of: Callable[[Any], Any]
             table[key_of(k)] = table.Leaf(v)
 
 
-def _delete(table: Any, stale: list[Any]) -> None:
+def _delete(table: Any, stale: list[Any], *, missing_ok: bool = False) -> None:
     keys = (table.Key * len(stale))(*stale)
     try:
         table.items_delete_batch(keys)
-    except Exception:
+    except Exception:  # unsupported, or a key was missing (the batch stops there): one by one
         for k in stale:
-            del table[k]
+            try:
+                del table[k]
+            except KeyError:
+                if not missing_ok:
+                    raise

@@ -42,6 +42,7 @@ from tracekeeper_agent.ports import (
     KernelCounters,
     SampleKey,
 )
+from tracekeeper_api.protocol import CgroupClaims
 
 log = logging.getLogger(__name__)
 
@@ -442,6 +443,51 @@ class ProbeCollector(Collector):
         fam.dropped.add_metric([*ids, "backlog"], float(probe.counts.backlog))
 
 
+class ClaimsCollector(Collector):
+    """The kernel's claims of pod cgroups at mkdir (the pending table, read at scrape time):
+    a pending pod left out of the table is caught by the inotify fallback only, so that
+    number is exported, never silent."""
+
+    def __init__(self, source: Callable[[], CgroupClaims]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # no read of the kernel at registration (collect reads it)
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._source()
+        gauges = (
+            (
+                "pending_cgroup_pods",
+                "Targeted pods without a cgroup yet, their paths in the pending table.",
+                c.pending_pods,
+            ),
+            ("pending_cgroup_paths", "Cgroup paths in the pending table.", c.pending_paths),
+            (
+                "pending_cgroup_paths_capacity",
+                "Cgroup paths the pending table holds at most.",
+                c.capacity,
+            ),
+            (
+                "pending_cgroup_pods_left_out",
+                "Pending pods left out of the pending table (full, path too long): inotify only.",
+                c.left_out_pods,
+            ),
+        )
+        for name, text, value in gauges:
+            yield GaugeMetricFamily(f"tracekeeper_agent_{name}", text, value=float(value))
+        yield CounterMetricFamily(
+            "tracekeeper_agent_cgroups_claimed",
+            "Cgroups given their pod's identity by the kernel in their mkdir call.",
+            value=float(c.claimed),
+        )
+        yield CounterMetricFamily(
+            "tracekeeper_agent_cgroup_claims_identity_full",
+            "Cgroup claims the identity table had no room for.",
+            value=float(c.identity_full),
+        )
+
+
 # Compiles take about 0.3 s here; large programs and a cold cache several seconds.
 COMPILE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -481,6 +527,10 @@ class AgentMetrics:
 
     def observe_compile(self, seconds: float) -> None:
         self._compile.observe(seconds)
+
+    def add_claims(self, source: Callable[[], CgroupClaims]) -> None:
+        """Export the cgroup claims (`Reconciler.claims`) from this registry."""
+        self.registry.register(ClaimsCollector(source))
 
     @contextmanager
     def time_compile(self) -> Iterator[None]:

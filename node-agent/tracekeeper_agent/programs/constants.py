@@ -27,6 +27,35 @@ MAX_CGROUP_LEVEL = 16
 VERDICT_ENTRIES = 16384
 RING_PAGES = 512
 """2 MiB of ring buffer per events program."""
+MAX_PENDING_PATHS = 2048
+"""Pending table (programs/cgroup_claims.c): cgroup paths targeted pods will get, 3 per
+pending pod and kubepods directory; the paths past it are left out and reported."""
+MAX_CGROUP_PATH = 256
+"""Bytes of a pending path from the v2 root (leading slash, no NUL): a kubepods pod path is
+under 150 even below a custom --cgroup-root; a longer one is left out and reported."""
+assert MAX_CGROUP_PATH & (MAX_CGROUP_PATH - 1) == 0, "cgroup_claims.c masks indices with it"
+CGROUP2_HIERARCHY = 0
+"""cgroup_mkdir's `root`, the hierarchy id: the v2 (default) hierarchy is 0 (/proc/PID/cgroup's
+`0::` line); v1 controllers of a hybrid host have their own and are ignored."""
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+"""FNV-1a 64 of a path: the pending table's key (the value holds the path, compared whole)."""
+
+
+class ClaimCounter(IntEnum):
+    """Per-CPU counters of the cgroup claims program (tk_claim_counters)."""
+
+    MKDIRS = 0
+    """cgroup2 directories made (every mkdir on the node pays the path hash)."""
+    CLAIMED = 1
+    """Of those, a pending pod's: its identity entry written at mkdir."""
+    IDENTITY_FULL = 2
+    """Claims the identity table had no room for (the inotify path retries them)."""
+    REMOVED = 3
+    """Identity entries deleted at rmdir."""
+
+
+NCLAIM_COUNTERS = len(ClaimCounter)
 
 
 class Counter(IntEnum):
@@ -67,7 +96,19 @@ def c_defines() -> str:
         "TK_VERDICT_ENTRIES": VERDICT_ENTRIES,
         "TK_RING_PAGES": RING_PAGES,
         "TK_NCOUNTERS": NCOUNTERS,
+        "TK_MAX_PENDING": MAX_PENDING_PATHS,
+        "TK_MAX_CGROUP_PATH": MAX_CGROUP_PATH,
+        "TK_CGROUP2_HIERARCHY": CGROUP2_HIERARCHY,
+        "TK_FNV_OFFSET": FNV_OFFSET,
+        "TK_FNV_PRIME": FNV_PRIME,
+        "TK_NCLAIM_COUNTERS": NCLAIM_COUNTERS,
     }
     values.update({f"TK_{c.name}": c.value for c in Counter})
     values.update({f"TK_FLAG_{f.name}": f.value for f in Flag if f.name})
-    return "".join(f"#define {k} {v}\n" for k, v in values.items())
+    values.update({f"TK_CLAIM_{c.name}": c.value for c in ClaimCounter})
+    return "".join(f"#define {k} {_c_int(v)}\n" for k, v in values.items())
+
+
+def _c_int(value: int) -> str:
+    # A decimal literal past INT64_MAX has no C type; u64 constants are spelled as such.
+    return f"{value:#x}ULL" if value > 0x7FFFFFFF else str(value)

@@ -30,6 +30,8 @@ from typing import Any
 
 from tracekeeper_agent.active import ActiveProbe, ProgramBoard
 from tracekeeper_agent.ports import (
+    ClaimCounters,
+    FilterEntries,
     LoadedProgram,
     LoadFailure,
     ProgramLoader,
@@ -37,9 +39,21 @@ from tracekeeper_agent.ports import (
     ProgramPlan,
 )
 from tracekeeper_agent.programs.builder import plan_inputs
-from tracekeeper_agent.programs.constants import MAX_BINDINGS, MAX_PROGRAMS_PER_SHAPE
+from tracekeeper_agent.programs.constants import (
+    MAX_BINDINGS,
+    MAX_PENDING_PATHS,
+    MAX_PROGRAMS_PER_SHAPE,
+)
 from tracekeeper_agent.programs.kinds.uprobe import NothingToAttach
-from tracekeeper_agent.programs.sharing import BitTable, IdentitySlots, binding_of, program_maps
+from tracekeeper_agent.programs.sharing import (
+    BitTable,
+    IdentitySlots,
+    NodeTables,
+    binding_of,
+    node_tables,
+    program_maps,
+    slot_keys,
+)
 from tracekeeper_agent.reconcile.state_store import StateStore
 from tracekeeper_agent.reconcile.tenancy import DEFAULT_PRIVILEGED, refusal
 from tracekeeper_agent.targets.attribution import TargetAttributor
@@ -52,6 +66,7 @@ from tracekeeper_agent.targets.resolution import (
     resolve_targets,
 )
 from tracekeeper_api.protocol import (
+    CgroupClaims,
     EventDrops,
     KernelInfo,
     NodeReport,
@@ -218,6 +233,9 @@ class Reconciler:
         self._probes: dict[str, _Probe] = {}
         self._programs: list[_Program] = []
         self._slots = IdentitySlots()
+        self._identity: dict[int, int] = {}
+        """The identity entries the last write left (kept until masks no longer name them)."""
+        self._tables = NodeTables({}, {})
         self._apply_lock = asyncio.Lock()
         self._filter_lock = asyncio.Lock()
         """Held while bindings and the maps that hold them change (map writes are diffs of
@@ -245,6 +263,7 @@ class Reconciler:
             boot_id=self.boot_id,
             kernel=self.kernel,
             probes=[self._outcome(p) for p in list(self._probes.values())],
+            cgroup_claims=self.claims(),
         )
 
     def _outcome(self, probe: _Probe) -> ProbeOutcome:
@@ -502,21 +521,25 @@ class Reconciler:
         return resolution
 
     async def _write_maps(self) -> None:
-        """Bring the identity table and every program's maps to the bindings (diffs only).
-        Caller holds the filter lock. Cgroups no binding needs keep their slot until every
-        program's masks are rewritten, so that a slot is reused only once no mask names it.
-        A program whose maps cannot be written is closed, its probes Failed (it might trace
-        whom it no longer should); the others go on."""
+        """Bring the node-wide tables and every program's maps to the bindings (diffs only).
+        Caller holds the filter lock. Slots no binding needs keep their slot (and identity
+        entries) until every program's masks are rewritten, so that a slot is reused only
+        once no mask names it. Pending pods' paths go in after the masks that give their
+        slot its bindings: a cgroup the kernel claims from them counts at once. A program
+        whose maps cannot be written is closed, its probes Failed (it might trace whom it
+        no longer should); the others go on."""
         identities = self._loader.identities
-        table = self._slots.assign(self._needed() | self._slots.table().keys())
-        await asyncio.to_thread(identities.sync, table)
+        entries = self._entries()
+        slots = self._slots.assign(slot_keys(entries) | self._slots.table().keys())
+        tables = node_tables(entries, slots)
+        await asyncio.to_thread(identities.sync, {**self._identity, **tables.identity})
         broken: list[tuple[_Program, Exception]] = []
         for program in list(self._programs):
             bindings = [
                 binding_of(bit, p.assignment, p.resolution.entries)
                 for bit, p in program.bound.items()
             ]
-            maps = program_maps(bindings, table)
+            maps = program_maps(bindings, slots)
             if maps == program.maps:
                 continue
             try:
@@ -527,15 +550,42 @@ class Reconciler:
                 program.maps = maps
         for program, error in broken:
             await self._fail_closed(program, error)
-        await asyncio.to_thread(identities.sync, self._slots.assign(self._needed()))
+        entries = self._entries()  # without the probes of a closed program
+        final = self._slots.assign(slot_keys(entries))
+        tables = node_tables(entries, final)
+        await asyncio.to_thread(identities.sync_pending, tables.pending)
+        await asyncio.to_thread(identities.sync, tables.identity)
+        self._identity, self._tables = tables.identity, tables
+        # Pods' slots only: cgroups the kernel claimed for them may be unknown here.
+        freed = [s for k, s in slots.items() if isinstance(k, str) and k not in final]
+        if freed:
+            await asyncio.to_thread(identities.release, freed)
 
-    def _needed(self) -> set[int]:
-        return {
-            cgid
+    def _entries(self) -> list[FilterEntries]:
+        return [
+            probe.resolution.entries
             for program in self._programs
             for probe in program.bound.values()
-            for cgid in probe.resolution.entries.cgroups
-        }
+        ]
+
+    def claims(self) -> CgroupClaims:
+        """The pending table and the kernel's claims, for the report and the metrics."""
+        tables = self._tables
+        identities = self._loader.identities
+        try:
+            counters = identities.claim_counters()
+        except Exception:  # a report must not fail because one map read did
+            log.exception("reading the cgroup claim counters")
+            counters = ClaimCounters()
+        return CgroupClaims(
+            pending_pods=tables.pending_pods,
+            pending_paths=len(tables.pending),
+            capacity=MAX_PENDING_PATHS,
+            left_out_pods=tables.left_out_pods,
+            claimed=counters.claimed,
+            identity_full=counters.identity_full,
+            program_ids=list(identities.program_ids),
+        )
 
     async def _replace(self, old: _Probe | None, new: _Probe) -> None:
         self._probes[new.assignment.id] = new

@@ -161,6 +161,7 @@ async def running_agent(
         compile_observer=metrics.observe_compile,
         attributor=attributor,
     )
+    metrics.add_claims(reconciler.claims)
     ready = asyncio.Event()
     app = create_app(
         reconciler,

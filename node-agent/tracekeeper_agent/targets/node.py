@@ -14,8 +14,10 @@ from tracekeeper_agent.targets.cgroups import (
     CgroupError,
     CgroupIndex,
     CgroupOwner,
+    is_kubepods_name,
     parse_cgroup_path,
 )
+from tracekeeper_agent.targets.pod_paths import pod_cgroup_paths
 from tracekeeper_agent.targets.resolution import norm_uid
 from tracekeeper_api.protocol import ProbeTargets
 
@@ -52,6 +54,8 @@ class NodeCgroups:
     def __init__(self, index: CgroupIndex) -> None:
         self.index = index
         self.root = index.root
+        self._kubepods: tuple[PurePosixPath, ...] | None = None
+        """The kubepods directories relative to the root, found again after one is made."""
 
     def pod_cgroup_id(self, pod_uid: str) -> int | None:
         entry = self.index.pod_cgroup(norm_uid(pod_uid))
@@ -80,6 +84,13 @@ class NodeCgroups:
             return None
         return st.st_ino if stat.S_ISDIR(st.st_mode) else None
 
+    def pod_cgroup_paths(self, pod_uid: str) -> tuple[str, ...]:
+        if self._kubepods is None:
+            self._kubepods = tuple(
+                PurePosixPath(d.relative_to(self.root)) for d in self.index.kubepods_dirs
+            )
+        return pod_cgroup_paths(norm_uid(pod_uid), self._kubepods)
+
     def owner(self, cgroup_id: int) -> CgroupOwner | None:
         return self.index.owner(cgroup_id)
 
@@ -91,7 +102,12 @@ class NodeCgroups:
         for event in events:
             if event.kind is CgroupEventKind.OVERFLOW:
                 everything = True
+                self._kubepods = None
                 continue
+            if is_kubepods_name(event.path.name):
+                # Pending pods' paths are under the kubepods directories: derive them again.
+                self._kubepods = None
+                everything = True
             if event.kind is CgroupEventKind.CREATED:
                 entry = self.index.add(event.path, known_id=event.cgroup_id)
                 owner = entry.owner if entry else None

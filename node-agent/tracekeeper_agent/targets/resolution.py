@@ -1,9 +1,10 @@
 """Whom a probe traces on this node: ProbeTargets -> the entries of its filter maps.
 
 The operator sends pod UIDs and container IDs; cgroup ids and PIDs are node-local facts
-resolved here. A target whose cgroup does not exist yet is pending: the cgroup watcher
-reports the directory when it appears and the reconciler resolves the probe again, so a
-pod-level entry is in the map before the pod's first container runs.
+resolved here. A target whose cgroup does not exist yet is pending. A whole pod gets its
+slot anyway, with the paths kubelet will give it: the kernel claims the directory at mkdir,
+before any process runs in it. The cgroup watcher reports the directory too (the fallback
+for pods learned after their mkdir) and the reconciler resolves the probe again.
 
 Never "everything" by omission: entries that resolve to nothing leave the maps empty, and an
 empty cgroup/pid map matches no process (only `host_wide` traces without them).
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from tracekeeper_agent.ports import FilterEntries
+from tracekeeper_agent.ports import FilterEntries, PodEntry
 from tracekeeper_agent.targets.cgroups import (
     CgroupError,
     CgroupIndex,
@@ -41,6 +42,9 @@ class CgroupLookup(Protocol):
 
     def path_cgroup_id(self, path: str) -> int | None:
         """The id of a cgroup given by its path below the v2 root (`/system.slice/x`)."""
+
+    def pod_cgroup_paths(self, pod_uid: str) -> tuple[str, ...]:
+        """Where kubelet will make the pod's cgroup on this node (targets/pod_paths.py)."""
 
     def owner(self, cgroup_id: int) -> CgroupOwner | None: ...
 
@@ -73,17 +77,21 @@ def resolve_targets(
 ) -> Resolution:
     """The filter entries for `targets` now. Pure given the lookups (no kernel access)."""
     cgroup_ids: set[int] = set()
+    whole_pods: set[PodEntry] = set()
     pending: list[str] = []
     pods = containers = 0
     for pod in targets.pods:
         where = f"{pod.namespace}/{pod.name}"
         if pod.all_containers:
             # The pod-level cgroup is the ancestor of every container, present and future.
-            cgid = cgroups.pod_cgroup_id(pod.uid)
+            uid = norm_uid(pod.uid)
+            cgid = cgroups.pod_cgroup_id(uid)
             if cgid is None:
+                # Pending: the kernel claims its cgroup at mkdir (programs/cgroup_claims.c).
+                whole_pods.add(PodEntry(uid, None, cgroups.pod_cgroup_paths(uid)))
                 pending.append(f"pod {where}")
                 continue
-            cgroup_ids.add(cgid)
+            whole_pods.add(PodEntry(uid, cgid))
             pods += 1
             containers += len(cgroups.pod_container_ids(pod.uid))
             continue
@@ -112,7 +120,10 @@ def resolve_targets(
         # Children forked before the program loaded; later ones are the program's to follow.
         pids |= processes.descendants(pids)
     entries = FilterEntries(
-        cgroups=frozenset(cgroup_ids), pids=pids, comms=frozenset(targets.process_names)
+        cgroups=frozenset(cgroup_ids),
+        pids=pids,
+        comms=frozenset(targets.process_names),
+        pods=frozenset(whole_pods),
     )
     return Resolution(entries, pods=pods, containers=containers, pending=tuple(pending))
 
