@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -121,11 +122,24 @@ class Tenant:
         for line in lines[head + 1 :]:
             if line.startswith("("):
                 break
-            node, state, reason, programs, entries, pods_, drops, kernel = line.split()
+            cells = line.split()  # KERNEL MEM is two words ("5.1 MiB") or "-"
+            node, state, reason, programs, entries, pods_, drops, ns_per_call = cells[:8]
             rows[node] = {"state": state, "reason": reason, "programs": programs,
                           "filter_entries": entries, "pods": pods_, "drops": drops,
-                          "kernel": kernel}  # fmt: skip
+                          "ns_per_call": ns_per_call, "kernel": cells[-1]}  # fmt: skip
         return rows
+
+    def cgroups_claimed(self) -> int:
+        """tracekeeper_agent_cgroups_claimed_total from the agent pod's token-free metrics port:
+        pod cgroups the kernel recognised in their mkdir (the pod was announced first)."""
+        agent = one_pod(self.sh, "tracekeeper-agent")
+        url = f"http://{agent['status']['podIP']}:9441/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        for line in text.splitlines():
+            if line.startswith("tracekeeper_agent_cgroups_claimed_total "):
+                return int(float(line.split()[1]))
+        raise AssertionError(f"no tracekeeper_agent_cgroups_claimed_total in {url}")
 
     def ready(self, probe: str) -> bool:
         res = self.alice(
@@ -254,6 +268,7 @@ def test_a_uprobe_on_a_binary_only_in_the_workload_image(tenant: Tenant) -> None
 def test_a_new_pod_is_counted_from_its_first_exec(tenant: Tenant) -> None:
     programs = tenant.nodes("exec-events")
     old = set(tenant.web_pods())
+    claimed = tenant.cgroups_claimed()
     tail = tenant.tail("exec-events", "25s")
     time.sleep(3)
     tenant.sh(f"kubectl -n {tenant.ns} scale deploy/web --replicas=3")
@@ -268,6 +283,10 @@ def test_a_new_pod_is_counted_from_its_first_exec(tenant: Tenant) -> None:
     # container's own first exec is its command, sh, then the tk-workload it runs.
     container = [f for f in files if f != "/pause"]
     assert container[:2] == ["/bin/sh", WORKLOAD_BINARY], out
+    # Which half of the race the operator won on this kubelet: the pod announced before
+    # kubelet's mkdir (claimed by the kernel in it), or found by the inotify fallback.
+    at_mkdir = tenant.cgroups_claimed() - claimed
+    print(f"\n[node] new pod {new}: cgroups claimed at mkdir: {at_mkdir} (0: inotify fallback)")
     # The same programs: the new pod went into the filter map, nothing was reloaded.
     after = tenant.nodes("exec-events")
     assert {n: r["programs"] for n, r in after.items()} == {
