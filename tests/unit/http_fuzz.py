@@ -77,12 +77,6 @@ class Request:
     """Path and query string, as sent (and signed)."""
     headers: tuple[tuple[str, str | bytes], ...] = ()
     body: bytes = b""
-    content: bytes | None = None
-    """The body as the server reads it, when Content-Encoding makes it other than `body`."""
-
-    @property
-    def decoded(self) -> bytes:
-        return self.body if self.content is None else self.content
 
     def describe(self) -> str:
         body = self.body[:300]

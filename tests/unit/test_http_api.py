@@ -4,6 +4,7 @@ reports, metrics (also on the token-free metrics listener) and the event stream.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator
@@ -266,6 +267,19 @@ async def test_not_json_and_wrong_node_are_400(api: Api) -> None:
 async def test_oversized_body_is_refused(api: Api) -> None:
     async with api.client.put("/v1/state", data=b" " * (MAX_BODY + 1), headers=AUTH) as resp:
         assert resp.status == 413
+
+
+async def test_a_compressed_body_is_refused_unread(api: Api) -> None:
+    """Found by the API fuzz (a gzip bomb held the loop): the operator never compresses, so
+    an encoded body is 415 whatever it holds, signed or not, and nothing is applied."""
+    body = json.dumps(state(1, probe())).encode()
+    signed = signing.sign_request(TOKEN, "PUT", "/v1/state", body).header
+    for headers in (AUTH, {"Authorization": signed}):
+        encoded = {**headers, "Content-Encoding": "gzip"}
+        status, answer = await put(api, gzip.compress(body), encoded)
+        assert status == 415, answer
+        assert "Content-Encoding" in answer["error"]
+    assert api.loader.loads == 0 and api.reconciler.report().revision == 0
 
 
 async def test_put_is_idempotent_and_stale_revisions_are_409(api: Api) -> None:
