@@ -151,7 +151,21 @@ AppFactory = Callable[[], Awaitable[tuple[web.Application, Callable[[], Awaitabl
 their state (run on the loop between requests, its answer pickled back)."""
 
 
-def _serve(build: AppFactory, limits: ListenerLimits, control: Connection) -> None:
+Serve = Callable[[web.Application], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]
+"""Serves the app on a loopback port: the port, and what stops serving."""
+
+
+def listener_of(limits: ListenerLimits) -> Serve:
+    """The agent's way: start_listener with `limits`."""
+
+    async def serve(app: web.Application) -> tuple[int, Callable[[], Awaitable[None]]]:
+        listener = await start_listener(app, "127.0.0.1", 0, limits)
+        return listener.port, listener.close
+
+    return serve
+
+
+def _serve(build: AppFactory, serve: Serve, control: Connection) -> None:
     """The child process: serve until told to stop, answering "inspect" on `control`."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -162,7 +176,7 @@ def _serve(build: AppFactory, limits: ListenerLimits, control: Connection) -> No
         lambda _, ctx: loop_errors.append(str(ctx.get("exception") or ctx.get("message")))
     )
     app, close_parts, inspect = loop.run_until_complete(build())
-    listener = loop.run_until_complete(start_listener(app, "127.0.0.1", 0, limits))
+    port, stop_serving = loop.run_until_complete(serve(app))
 
     def command() -> None:
         what = control.recv()
@@ -177,10 +191,10 @@ def _serve(build: AppFactory, limits: ListenerLimits, control: Connection) -> No
         control.send(state)
 
     loop.add_reader(control.fileno(), command)
-    control.send(listener.port)
+    control.send(port)
     loop.run_forever()
     loop.remove_reader(control.fileno())
-    loop.run_until_complete(listener.close())
+    loop.run_until_complete(stop_serving())
     loop.run_until_complete(close_parts())
     loop.close()
     control.send("stopped")
@@ -188,14 +202,14 @@ def _serve(build: AppFactory, limits: ListenerLimits, control: Connection) -> No
 
 class ServedApp:
     """An app served on a loopback port by a process of its own (forked: the app is built
-    there, with the fakes), as the product serves it (start_listener: its connection
-    limits, handler cancellation). A crash, even of the interpreter, ends only the child:
+    there, with the fakes), as the product serves it (`serve`: the agent's start_listener,
+    the output API's runner). A crash, even of the interpreter, ends only the child:
     `alive()` says so."""
 
-    def __init__(self, build: AppFactory, limits: ListenerLimits) -> None:
+    def __init__(self, build: AppFactory, serve: Serve) -> None:
         self._control, child = FORK.Pipe()
         self._process = FORK.Process(
-            target=_serve, args=(build, limits, child), name="fuzzed-app", daemon=True
+            target=_serve, args=(build, serve, child), name="fuzzed-app", daemon=True
         )
         self.port = 0
 

@@ -47,6 +47,7 @@ from tests.unit.http_fuzz import (
     Request,
     ServedApp,
     fuzz_settings,
+    listener_of,
     send,
 )
 from tracekeeper_agent.outputs.events import EventHub
@@ -125,7 +126,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzedAgent]:
 
         return app, close, inspect
 
-    served = ServedApp(build, API_LIMITS)
+    served = ServedApp(build, listener_of(API_LIMITS))
     served.start()
     prober = HealthProber(served.port)
     prober.start()
