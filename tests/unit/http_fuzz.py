@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import http.client
 import logging
 import multiprocessing
@@ -151,16 +152,18 @@ AppFactory = Callable[[], Awaitable[tuple[web.Application, Callable[[], Awaitabl
 their state (run on the loop between requests, its answer pickled back)."""
 
 
-Serve = Callable[[web.Application], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]
-"""Serves the app on a loopback port: the port, and what stops serving."""
+Serving = tuple[int, Callable[[], Awaitable[None]], Callable[[], int]]
+"""The port, what stops serving, and how many connections are open."""
+Serve = Callable[[web.Application], Awaitable[Serving]]
+"""Serves the app on a loopback port."""
 
 
 def listener_of(limits: ListenerLimits) -> Serve:
     """The agent's way: start_listener with `limits`."""
 
-    async def serve(app: web.Application) -> tuple[int, Callable[[], Awaitable[None]]]:
+    async def serve(app: web.Application) -> Serving:
         listener = await start_listener(app, "127.0.0.1", 0, limits)
-        return listener.port, listener.close
+        return listener.port, listener.close, lambda: listener.open_connections
 
     return serve
 
@@ -176,16 +179,19 @@ def _serve(build: AppFactory, serve: Serve, control: Connection) -> None:
         lambda _, ctx: loop_errors.append(str(ctx.get("exception") or ctx.get("message")))
     )
     app, close_parts, inspect = loop.run_until_complete(build())
-    port, stop_serving = loop.run_until_complete(serve(app))
+    port, stop_serving, connections = loop.run_until_complete(serve(app))
 
     def command() -> None:
         what = control.recv()
         if what == "stop":
+            # Where it hangs, if stopping takes long (printed to stderr).
+            faulthandler.dump_traceback_later(20, exit=False)
             loop.stop()
             return
         state = inspect()
         state["errors"] = [*errors.records, *(f"event loop: {e}" for e in loop_errors)]
         state["bad requests logged"] = errors.bad_requests
+        state["open connections"] = connections()
         errors.records.clear()
         loop_errors.clear()
         control.send(state)
@@ -228,6 +234,17 @@ class ServedApp:
         assert self._control.poll(REQUEST_TIMEOUT), "the app does not answer"
         state: dict[str, Any] = self._control.recv()
         return state
+
+    def settles(self, at_most: int, within: float = REQUEST_TIMEOUT) -> int:
+        """Open connections once they are `at_most` (the clients left; bounded wait, not a
+        timing): a connection that outlives its client, as a stream that never saw it go
+        would, keeps this above."""
+        deadline = time.monotonic() + within
+        while (n := int(self.inspect()["open connections"])) > at_most:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return n
 
     def stop(self) -> int | None:
         """Stop the app (its parts closed); its exit code."""

@@ -14,6 +14,7 @@ and must always be answered (its latency is a figure: `make reliability` prints 
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import gzip
 import json
@@ -245,7 +246,7 @@ def valid_state(draw: st.DrawFn, revision: int) -> Json:
             {
                 "id": f"team-a/{name}",
                 "specHash": f"{index:016x}",
-                "spec": SPECS[index],
+                "spec": copy.deepcopy(SPECS[index]),  # mutated by near-valid kinds
                 "targets": targets,
             }
         )
@@ -349,8 +350,11 @@ def put_body(draw: Draw, kind: str, agent: FuzzedAgent) -> bytes:
     nxt = rev + draw(st.integers(1, 3))
     if kind == "valid":
         return encoded(draw(valid_state(nxt)))
+    # Every kind draws the same whatever the agent holds (hypothesis replays draws: what
+    # they depend on must be drawn too); the agent's state only fills values in.
     if kind == "same revision, same state":
-        return agent.applied_body or encoded(draw(valid_state(rev)))
+        drawn = encoded(draw(valid_state(rev)))
+        return agent.applied_body or drawn
     if kind == "same revision, other state":
         return encoded(draw(valid_state(rev)))
     if kind == "stale revision":
@@ -384,7 +388,8 @@ def put_body(draw: Draw, kind: str, agent: FuzzedAgent) -> bytes:
         valid = encoded(draw(valid_state(nxt)))
         malformed: bytes = draw(
             st.one_of(
-                st.integers(0, len(valid) - 1).map(lambda n: valid[:n]),
+                # cut at a drawn share of its length (its length follows the revision)
+                st.integers(0, 999).map(lambda n: valid[: n * len(valid) // 1000]),
                 st.binary(max_size=200),
                 st.sampled_from([b"}", b"x", b"\x00", b" {}", b","]).map(lambda g: valid + g),
                 st.just(valid.replace(NODE.encode(), b"node-\xff\xfe")),
@@ -448,10 +453,10 @@ def oracle_accepts(
 
 
 def query_value(draw: Draw, agent: FuzzedAgent) -> str:
-    known = agent.probe_ids()
+    known = agent.probe_ids() or ["team-a/opens"]
     raw = draw(
         st.one_of(
-            st.sampled_from(known or ["team-a/opens"]),
+            st.integers(0, 7).map(lambda i: known[i % len(known)]),
             st.sampled_from(["team-a/none", "", "/", "team-a/", "a/b/c", "..", "*"]),
             st.text(max_size=40),
             st.integers(100, 20_000).map(lambda n: "a" * n),
@@ -480,7 +485,7 @@ def query(draw: Draw, agent: FuzzedAgent, name: str | None) -> str:
 
 
 def get_body(draw: Draw) -> bytes:
-    size: int = draw(st.sampled_from([0, 0, 0, 1, 100, MAX_BODY + 1]))
+    size: int = draw(st.sampled_from([0, 1, 100, 256 << 10, 1 << 20, MAX_BODY + 1]))
     return b"x" * size
 
 
@@ -569,6 +574,7 @@ def snapshot(agent: FuzzedAgent) -> tuple[Snapshot, list[str]]:
     inside = agent.served.inspect()
     errors: list[str] = inside.pop("errors")
     inside.pop("bad requests logged")
+    inside.pop("open connections")
     return Snapshot(json.loads(answer.body), inside, stored), errors
 
 
@@ -664,4 +670,6 @@ def test_the_agent_api_survives_generated_requests(agent: FuzzedAgent, endpoint:
     with agent.prober.booked_to(endpoint):
         fuzz()
     assert agent.prober.failures == 0, "health requests went unanswered (see the table)"
+    # Every client is gone: only the prober's keep-alive connection may stay.
+    assert agent.served.settles(at_most=1) <= 1, "connections outlived their clients"
     assert agent.figures.of(endpoint).cases >= examples // 2
