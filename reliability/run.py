@@ -4,7 +4,8 @@ section's tables, then a summary.
 Each section is a module reliability/<name>.py with a main() that prints its tables and
 exits non-zero when a check fails; it runs here in its own process, one after another (they
 share the CPUs). The differential (models vs the real apiserver) is a pytest module of the
-e2e tier, run here at the full size with a random seed. A new section is added to SECTIONS.
+e2e tier, the API fuzz two of the unit tier; both run here at the full size with a random
+seed. A new section is added to SECTIONS.
 
     .venv/bin/python -m reliability.run [--only NAME ...] [--out FILE]
 """
@@ -23,13 +24,21 @@ from typing import TextIO
 from bench.common import Table, machine_details, require_root
 
 DIFFERENTIAL = "differential"
+API_FUZZ = "api_fuzz"
+"""The agent's and the output API's HTTP inputs fuzzed (unit-tier modules, at full size)."""
 
-SECTIONS: tuple[str, ...] = (DIFFERENTIAL,)
+SECTIONS: tuple[str, ...] = (DIFFERENTIAL, API_FUZZ)
+PYTEST_SECTIONS = {
+    DIFFERENTIAL: ["tests/e2e/test_model_vs_apiserver.py"],
+    API_FUZZ: ["tests/unit/test_agent_api_fuzz.py", "tests/unit/test_output_api_fuzz.py"],
+}
 
 
 def command(name: str) -> list[str]:
-    if name == DIFFERENTIAL:
-        return [sys.executable, "-m", "pytest", "tests/e2e/test_model_vs_apiserver.py", "-q", "-s"]
+    if name in PYTEST_SECTIONS:
+        # The fuzz: a failing case prints its request, not the captured logs of every case.
+        quiet = ["-p", "no:logging"] if name == API_FUZZ else []
+        return [sys.executable, "-m", "pytest", *PYTEST_SECTIONS[name], "-q", "-s", *quiet]
     return [sys.executable, "-m", f"reliability.{name}"]
 
 
@@ -38,6 +47,10 @@ def environment(name: str) -> dict[str, str]:
     if name == DIFFERENTIAL:
         env.setdefault("TK_DIFFERENTIAL_EXAMPLES", "10000")
         env.setdefault("TK_DIFFERENTIAL_SEED", "random")
+    if name == API_FUZZ:
+        # Per endpoint: 1,000 cases per GET route, 3,000 PUT /v1/state, 4,000 output API.
+        env.setdefault("TK_FUZZ_EXAMPLES", "1000")
+        env.setdefault("TK_FUZZ_SEED", "random")
     return env
 
 

@@ -4,6 +4,7 @@ are closed after the idle timeout, connections over the cap are closed at once."
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import AsyncIterator
 
 import pytest
@@ -107,3 +108,31 @@ async def test_connections_over_the_cap_are_closed_and_the_cap_frees_up(
         await asyncio.sleep(0.05)
     else:
         raise AssertionError("the listener never accepted a connection again")
+
+
+async def test_request_bodies_are_never_inflated() -> None:
+    """Found by the API fuzz: aiohttp inflated a gzip body on the event loop (1 MiB of gzip
+    held the agent's loop for 3 s, before any signature was checked). The listeners hand
+    handlers the bytes as sent."""
+
+    async def length(request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await request.read())))
+
+    app = web.Application()
+    app.router.add_put("/v1/state", length)
+    started = await start_listener(app, "127.0.0.1", 0, ListenerLimits(30.0, 8))
+    bomb = gzip.compress(b" " * (8 << 20))
+    try:
+        reader, writer = await _connect(started.port)
+        head = (
+            "PUT /v1/state HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+            f"Content-Length: {len(bomb)}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + bomb)
+        await writer.drain()
+        answer = await _closed_by_server(reader)
+        writer.close()
+    finally:
+        await started.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert answer.rsplit(b"\r\n\r\n", 1)[1] == str(len(bomb)).encode()

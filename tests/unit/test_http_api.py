@@ -4,6 +4,7 @@ reports, metrics (also on the token-free metrics listener) and the event stream.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator
@@ -268,6 +269,19 @@ async def test_oversized_body_is_refused(api: Api) -> None:
         assert resp.status == 413
 
 
+async def test_a_compressed_body_is_refused_unread(api: Api) -> None:
+    """Found by the API fuzz (a gzip bomb held the loop): the operator never compresses, so
+    an encoded body is 415 whatever it holds, signed or not, and nothing is applied."""
+    body = json.dumps(state(1, probe())).encode()
+    signed = signing.sign_request(TOKEN, "PUT", "/v1/state", body).header
+    for headers in (AUTH, {"Authorization": signed}):
+        encoded = {**headers, "Content-Encoding": "gzip"}
+        status, answer = await put(api, gzip.compress(body), encoded)
+        assert status == 415, answer
+        assert "Content-Encoding" in answer["error"]
+    assert api.loader.loads == 0 and api.reconciler.report().revision == 0
+
+
 async def test_put_is_idempotent_and_stale_revisions_are_409(api: Api) -> None:
     status, first = await put(api, state(5, probe()))
     assert status == 200
@@ -423,6 +437,18 @@ async def test_events_stream_as_ndjson(api: Api) -> None:
     assert event["probe"] == "team-a/execs"
     assert (event["pod"], event["container"], event["comm"]) == ("web-0", "", "nginx")
     assert event["filename"] == "/etc/hosts"
+
+
+async def test_an_events_request_with_a_body_is_refused(api: Api) -> None:
+    """Found by the API fuzz: a GET /v1/events whose body went unread streamed on after its
+    client left (reading the connection stays paused, so the leaving is never seen): each
+    such request kept a subscription and a connection of the cap, and held up the
+    listener's close. A body is refused; without one, the stream is served."""
+    async with api.client.get("/v1/events", data=b"x" * 100_000, headers=AUTH) as resp:
+        assert resp.status == 400
+        assert "no body" in (await resp.json())["error"]
+    async with api.client.get("/v1/events", headers=AUTH) as resp:
+        assert resp.status == 200
 
 
 async def test_events_of_an_unknown_probe_are_404(api: Api) -> None:

@@ -24,6 +24,14 @@ def ndjson_handler(hub: EventHub) -> Handler:
     ends the subscription at the next chunk or idle check."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        if request.body_exists:
+            # A body left unread pauses reading the connection: the client's leaving would
+            # never be seen, and the stream (its subscription, a connection of the cap)
+            # would outlive it, holding up the listener's close. Found by the API fuzz.
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": "GET /v1/events takes no body"}),
+                content_type="application/json",
+            )
         probe = request.query.get("probe") or None
         if probe is not None and not hub.has_probe(probe):
             raise web.HTTPNotFound(

@@ -125,6 +125,8 @@ def _auth_middleware(token: Callable[[], str]) -> Middleware:
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            return _error(415, "request bodies are taken as sent: no Content-Encoding")
         header = request.headers.get(signing.REQUEST_HEADER, "")
         key = token()
         if signing.is_signed(header):
@@ -325,7 +327,15 @@ class Listener:
 async def start_listener(
     app: web.Application, host: str, port: int, limits: ListenerLimits
 ) -> Listener:
-    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=limits.idle_timeout)
+    # auto_decompress=False: aiohttp would inflate a gzip body on the event loop, and keep
+    # inflating what no handler reads while it drains it; 1 MiB of gzip (any peer can send
+    # it, before any signature is checked) held the loop for 3 s.
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        keepalive_timeout=limits.idle_timeout,
+        auto_decompress=False,
+    )
     await runner.setup()
     handlers = runner.server
     assert handlers is not None

@@ -43,6 +43,13 @@ class OutputApiSettings:
     apiservice: str = DEFAULT_APISERVICE
 
 
+def output_runner(app: web.Application) -> web.AppRunner:
+    """How the output API is served. auto_decompress=False: no handler here reads a body,
+    but aiohttp would inflate a gzip one on the event loop while it drains it, for any
+    peer that connects (a client certificate is checked after)."""
+    return web.AppRunner(app, handler_cancellation=True, access_log=None, auto_decompress=False)
+
+
 class OutputServer:
     def __init__(
         self,
@@ -80,7 +87,7 @@ class OutputServer:
                 reads=self._reads,
             )
         )
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._runner = output_runner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.address, s.port, ssl_context=ssl_context)
         await site.start()
