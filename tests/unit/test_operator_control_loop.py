@@ -228,3 +228,25 @@ async def test_a_privileged_filter_in_a_tenant_namespace_is_refused_once() -> No
     )
     await loop.reconcile_once()
     assert len(writes.events) == 2
+
+
+async def test_a_loaded_probe_starts_a_pass_once_per_cost_interval() -> None:
+    """Resyncs that only bring new costs start no pass; the cost timer does."""
+    agents = FakeAgents()
+    pusher = Pusher(PushPlanner(debounce=0.0), agents)
+    settings = dataclasses.replace(SETTINGS, cost_interval=0.05)
+    loop = ControlLoop(settings, pusher, FakeWrites())
+    loop.attach(lambda: cluster(PROBE, FILTER, pod("web-0", app="web")))
+    task = asyncio.create_task(pusher.run())
+    try:
+        await loop.reconcile_once()  # NodesPending: nothing loaded, no timer
+        await asyncio.sleep(0.1)
+        loop._dirty.clear()
+        await agents.until(pusher.planner.settled)
+        await loop.reconcile_once()  # Ready: the timer is armed
+        assert not loop._dirty.is_set()
+        await asyncio.sleep(0.1)
+        assert loop._dirty.is_set()  # the refreshing pass was asked for
+        loop.close()
+    finally:
+        task.cancel()
