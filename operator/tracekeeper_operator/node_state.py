@@ -46,11 +46,18 @@ class Rendered:
 
 
 def assignment(
-    probe: ProbeRecord, spec: TraceProbeSpec, selected: Selected, node: str, allow_raw: bool
+    probe: ProbeRecord,
+    spec: TraceProbeSpec,
+    selected: Selected,
+    node: str,
+    allow_raw: bool,
+    hashed: str | None = None,
 ) -> ProbeAssignment:
+    """`hashed`: spec_hash(spec), when the caller has it (it is a JSON dump and a SHA-256:
+    once per probe, not once per node)."""
     return ProbeAssignment(
         id=probe.id,
-        spec_hash=spec_hash(spec),
+        spec_hash=hashed or spec_hash(spec),
         spec=spec,
         targets=selected.targets[node],
         # Selection refused raw programs that are not allowed: one that got here may run.
@@ -88,7 +95,7 @@ def render_nodes(
             if kernel is not None and (why := node_refusal(spec, node, kernel)) is not None:
                 unsupported.setdefault(node, {})[probe_id] = why
                 continue
-            a = assignment(probe, spec, selected, node, allow_raw)
+            a = assignment(probe, spec, selected, node, allow_raw, hashes[probe_id])
             per_node.setdefault(node, []).append(Candidate(a, probe.created))
     nodes: dict[str, Assignments] = {}
     refused: dict[str, Mapping[str, str]] = {}
