@@ -7,12 +7,16 @@ counts). Attachments go through /proc/self/fd/N of the fd that was checked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
 from tracekeeper_agent.host.elf_symbols import (
     BinaryNotFound,
     UprobeFile,
     UprobeTargetError,
     resolve_uprobe,
 )
+from tracekeeper_agent.host.rootfs import OpenedFile
 from tracekeeper_agent.ports import AttachKind, Attachment, LoadFailure, TargetRoot
 from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender
 from tracekeeper_agent.programs.kinds.outputs import regs_function
@@ -69,28 +73,42 @@ def render(spec: TraceProbeSpec, ctx: BuildContext) -> KindRender:
     )
 
 
-def resolve_all(binary: str, symbol: str, roots: tuple[TargetRoot, ...]) -> list[UprobeFile]:
-    """The distinct files holding `symbol` in the roots. A root without the binary (a
-    sidecar, another image) is skipped; none with it, or a binary without the symbol,
-    fails the probe, naming that target.
+class OpenBinary(Protocol):
+    """A binary resolved in a target's root, held open (UprobeFile, UsdtFile)."""
+
+    @property
+    def file(self) -> OpenedFile: ...
+
+    def close(self) -> None: ...
+
+
+B = TypeVar("B", bound=OpenBinary)
+
+
+def distinct_files(
+    roots: tuple[TargetRoot, ...],
+    resolve: Callable[[int], B],
+    message: Callable[[UprobeTargetError, str], str],
+) -> list[B]:
+    """`resolve` in each root (its fd), the distinct files kept. A root without the binary
+    (a sidecar, another image) is skipped; none with it, or any other failure, fails the
+    probe with `message(error, where)`.
 
     Distinct by (inode, size, ctime), not (dev, inode): overlayfs reports its own st_dev
     per mount, so one image's file in two containers would be attached (and counted) twice.
     """
-    found: dict[tuple[int, int, int], UprobeFile] = {}
+    found: dict[tuple[int, int, int], B] = {}
     missing: list[str] = []
     try:
         for root in roots:
             where = f" in {root.label}" if len(roots) > 1 else ""
             try:
-                target = resolve_uprobe(binary, symbol, root.fd)
+                target = resolve(root.fd)
             except BinaryNotFound as exc:
-                missing.append(f"uprobe {binary}:{symbol}{where}: {exc}")
+                missing.append(message(exc, where))
                 continue
             except UprobeTargetError as exc:
-                raise LoadFailure(
-                    "Failed", "AttachFailed", f"uprobe {binary}:{symbol}{where}: {exc}"
-                ) from None
+                raise LoadFailure("Failed", "AttachFailed", message(exc, where)) from None
             key = (target.file.ino, target.file.size, target.file.change)
             if key in found:
                 target.close()
@@ -103,3 +121,13 @@ def resolve_all(binary: str, symbol: str, roots: tuple[TargetRoot, ...]) -> list
     if not found:
         raise LoadFailure("Failed", "AttachFailed", missing[0])
     return list(found.values())
+
+
+def resolve_all(binary: str, symbol: str, roots: tuple[TargetRoot, ...]) -> list[UprobeFile]:
+    """The distinct files holding `symbol` in the roots; a binary without the symbol fails
+    the probe, naming that target."""
+    return distinct_files(
+        roots,
+        lambda fd: resolve_uprobe(binary, symbol, fd),
+        lambda exc, where: f"uprobe {binary}:{symbol}{where}: {exc}",
+    )

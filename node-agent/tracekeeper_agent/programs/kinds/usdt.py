@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tracekeeper_agent.host.elf_symbols import BinaryNotFound, UprobeTargetError
+from tracekeeper_agent.host.elf_symbols import BinaryNotFound
 from tracekeeper_agent.host.usdt_notes import (
     Constant,
     Memory,
@@ -27,7 +27,7 @@ from tracekeeper_agent.host.usdt_notes import (
 from tracekeeper_agent.ports import Attachment, EventField, LoadFailure, TargetRoot
 from tracekeeper_agent.programs.kinds.context import BuildContext, KindRender
 from tracekeeper_agent.programs.kinds.outputs import emit
-from tracekeeper_agent.programs.kinds.uprobe import NO_ROOT_YET, NothingToAttach
+from tracekeeper_agent.programs.kinds.uprobe import NO_ROOT_YET, NothingToAttach, distinct_files
 from tracekeeper_api.probes import TraceProbeSpec
 
 MAX_SITES = 256
@@ -186,27 +186,12 @@ def resolve_all(
     """The distinct files with provider:name in the roots, by (inode, size, ctime) as for
     uprobes. A root without the binary is skipped; none with it, or a binary without the
     probe, fails the probe naming it (and the probes the binary has)."""
-    found: dict[tuple[int, int, int], UsdtFile] = {}
-    missing: list[str] = []
-    try:
-        for root in roots:
-            where = f" in {root.label}" if len(roots) > 1 else ""
-            try:
-                target = resolve_usdt(binary, provider, name, root.fd)
-            except BinaryNotFound as exc:
-                missing.append(f"usdt {binary}:{provider}:{name}{where}: {exc}")
-                continue
-            except UprobeTargetError as exc:
-                raise LoadFailure("Failed", "AttachFailed", f"{exc}{where}") from None
-            key = (target.file.ino, target.file.size, target.file.change)
-            if key in found:
-                target.close()
-            else:
-                found[key] = target
-    except BaseException:
-        for f in found.values():
-            f.close()
-        raise
-    if not found:
-        raise LoadFailure("Failed", "AttachFailed", missing[0])
-    return list(found.values())
+    return distinct_files(
+        roots,
+        lambda fd: resolve_usdt(binary, provider, name, fd),
+        lambda exc, where: (
+            f"usdt {binary}:{provider}:{name}{where}: {exc}"
+            if isinstance(exc, BinaryNotFound)
+            else f"{exc}{where}"
+        ),
+    )
