@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from tracekeeper_api import signing
@@ -37,6 +37,21 @@ class AgentReads(Protocol):
 
 def _path(route: str, probe_id: str) -> str:
     return f"{route}?probe={quote(probe_id, safe='/')}"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _answer(model: type[M], status: int, body: bytes, not_found: str) -> M:
+    """A signed agent answer as `model`; AgentError (`not_found` for a 404) otherwise."""
+    if status == 404:
+        raise AgentError(not_found)
+    if status != 200:
+        raise AgentError(f"agent refused the request (HTTP {status})")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise AgentError(f"agent answer is not {model.__name__}") from exc
 
 
 class HttpAgentReads:
@@ -83,14 +98,7 @@ class HttpAgentReads:
 
     async def values(self, endpoint: str, probe_id: str) -> ProbeValues:
         status, body = await self._signed_get(endpoint, _path("/v1/values", probe_id))
-        if status == 404:
-            raise AgentError("probe not loaded on this node")
-        if status != 200:
-            raise AgentError(f"agent refused the request (HTTP {status})")
-        try:
-            values = ProbeValues.model_validate_json(body)
-        except ValidationError as exc:
-            raise AgentError("agent answer is not ProbeValues") from exc
+        values = _answer(ProbeValues, status, body, "probe not loaded on this node")
         if values.probe != probe_id:
             raise AgentError("agent answered for another probe")
         return values
@@ -98,14 +106,9 @@ class HttpAgentReads:
     async def tracepoints(self, endpoint: str, match: str) -> Tracepoints:
         path = f"/v1/tracepoints?match={quote(match, safe='')}"
         status, body = await self._signed_get(endpoint, path)
-        if status == 404:
-            raise AgentError("this node's agent predates listing tracepoints")
-        if status != 200:
-            raise AgentError(f"agent refused the request (HTTP {status})")
-        try:
-            answer = Tracepoints.model_validate_json(body)
-        except ValidationError as exc:
-            raise AgentError("agent answer is not Tracepoints") from exc
+        answer = _answer(
+            Tracepoints, status, body, "this node's agent predates listing tracepoints"
+        )
         if answer.match != match:
             raise AgentError("agent answered for another match")
         return answer

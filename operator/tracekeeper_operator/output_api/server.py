@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -32,8 +32,6 @@ from tracekeeper_api.output import (
     NodeValues,
     ProbeNodes,
     ProbeTracepoints,
-    ProbeValues,
-    Tracepoints,
     merge_values,
     node_detail,
 )
@@ -79,6 +77,33 @@ def status(code: int, reason: str, message: str, **details: Any) -> web.Response
     if details:
         body["details"] = details
     return web.json_response(body, status=code)
+
+
+T = TypeVar("T")
+
+
+async def ask_each(
+    places: Sequence[Placement], read: Callable[[str], Awaitable[T]]
+) -> tuple[dict[str, T], dict[str, str]]:
+    """`read(endpoint)` of every placement's agent at once: the answers by node, and by
+    node why there is none."""
+
+    async def one(p: Placement) -> T | AgentError:
+        assert p.endpoint is not None
+        try:
+            return await read(p.endpoint)
+        except AgentError as exc:
+            return exc
+
+    answers = await asyncio.gather(*(one(p) for p in places))
+    got: dict[str, T] = {}
+    missing: dict[str, str] = {}
+    for p, a in zip(places, answers, strict=True):
+        if isinstance(a, AgentError):
+            missing[p.node] = str(a)
+        else:
+            got[p.node] = a
+    return got, missing
 
 
 def _ready_condition(probe: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -229,16 +254,7 @@ class _Routes:
         return status(409, "NotReady", f"traceprobe {probe_id} runs on no node: {why}")
 
     async def _values(self, probe_id: str, live: list[Placement], per_node: bool) -> web.Response:
-        async def one(p: Placement) -> ProbeValues | str:
-            assert p.endpoint is not None
-            try:
-                return await self.src.reads.values(p.endpoint, probe_id)
-            except AgentError as exc:
-                return str(exc)
-
-        answers = await asyncio.gather(*(one(p) for p in live))
-        got = {p.node: a for p, a in zip(live, answers, strict=True) if isinstance(a, ProbeValues)}
-        missing = {p.node: a for p, a in zip(live, answers, strict=True) if isinstance(a, str)}
+        got, missing = await ask_each(live, lambda at: self.src.reads.values(at, probe_id))
         merged = merge_values(probe_id, got)
         if per_node:
             return web.json_response(
@@ -254,24 +270,16 @@ class _Routes:
         node" is asked of the nodes where it does not run."""
         if len(match) > MAX_MATCH:
             return status(400, "BadRequest", f"match is longer than {MAX_MATCH} characters")
-        with_agent = [p for p in places if p.endpoint]
-
-        async def one(p: Placement) -> Tracepoints | str:
-            assert p.endpoint is not None
-            try:
-                return await self.src.reads.tracepoints(p.endpoint, match)
-            except AgentError as exc:
-                return str(exc)
-
-        answers = await asyncio.gather(*(one(p) for p in with_agent))
-        pairs = list(zip(with_agent, answers, strict=True))
-        unavailable = {p.node: a for p, a in pairs if isinstance(a, str)}
+        got, unavailable = await ask_each(
+            [p for p in places if p.endpoint],
+            lambda at: self.src.reads.tracepoints(at, match),
+        )
         unavailable |= {p.node: "no tracekeeper agent runs on this node"
                         for p in places if not p.endpoint}  # fmt: skip
         listing = ProbeTracepoints(
             probe=probe_id,
             match=match,
-            nodes={p.node: a for p, a in pairs if isinstance(a, Tracepoints)},
+            nodes=got,
             unavailable=unavailable,
         )
         return web.json_response(listing.to_wire())
