@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import logging
 import re
 from collections import defaultdict
@@ -46,14 +47,17 @@ _TASK_COMM_LEN = 16
 _CFLAGS = ["-Wno-macro-redefined", "-Wno-unused-function"]
 
 
-def _map_fds(bpf: Any) -> list[int]:
+def _map_fds(bpf: Any) -> tuple[int, ...]:
     """Every map the module created or opened (the pinned identity table too), also those
-    Python never touched: BCC's own table list, not its lazily filled `tables`."""
-    lib = bcc_lib()
-    return [lib.bpf_table_fd_id(bpf.module, i) for i in range(lib.bpf_num_tables(bpf.module))]
+    Python never touched: BCC's own table list, not its lazily filled `tables`. Fixed once
+    the module is loaded."""
+    lib = _bcc_lib()
+    count = lib.bpf_num_tables(bpf.module)
+    return tuple(lib.bpf_table_fd_id(bpf.module, i) for i in range(count))
 
 
-def bcc_lib() -> Any:
+@functools.cache
+def _bcc_lib() -> Any:
     """libbcc with the signatures of the calls BCC's Python side does not declare."""
     from bcc.libbcc import lib
 
@@ -83,6 +87,7 @@ class BccProgram:
         self._pending: list[RawEvent] = []
         self._reader: RingReader | None = None
         self._program_ids = tuple(sorted(prog_id(f.fd) for f in bpf.funcs.values()))
+        self._map_fds = _map_fds(bpf)
         self._maps = ProgramMaps()
         """What the agent wrote (the maps only it writes are never read back)."""
         self._gen = 0
@@ -207,7 +212,7 @@ class BccProgram:
 
     def kernel_objects(self) -> list[ObjectUsage]:
         progs = [prog_usage(f.fd) for f in self._bpf.funcs.values()]
-        return progs + [map_usage(fd) for fd in _map_fds(self._bpf)]
+        return progs + [map_usage(fd) for fd in self._map_fds]
 
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
         e = self._bpf[b"tk_events"].event(data)

@@ -351,8 +351,9 @@ class ProbeCollector(Collector):
         for snap in sorted(snapshots, key=lambda s: s.probe.id):
             self._add_probe(snap, fam, budget)
         if self._costs is not None:
+            by_id = {p.id: p for p in probes}
             for probe_id, cost in sorted(self._costs.read().items()):
-                found = next((p for p in probes if p.id == probe_id), None)
+                found = by_id.get(probe_id)
                 if found is None:
                     continue
                 ids = [found.namespace, found.name]
