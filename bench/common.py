@@ -212,6 +212,20 @@ def prog_run_stats(ids: Sequence[int]) -> tuple[int, int]:
     return runs, time_ns
 
 
+def bpftool_memlock(program_ids: Iterable[int]) -> int:
+    """bytes_memlock of these programs and of every map they use, as bpftool counts it."""
+    ids = list(program_ids)
+    total, maps = 0, set[int]()
+    for prog in (p for p in bpftool_progs() if p.get("id") in ids):
+        total += int(str(prog["bytes_memlock"]))
+        map_ids = prog.get("map_ids", [])
+        assert isinstance(map_ids, list)
+        maps.update(int(m) for m in map_ids)
+    out = subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    return total + sum(int(m["bytes_memlock"]) for m in json.loads(out.stdout) if m["id"] in maps)
+
+
 # --- the machine -----------------------------------------------------------------------------
 
 

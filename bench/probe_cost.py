@@ -14,14 +14,20 @@ with bytes_memlock of the programs and the maps they use.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Table, cgroup_sandbox, met, require_root, run_loop
+from bench.common import (
+    Table,
+    bpftool_memlock,
+    cgroup_sandbox,
+    met,
+    prog_run_stats,
+    require_root,
+    run_loop,
+)
 from tracekeeper_agent.host.bpf_stats import SAMPLE_ON, SAMPLE_PERIOD, StatsMode
 from tracekeeper_agent.targets.cgroups import detect_root
 from tracekeeper_sim.kubelet import create_cgroup
@@ -58,17 +64,6 @@ def probes(kind: str, n: int, pod: FakePod) -> list[dict[str, Any]]:
     ]
 
 
-def bpftool(kind: str, obj_id: int) -> dict[str, Any]:
-    out = subprocess.run(
-        ["bpftool", "-j", kind, "show", "id", str(obj_id)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    found: dict[str, Any] = json.loads(out.stdout)
-    return found
-
-
 @dataclass(frozen=True)
 class Row:
     kind: str
@@ -92,12 +87,8 @@ async def measure(kind: str, n: int, pod: FakePod) -> Row:
         await asyncio.to_thread(run_loop, "-c", pod.container_dir, "-n", CALLS)
         async with served.session.get(f"{served.url}/v1/state", headers=AUTH) as resp:
             costs = [p["cost"] for p in (await resp.json())["probes"]]
-        progs = [bpftool("prog", i) for i in program_ids]
-        maps = {m for p in progs for m in p.get("map_ids", [])}
-        map_bytes = sum(int(bpftool("map", m)["bytes_memlock"]) for m in maps)
-    run_ns = sum(int(p["run_time_ns"]) for p in progs)
-    runs = sum(int(p["run_cnt"]) for p in progs)
-    kernel_bytes = sum(int(p["bytes_memlock"]) for p in progs) + map_bytes
+        runs, run_ns = prog_run_stats(program_ids)
+        kernel_bytes = bpftool_memlock(program_ids)
     return Row(
         kind,
         n,

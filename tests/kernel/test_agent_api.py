@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from bench.common import bpftool_memlock
 
 from tests.kernel.conftest import run_in_cgroup
 from tracekeeper_agent.service.agent import Agent, running_agent
@@ -225,26 +226,6 @@ async def test_live_targets_keep_the_program(
     assert hits(after, "web-0") == hits(before, "web-0")
     assert hits(after, "web-1") == hits(before, "web-1")
     assert (await agent.outcome("team-k/opens"))["programIds"] == program_ids
-
-
-def bpftool_memlock(program_ids: list[int]) -> int:
-    """bytes_memlock of these programs and of every map they use, as bpftool counts it."""
-    total, maps = 0, set[int]()
-    for pid in program_ids:
-        out = subprocess.run(
-            ["bpftool", "-j", "prog", "show", "id", str(pid)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        prog = json.loads(out.stdout)
-        total += int(prog["bytes_memlock"])
-        maps.update(int(m) for m in prog.get("map_ids", []))
-    for mid in maps:
-        out = subprocess.run(
-            ["bpftool", "-j", "map", "show", "id", str(mid)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        total += int(json.loads(out.stdout)["bytes_memlock"])
-    return total
 
 
 def metric(metrics_text: str, name: str) -> float:
