@@ -131,7 +131,7 @@ def probe_status(
     previous: TraceProbeStatus | None,
     now: datetime,
     max_failures: int,
-    cost_interval: float = 60.0,
+    cost_interval: float = OperatorSettings.cost_interval,
 ) -> TraceProbeStatus | None:
     """The probe's status now; None to keep the stored one for now: a restarted operator has
     not heard from some agent yet, and the stored status is better than a NodesPending flap

@@ -40,7 +40,7 @@ from tracekeeper_api.protocol import KernelInfo
 log = logging.getLogger("tracekeeper_agent")
 
 
-def kernel_info(features: KernelFeatures, run_time_stats: FeatureCheck | None = None) -> KernelInfo:
+def kernel_info(features: KernelFeatures, run_time_stats: FeatureCheck) -> KernelInfo:
     checks = {
         "kprobes": features.kprobes,
         "uprobes": features.uprobes,
@@ -50,9 +50,8 @@ def kernel_info(features: KernelFeatures, run_time_stats: FeatureCheck | None = 
         "ringBuffer": features.ring_buffer,
         "batchMapOps": features.batch_map_ops,
         "cgroupV2": features.cgroup_v2,
+        "runTimeStats": run_time_stats,
     }
-    if run_time_stats is not None:
-        checks["runTimeStats"] = run_time_stats
     return KernelInfo(
         release=features.release[:128],
         kprobes=features.kprobes.available,
@@ -64,7 +63,7 @@ def kernel_info(features: KernelFeatures, run_time_stats: FeatureCheck | None = 
         ring_buffer=features.ring_buffer.available,
         batch_map_ops=features.batch_map_ops.available,
         cgroup_v2=features.cgroup_v2.available,
-        run_time_stats=run_time_stats.available if run_time_stats is not None else None,
+        run_time_stats=run_time_stats.available,
         missing={k: c.evidence[:512] for k, c in checks.items() if not c.available},
     )
 
