@@ -2,9 +2,11 @@
 to the agents (times are passed in; `pusher.Pusher` runs it against a clock and a client).
 
 Per node the planner keeps the desired probes, what was sent and acknowledged, and the
-agent's last report. A churn storm only moves a node's "changed at" time: the node is pushed
-once it has been quiet for `debounce` (or after `max_delay` at the latest), with its latest
-full state.
+agent's last report. A change to a node that has been quiet (nothing sent for
+`debounce`, nothing in flight) is pushed at once: a pod bound to it must reach its agent
+before kubelet makes the pod's cgroup, so that the kernel claims it at mkdir. A churn storm
+after that only moves the node's "changed at" time: the rest is pushed once the node has
+been quiet for `debounce` (or after `max_delay` at the latest), with its latest full state.
 
 An agent is sent the full state again when it restarted (another bootId), or when its report
 does not match what it was sent (revision, probe ids or spec hashes).
@@ -47,6 +49,9 @@ class _Channel:
     dirty_since: float | None = None
     """First change not covered by a push sent since; None when nothing is to send."""
     changed_at: float = 0.0
+    leading: bool = False
+    """The pending change found the node quiet: it goes at once, not after the debounce."""
+    last_sent: float = float("-inf")
     in_flight: Action | None = None
     acked: NodeState | None = None
     report: NodeReport | None = None
@@ -55,9 +60,10 @@ class _Channel:
     retry_at: float = 0.0
     next_resync: float = 0.0
 
-    def mark_dirty(self, now: float) -> None:
+    def mark_dirty(self, now: float, quiet_for: float) -> None:
         if self.dirty_since is None:
             self.dirty_since = now
+            self.leading = self.in_flight is None and now - self.last_sent >= quiet_for
         self.changed_at = now
 
 
@@ -105,17 +111,17 @@ class PushPlanner:
             ch = self._channels.get(node)
             if ch is None:
                 ch = self._channels[node] = _Channel(endpoint=endpoint, desired=probes)
-                ch.mark_dirty(now)
+                ch.mark_dirty(now, self.debounce)
                 changed.append(node)
                 continue
             if ch.endpoint != endpoint:  # another agent pod: it knows nothing of us
                 ch.endpoint, ch.acked, ch.report, ch.error = endpoint, None, None, None
                 ch.failures, ch.retry_at = 0, 0.0
-                ch.mark_dirty(now)
+                ch.mark_dirty(now, self.debounce)
                 changed.append(node)
             if ch.desired != probes:
                 ch.desired = probes
-                ch.mark_dirty(now)
+                ch.mark_dirty(now, self.debounce)
                 changed.append(node)
         for gone in set(self._channels) - set(desired) - set(endpoints):
             del self._channels[gone]
@@ -125,6 +131,8 @@ class PushPlanner:
 
     def _push_time(self, ch: _Channel) -> float:
         assert ch.dirty_since is not None
+        if ch.leading:
+            return max(ch.dirty_since, ch.retry_at)
         quiet = min(ch.changed_at + self.debounce, ch.dirty_since + self.max_delay)
         return max(quiet, ch.retry_at)
 
@@ -143,6 +151,7 @@ class PushPlanner:
                     state = node_state(node, self.revisions.next(), ch.desired)
                     action = PushAction(node, ch.endpoint, state)
                     ch.dirty_since = None  # this push carries every change so far
+                    ch.leading, ch.last_sent = False, now
             elif now >= self._resync_time(ch):
                 action = ResyncAction(node, ch.endpoint)
             if action is not None:
@@ -190,7 +199,7 @@ class PushPlanner:
         ch.acked = None
         ch.failures += 1
         ch.retry_at = now + self._backoff(ch.failures)
-        ch.mark_dirty(now)
+        ch.mark_dirty(now, self.debounce)
 
     def push_failed(self, action: PushAction, error: AgentError, now: float) -> None:
         ch = self._finish(action.node, action)
@@ -223,8 +232,8 @@ class PushPlanner:
                     report.boot_id,
                 )
             ch.acked = None
-            ch.mark_dirty(now)
-            ch.changed_at = now - self.debounce  # not a churn: push at once
+            ch.mark_dirty(now, self.debounce)
+            ch.leading = True  # not a churn: push at once
 
     def resync_failed(self, action: ResyncAction, error: AgentError, now: float) -> None:
         ch = self._finish(action.node, action)

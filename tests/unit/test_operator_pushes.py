@@ -67,19 +67,47 @@ def pushes(actions: list[PushAction | ResyncAction]) -> list[PushAction]:
     return [a for a in actions if isinstance(a, PushAction)]
 
 
-def test_a_burst_is_pushed_once_after_the_quiet_window() -> None:
-    p = planner()
-    for i in range(100):  # a pod churn storm within 10 ms
-        p.set_desired({"n1": probes(i), "n2": probes(i)}, ENDPOINTS, now=i * 0.0001)
-    assert p.due(0.1) == []
-    sent = pushes(p.due(0.2101))
+def settled_planner(**kw: float) -> PushPlanner:
+    """n1 and n2 pushed once at t=0 and acknowledged: quiet from there on."""
+    p = planner(**kw)
+    p.set_desired({"n1": probes(0), "n2": probes(0)}, ENDPOINTS, now=0)
+    for a in pushes(p.due(0)):
+        p.pushed(a, report_for(a.state), now=0)
+    assert p.settled()
+    return p
+
+
+def test_an_isolated_change_is_pushed_at_once() -> None:
+    p = settled_planner()
+    p.set_desired({"n1": probes(1), "n2": probes(0)}, ENDPOINTS, now=10.0)
+    (a,) = pushes(p.due(10.0))  # no debounce: a new pod's probes reach its agent first
+    assert a.node == "n1" and len(a.state.resolved().probes[0].targets.pods) == 1
+
+
+def test_a_change_right_after_a_push_waits_for_the_quiet_window() -> None:
+    p = settled_planner()
+    p.set_desired({"n1": probes(1), "n2": probes(0)}, ENDPOINTS, now=0.1)
+    assert p.due(0.1) == [] and p.due(0.29) == []
+    (a,) = pushes(p.due(0.31))
+    assert len(a.state.resolved().probes[0].targets.pods) == 1
+
+
+def test_a_burst_is_pushed_at_its_start_then_once_after_the_quiet_window() -> None:
+    p = settled_planner()
+    for i in range(1, 101):  # a pod churn storm within 10 ms, the node quiet before it
+        p.set_desired({"n1": probes(i), "n2": probes(i)}, ENDPOINTS, now=10 + i * 0.0001)
+        for a in pushes(p.due(10 + i * 0.0001)):  # its first change goes at once
+            assert i == 1
+            p.pushed(a, report_for(a.state), now=10 + i * 0.0001)
+    assert p.due(10.1) == []
+    sent = pushes(p.due(10.2101))
     assert [a.node for a in sent] == ["n1", "n2"]
     assert all(
-        len(a.state.resolved().probes[0].targets.pods) == 99 for a in sent
+        len(a.state.resolved().probes[0].targets.pods) == 100 for a in sent
     )  # the latest state
     for a in sent:
-        p.pushed(a, report_for(a.state), now=0.3)
-    assert p.due(0.5) == [] and p.settled()
+        p.pushed(a, report_for(a.state), now=10.3)
+    assert p.due(10.5) == [] and p.settled()
 
 
 def test_constant_churn_still_pushes_every_max_delay() -> None:
@@ -92,7 +120,7 @@ def test_constant_churn_still_pushes_every_max_delay() -> None:
         for a in pushes(p.due(t)):
             count += 1
             p.pushed(a, report_for(a.state), now=t)
-    assert count == 2  # at 1.0 s and 2.01 s, though it was never quiet
+    assert count == 3  # at 0 (the node was quiet), 1.01 s and 2.02 s, though never quiet
     (last,) = pushes(p.due(t + 0.2))  # and the final state once it is
     assert len(last.state.resolved().probes[0].targets.pods) == 299
 
@@ -276,7 +304,7 @@ class FakeAgents:
                 await self.answered.wait()
 
 
-async def test_pusher_coalesces_100_triggers_into_one_push_per_node() -> None:
+async def test_pusher_coalesces_100_triggers_into_two_pushes_per_node() -> None:
     agents = FakeAgents()
     metrics = OperatorMetrics()
     changes = []
@@ -289,10 +317,12 @@ async def test_pusher_coalesces_100_triggers_into_one_push_per_node() -> None:
             pusher.update({"n1": probes(i), "n2": probes(i)}, ENDPOINTS)
             await asyncio.sleep(0)
         await agents.until(pusher.planner.settled)
-        assert sorted(e for e, _ in agents.puts) == ["http://n1", "http://n2"]
-        assert all(len(s.resolved().probes[0].targets.pods) == 99 for _, s in agents.puts)
-        assert len(changes) == 2
-        assert metrics.pushes.labels("ok")._value.get() == 2
+        # Each node's first change at once (it was quiet), then the rest of the storm.
+        assert sorted(e for e, _ in agents.puts) == ["http://n1"] * 2 + ["http://n2"] * 2
+        last = {e: s for e, s in agents.puts}
+        assert all(len(s.resolved().probes[0].targets.pods) == 99 for s in last.values())
+        assert len(changes) == 4
+        assert metrics.pushes.labels("ok")._value.get() == 4
     finally:
         task.cancel()
 
