@@ -12,7 +12,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ import yaml
 
 from tests.node.conftest import NS, Install, kubectl_env
 from tests.node.test_install import one_pod, pods
+from tracekeeper_agent.targets.pod_paths import pod_cgroup_paths
 from tracekeeper_sim.world import wait_until
 
 pytestmark = pytest.mark.node
@@ -283,10 +284,18 @@ def test_a_new_pod_is_counted_from_its_first_exec(tenant: Tenant) -> None:
     # container's own first exec is its command, sh, then the tk-workload it runs.
     container = [f for f in files if f != "/pause"]
     assert container[:2] == ["/bin/sh", WORKLOAD_BINARY], out
-    # Which half of the race the operator won on this kubelet: the pod announced before
-    # kubelet's mkdir (claimed by the kernel in it), or found by the inotify fallback.
+    # The paths the agent derives for a pending pod hold the one this kubelet gave it...
+    uid = tenant.sh(f"kubectl -n {tenant.ns} get pod {new} -o jsonpath={{.metadata.uid}}").stdout
+    proc = tenant.sh(f"kubectl exec -n {tenant.ns} {new} -- cat /proc/1/cgroup").stdout
+    (v2,) = [line.split("::", 1)[1] for line in proc.splitlines() if line.startswith("0::")]
+    pod_dir = str(PurePosixPath(v2).parent)
+    kubepods = PurePosixPath(pod_dir.split("/")[1])
+    assert pod_dir in pod_cgroup_paths(uid, [kubepods]), (pod_dir, uid)
+    # ...and which half of the race the operator won: the pod announced before the pod's
+    # cgroup2 mkdir (claimed by the kernel in it), or found by the inotify fallback.
     at_mkdir = tenant.cgroups_claimed() - claimed
-    print(f"\n[node] new pod {new}: cgroups claimed at mkdir: {at_mkdir} (0: inotify fallback)")
+    print(f"\n[node] new pod {new} ({pod_dir}): cgroups claimed at mkdir: {at_mkdir}"
+          " (0: inotify fallback)")  # fmt: skip
     # The same programs: the new pod went into the filter map, nothing was reloaded.
     after = tenant.nodes("exec-events")
     assert {n: r["programs"] for n, r in after.items()} == {
