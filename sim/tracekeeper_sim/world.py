@@ -260,8 +260,16 @@ def hits_by_pod(metrics_text: str, namespace: str, probe: str) -> dict[str, floa
 
 
 def bpf_prog_ids() -> set[int]:
+    return _bpf_ids("prog")
+
+
+def bpf_map_ids() -> set[int]:
+    return _bpf_ids("map")
+
+
+def _bpf_ids(kind: str) -> set[int]:
     out = subprocess.run(
-        ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
+        ["bpftool", "-j", kind, "show"], capture_output=True, text=True, check=True
     )
     return {int(p["id"]) for p in json.loads(out.stdout)}
 
