@@ -27,7 +27,10 @@ DIFFERENTIAL = "differential"
 API_FUZZ = "api_fuzz"
 """The agent's and the output API's HTTP inputs fuzzed (unit-tier modules, at full size)."""
 
-SECTIONS: tuple[str, ...] = (DIFFERENTIAL, API_FUZZ)
+CHURN = "churn"
+"""10,000 pod events against the real apiserver, operator and agents; maps read from the kernel."""
+
+SECTIONS: tuple[str, ...] = (DIFFERENTIAL, API_FUZZ, CHURN)
 PYTEST_SECTIONS = {
     DIFFERENTIAL: ["tests/e2e/test_model_vs_apiserver.py"],
     API_FUZZ: ["tests/unit/test_agent_api_fuzz.py", "tests/unit/test_output_api_fuzz.py"],
