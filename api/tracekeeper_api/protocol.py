@@ -337,6 +337,11 @@ class CgroupClaims(WireModel):
     """Cgroups given their pod's identity in the mkdir call, since the agent started."""
     identity_full: int = 0
     """Claims the identity table had no room for."""
+    covered_before_processes: int = 0
+    """New pods (their cgroup made after a probe targeting them) the agent covered itself,
+    after their mkdir, before any process ran in them: nothing missed."""
+    covered_after_processes: int = 0
+    """New pods covered only once processes ran in them: their first calls were missed."""
     program_ids: list[int] = Field(default_factory=list, max_length=8)
     """The claims program's BPF ids, cgroup_mkdir's then cgroup_rmdir's: one per node."""
 

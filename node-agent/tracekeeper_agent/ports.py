@@ -300,6 +300,9 @@ class IdentityMap(Protocol):
 
     def claim_counters(self) -> ClaimCounters: ...
 
+    def held(self, keys: Collection[int]) -> frozenset[int]:
+        """Those of `keys` the kernel's table holds now, whoever wrote them."""
+
     @property
     def program_ids(self) -> tuple[int, ...]:
         """The claims program's BPF ids (one program per table: per node)."""

@@ -239,3 +239,33 @@ def test_release_deletes_the_claims_of_a_freed_slot_only(cgroup_sandbox: Path) -
         assert identities.kernel_entries() == {}
     finally:
         identities.close()
+
+
+async def test_a_pod_heard_of_after_its_mkdir_is_covered_before_or_after_its_first_process(
+    make_agent: Agent, kubepods_trees: Path
+) -> None:
+    """The real kubelet's order (kubelet makes the pod cgroup as it sees the binding, the
+    operator's push comes after): the agent covers the pod itself, and says whether a
+    process had run in it by then."""
+    anchor = a_pod(kubepods_trees, CgroupDriver.CGROUPFS, QosClass.BESTEFFORT, Runtime.CONTAINERD)
+    quiet = a_pod(kubepods_trees, CgroupDriver.CGROUPFS, QosClass.BESTEFFORT, Runtime.CONTAINERD)
+    busy = a_pod(kubepods_trees, CgroupDriver.CGROUPFS, QosClass.BURSTABLE, Runtime.CONTAINERD)
+    agent = await make_agent()
+    await agent.put(1, getppid_probe(anchor))  # the probe exists before both pods
+    create_cgroup(quiet.container)
+    create_cgroup(busy.container)
+    sleeper = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        (busy.container / "cgroup.procs").write_text(f"{sleeper.pid}\n")
+
+        async def both_seen() -> bool:
+            return all(agent.agent.cgroups.pod_born_at(p.uid) is not None for p in (quiet, busy))
+
+        await wait_for("inotify seeing both pods' mkdirs", both_seen)
+        await agent.put(2, getppid_probe(anchor, quiet, busy))
+        claims = (await agent.state())["cgroupClaims"]
+        assert (claims["coveredBeforeProcesses"], claims["coveredAfterProcesses"]) == (1, 1)
+        assert claims["claimed"] == 0  # neither was pending at its mkdir
+    finally:
+        sleeper.kill()
+        await sleeper.wait()

@@ -66,6 +66,9 @@ class FakeIdentities:
     def claim_counters(self) -> ClaimCounters:
         return ClaimCounters(claimed=len(self.claimed))
 
+    def held(self, keys: Collection[int]) -> frozenset[int]:
+        return frozenset(k for k in keys if k in self.table)
+
     @property
     def program_ids(self) -> tuple[int, ...]:
         return (7, 8)
@@ -253,9 +256,19 @@ class FakeCgroups:
     pods: dict[str, int] = field(default_factory=dict)
     containers: dict[tuple[str, str], int] = field(default_factory=dict)
     paths: dict[str, int] = field(default_factory=dict)
+    born: dict[str, float] = field(default_factory=dict)
+    """Pod uid -> when its cgroup was made (monotonic), for pods made while the agent runs."""
+    running: set[str] = field(default_factory=set)
+    """Pods with a process in their cgroups."""
 
     def pod_cgroup_id(self, pod_uid: str) -> int | None:
         return self.pods.get(pod_uid)
+
+    def pod_born_at(self, pod_uid: str) -> float | None:
+        return self.born.get(pod_uid)
+
+    def pod_has_processes(self, pod_uid: str) -> bool:
+        return pod_uid in self.running
 
     def container_cgroup_id(self, pod_uid: str, container_id: str) -> int | None:
         return self.containers.get((pod_uid, container_id.rpartition("://")[2]))

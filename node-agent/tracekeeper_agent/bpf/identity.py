@@ -105,6 +105,10 @@ class PinnedIdentities:
             with contextlib.suppress(KeyError):  # removed at rmdir meanwhile
                 del self._table[ctypes.c_ulonglong(key)]
 
+    def held(self, keys: Collection[int]) -> frozenset[int]:
+        table = self._table
+        return frozenset(k for k in keys if table.get(ctypes.c_ulonglong(k)) is not None)
+
     def kernel_entries(self) -> dict[int, int]:
         """The table as the kernel holds it now (the agent's entries and the claims)."""
         try:

@@ -487,6 +487,15 @@ class ClaimsCollector(Collector):
             "Cgroup claims the identity table had no room for.",
             value=float(c.identity_full),
         )
+        covered = CounterMetricFamily(
+            "tracekeeper_agent_pods_covered",
+            "New pods covered by the agent after their mkdir, before or after their first "
+            "process (after: its first calls were missed); the kernel's claims not included.",
+            labels=["when"],
+        )
+        covered.add_metric(["before_first_process"], float(c.covered_before_processes))
+        covered.add_metric(["after_first_process"], float(c.covered_after_processes))
+        yield covered
 
 
 # Compiles take about 0.3 s here; large programs and a cold cache several seconds.

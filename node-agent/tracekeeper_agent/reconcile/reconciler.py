@@ -54,6 +54,7 @@ from tracekeeper_agent.programs.sharing import (
     program_maps,
     slot_keys,
 )
+from tracekeeper_agent.reconcile.coverage import PodCoverage
 from tracekeeper_agent.reconcile.state_store import StateStore
 from tracekeeper_agent.reconcile.tenancy import DEFAULT_PRIVILEGED, refusal
 from tracekeeper_agent.targets.attribution import TargetAttributor
@@ -183,6 +184,8 @@ class _Probe:
     resolution: Resolution = field(default_factory=Resolution)
     program: _Program | None = None
     bit: int = -1
+    bound_at: float = 0.0
+    """Monotonic time its binding was made (a pod made later raced it: coverage.py)."""
     active: ActiveProbe | None = None
 
 
@@ -236,6 +239,7 @@ class Reconciler:
         self._identity: dict[int, int] = {}
         """The identity entries the last write left (kept until masks no longer name them)."""
         self._tables = NodeTables({}, {})
+        self._coverage = PodCoverage()
         self._apply_lock = asyncio.Lock()
         self._filter_lock = asyncio.Lock()
         """Held while bindings and the maps that hold them change (map writes are diffs of
@@ -496,7 +500,7 @@ class Reconciler:
         """Give the probe a bit of `program` and write it into the maps."""
         bit = program.bits.take(probe.assignment.id)
         assert bit is not None, "bound in a full program"
-        probe.program, probe.bit = program, bit
+        probe.program, probe.bit, probe.bound_at = program, bit, time.monotonic()
         program.bound[bit] = probe
         probe.active = ActiveProbe(probe.assignment, program.plan, program.loaded, bit)
         async with self._filter_lock:
@@ -532,6 +536,12 @@ class Reconciler:
         entries = self._entries()
         slots = self._slots.assign(slot_keys(entries) | self._slots.table().keys())
         tables = node_tables(entries, slots)
+        bound = [
+            (p.resolution.entries, p.bound_at) for g in self._programs for p in g.bound.values()
+        ]
+        await asyncio.to_thread(
+            self._coverage.note, bound, self._identity, self._cgroups, identities
+        )
         await asyncio.to_thread(identities.sync, {**self._identity, **tables.identity})
         broken: list[tuple[_Program, Exception]] = []
         for program in list(self._programs):
@@ -584,6 +594,8 @@ class Reconciler:
             left_out_pods=tables.left_out_pods,
             claimed=counters.claimed,
             identity_full=counters.identity_full,
+            covered_before_processes=self._coverage.before_first_process,
+            covered_after_processes=self._coverage.after_first_process,
             program_ids=list(identities.program_ids),
         )
 

@@ -224,6 +224,18 @@ def walk_cgroups(top: Path, *, max_depth: int = 8) -> Iterator[Path]:
             stack.extend((child, depth + 1) for child in sorted(_subdirs(directory), reverse=True))
 
 
+def has_processes(top: Path) -> bool:
+    """Some process is in `top` or a cgroup below it (cgroup.procs of each; one gone while
+    reading holds none)."""
+    for directory in walk_cgroups(top):
+        try:
+            if (directory / "cgroup.procs").read_bytes().strip():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 # --- the index ------------------------------------------------------------------------------
 
 

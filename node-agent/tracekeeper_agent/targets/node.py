@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -14,6 +15,7 @@ from tracekeeper_agent.targets.cgroups import (
     CgroupError,
     CgroupIndex,
     CgroupOwner,
+    has_processes,
     is_kubepods_name,
     parse_cgroup_path,
 )
@@ -56,6 +58,8 @@ class NodeCgroups:
         self.root = index.root
         self._kubepods: tuple[PurePosixPath, ...] | None = None
         """The kubepods directories relative to the root, found again after one is made."""
+        self._born: dict[str, float] = {}
+        """Pod uid -> when its own cgroup was seen made, while it exists."""
 
     def pod_cgroup_id(self, pod_uid: str) -> int | None:
         entry = self.index.pod_cgroup(norm_uid(pod_uid))
@@ -94,6 +98,13 @@ class NodeCgroups:
     def owner(self, cgroup_id: int) -> CgroupOwner | None:
         return self.index.owner(cgroup_id)
 
+    def pod_born_at(self, pod_uid: str) -> float | None:
+        return self._born.get(norm_uid(pod_uid))
+
+    def pod_has_processes(self, pod_uid: str) -> bool:
+        entry = self.index.pod_cgroup(norm_uid(pod_uid))
+        return entry is not None and has_processes(entry.path)
+
     def apply_events(self, events: Iterable[CgroupEvent]) -> CgroupChanges:
         """Fold watcher events into the index; say which pods and paths they touched."""
         uids: set[str] = set()
@@ -111,9 +122,13 @@ class NodeCgroups:
             if event.kind is CgroupEventKind.CREATED:
                 entry = self.index.add(event.path, known_id=event.cgroup_id)
                 owner = entry.owner if entry else None
+                if owner is not None and owner.container_id is None:
+                    self._born[norm_uid(owner.pod_uid)] = time.monotonic()
             else:
                 removed = self.index.remove(event.path)
                 owner = removed.owner if removed else None
+                if owner is not None and owner.container_id is None:
+                    self._born.pop(norm_uid(owner.pod_uid), None)
             if owner is None:
                 owner = self._parse(event.path)
             if owner is not None:

@@ -48,6 +48,13 @@ class CgroupLookup(Protocol):
 
     def owner(self, cgroup_id: int) -> CgroupOwner | None: ...
 
+    def pod_born_at(self, pod_uid: str) -> float | None:
+        """Monotonic time the agent saw the pod's own cgroup made (None: it existed when the
+        agent started, or is not there)."""
+
+    def pod_has_processes(self, pod_uid: str) -> bool:
+        """Some process is in the pod's cgroup or below it now."""
+
 
 class ProcessTable(Protocol):
     def descendants(self, pids: Iterable[int]) -> frozenset[int]:
