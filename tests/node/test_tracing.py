@@ -130,17 +130,25 @@ class Tenant:
                           "ns_per_call": ns_per_call, "kernel": cells[-1]}  # fmt: skip
         return rows
 
-    def cgroups_claimed(self) -> int:
-        """tracekeeper_agent_cgroups_claimed_total from the agent pod's token-free metrics port:
-        pod cgroups the kernel recognised in their mkdir (the pod was announced first)."""
+    def coverage(self) -> tuple[int, int, int]:
+        """From the agent pod's token-free metrics port: pod cgroups the kernel claimed in
+        their mkdir (announced first), and new pods the agent covered itself before and
+        after their first process (tracekeeper_agent_pods_covered_total)."""
         agent = one_pod(self.sh, "tracekeeper-agent")
         url = f"http://{agent['status']['podIP']}:9441/metrics"
         with urllib.request.urlopen(url, timeout=10) as resp:
             text = resp.read().decode()
-        for line in text.splitlines():
-            if line.startswith("tracekeeper_agent_cgroups_claimed_total "):
-                return int(float(line.split()[1]))
-        raise AssertionError(f"no tracekeeper_agent_cgroups_claimed_total in {url}")
+        wanted = (
+            "tracekeeper_agent_cgroups_claimed_total",
+            'tracekeeper_agent_pods_covered_total{when="before_first_process"}',
+            'tracekeeper_agent_pods_covered_total{when="after_first_process"}',
+        )
+        samples = [ln.rpartition(" ") for ln in text.splitlines() if not ln.startswith("#")]
+        found = {name: int(float(value)) for name, _, value in samples}
+        missing = [w for w in wanted if w not in found]
+        assert not missing, f"no {missing} in {url}"
+        claimed, before, after = (found[w] for w in wanted)
+        return claimed, before, after
 
     def ready(self, probe: str) -> bool:
         res = self.alice(
@@ -269,7 +277,7 @@ def test_a_uprobe_on_a_binary_only_in_the_workload_image(tenant: Tenant) -> None
 def test_a_new_pod_is_counted_from_its_first_exec(tenant: Tenant) -> None:
     programs = tenant.nodes("exec-events")
     old = set(tenant.web_pods())
-    claimed = tenant.cgroups_claimed()
+    coverage = tenant.coverage()
     tail = tenant.tail("exec-events", "25s")
     time.sleep(3)
     tenant.sh(f"kubectl -n {tenant.ns} scale deploy/web --replicas=3")
@@ -291,11 +299,13 @@ def test_a_new_pod_is_counted_from_its_first_exec(tenant: Tenant) -> None:
     pod_dir = str(PurePosixPath(v2).parent)
     kubepods = PurePosixPath(pod_dir.split("/")[1])
     assert pod_dir in pod_cgroup_paths(uid, [kubepods]), (pod_dir, uid)
-    # ...and which half of the race the operator won: the pod announced before the pod's
-    # cgroup2 mkdir (claimed by the kernel in it), or found by the inotify fallback.
-    at_mkdir = tenant.cgroups_claimed() - claimed
-    print(f"\n[node] new pod {new} ({pod_dir}): cgroups claimed at mkdir: {at_mkdir}"
-          " (0: inotify fallback)")  # fmt: skip
+    # ...and how the race went: the pod announced before its cgroup2 mkdir (claimed by the
+    # kernel in it), or covered by the agent after the mkdir, before any process ran in it
+    # (kubelet makes the pod's cgroup as it sees the binding; the sandbox comes later).
+    claimed, before, late = (b - a for a, b in zip(coverage, tenant.coverage(), strict=True))
+    print(f"\n[node] new pod {new} ({pod_dir}): claimed at mkdir {claimed}, covered before its"
+          f" first process {before}, after it {late}")  # fmt: skip
+    assert (claimed + before, late) == (1, 0)
     # The same programs: the new pod went into the filter map, nothing was reloaded.
     after = tenant.nodes("exec-events")
     assert {n: r["programs"] for n, r in after.items()} == {
