@@ -108,7 +108,8 @@ def table(report: ChurnReport, leaked: bool, churn: Churn, seed: int) -> tuple[T
     t.notes += [f"program changed: {c}" for c in report.programs_changed[:10]]
     t.notes.append(
         "operator CPU is its user + system time over the churn divided by the pod events "
-        "(status writes, Events and pushes included); the soak's own API calls are not in it"
+        "(status writes, Events and pushes included); the soak's own API calls are not in it. "
+        "The goal's size, 5,000 pods x 500 probes, is bench/operator_events'"
     )
     return t, ok and not leaked and not report.programs_changed
 
