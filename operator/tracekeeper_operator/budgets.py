@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tracekeeper_api.budgets import (
     BUDGET_ANNOTATION,
@@ -234,6 +235,12 @@ class Candidate:
     assignment: ProbeAssignment
     created: str = ""
 
+    @cached_property
+    def cost(self) -> Cost:
+        """Computed once per candidate (a JSON dump of the probe and its pods): a probe's
+        candidate is kept from pass to pass while its assignment does not change."""
+        return cost_of(self.assignment)
+
 
 @dataclass(frozen=True)
 class Allocation:
@@ -243,15 +250,13 @@ class Allocation:
     """probe id -> why it was left out of the node."""
 
 
-def allocation_order(
-    candidates: Sequence[Candidate], budgets: NamespaceBudgets
-) -> list[ProbeAssignment]:
+def allocation_order(candidates: Sequence[Candidate], budgets: NamespaceBudgets) -> list[Candidate]:
     """Privileged namespaces first, then tenant namespaces round-robin, oldest first."""
     by_ns: dict[str, list[Candidate]] = {}
     for c in candidates:
         by_ns.setdefault(c.assignment.namespace, []).append(c)
     queues = {
-        ns: [c.assignment for c in sorted(cs, key=lambda c: (c.created, c.assignment.id))]
+        ns: sorted(cs, key=lambda c: (c.created, c.assignment.id))
         for ns, cs in sorted(by_ns.items())
     }
     order = [a for ns, q in queues.items() if budgets(ns) is None for a in q]
@@ -267,9 +272,10 @@ def allocate(node: str, candidates: Sequence[Candidate], budgets: NamespaceBudge
     ns_use: dict[str, Usage] = {}
     admitted: list[ProbeAssignment] = []
     refused: dict[str, str] = {}
-    for assignment in allocation_order(candidates, budgets):
+    for candidate in allocation_order(candidates, budgets):
+        assignment = candidate.assignment
         ns = assignment.namespace
-        cost = cost_of(assignment)
+        cost = candidate.cost
         used = ns_use.setdefault(ns, Usage())
         budget = budgets(ns)
         why = over_node(node, node_use, cost)
