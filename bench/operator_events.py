@@ -31,7 +31,15 @@ from tracekeeper_api.protocol import NodeReport, NodeState, ProbeOutcome
 from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
 from tracekeeper_operator.agent_errors import AgentError
 from tracekeeper_operator.control_loop import ControlLoop
-from tracekeeper_operator.indexes import AGENTS, FILTERS, NAMESPACES, NODES, PODS, PROBES
+from tracekeeper_operator.indexes import (
+    AGENTS,
+    FILTERS,
+    NAMESPACES,
+    NODES,
+    PODS,
+    PROBES,
+    Snapshots,
+)
 from tracekeeper_operator.kube_events import EventSpec
 from tracekeeper_operator.push_planner import PushAction, PushPlanner
 from tracekeeper_operator.pusher import Pusher
@@ -218,12 +226,11 @@ def answer(planner: PushPlanner) -> int:
 
 
 def control_loop(settings: OperatorSettings, world: World) -> tuple[ControlLoop, EchoWrites]:
-    from tracekeeper_operator.indexes import snapshot
-
     planner = PushPlanner(debounce=0.0, max_delay=0.0)
     writes = EchoWrites()
     loop = ControlLoop(settings, Pusher(planner, InstantAgents()), writes)
-    loop.attach(lambda: snapshot(world.indexes.by_id))
+    snapshots = Snapshots()
+    loop.attach(lambda: snapshots.take(world.indexes.by_id))
     return loop, writes
 
 

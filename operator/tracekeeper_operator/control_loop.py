@@ -10,28 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
 from tracekeeper_api.protocol import KernelInfo
 from tracekeeper_api.status import (
-    DebugSession,
     SessionValues,
     TraceFilterStatus,
     TraceProbeStatus,
 )
 from tracekeeper_operator.agent_views import AgentView, holding_nodes
-from tracekeeper_operator.budgets import NamespaceBudgets
+from tracekeeper_operator.cluster_plan import ClusterPlan
 from tracekeeper_operator.cluster_view import ClusterView
 from tracekeeper_operator.costs import refreshed_cost
 from tracekeeper_operator.inventory import Refused
 from tracekeeper_operator.kube_api import KubeWrites
 from tracekeeper_operator.kube_events import EventSpec, rfc3339
 from tracekeeper_operator.metrics import OperatorMetrics, ProbeReadiness
-from tracekeeper_operator.node_state import Rendered, render_nodes
 from tracekeeper_operator.output_api.agent_reads import AgentReads
+from tracekeeper_operator.plan_memo import PlanMemo
 from tracekeeper_operator.pusher import Pusher
 from tracekeeper_operator.records import FilterRecord, ObjectRef, ProbeRecord
 from tracekeeper_operator.selection import (
@@ -41,17 +40,12 @@ from tracekeeper_operator.selection import (
     matching_pods,
     pod_target,
     refuse_privileged,
-    select,
 )
 from tracekeeper_operator.session_values import read_final_values
 from tracekeeper_operator.sessions import (
     attach_session,
-    current_session,
-    duration_refusal,
     expired_message,
-    has_expired,
     next_expiry,
-    session_duration,
 )
 from tracekeeper_operator.settings import OperatorSettings
 from tracekeeper_operator.status_folding import (
@@ -62,6 +56,14 @@ from tracekeeper_operator.status_folding import (
     probe_events,
     status_differs,
 )
+from tracekeeper_operator.status_memo import (
+    AgentVersions,
+    StatusMemo,
+    filter_inputs,
+    filter_users,
+    left_out,
+    probe_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,57 +71,6 @@ WRITE_CONCURRENCY = 16
 WRITE_RETRY_SECONDS = 2.0
 
 _S = TypeVar("_S", TraceProbeStatus, TraceFilterStatus)
-
-
-@dataclass(frozen=True)
-class ClusterPlan:
-    selections: Mapping[str, Selection]
-    rendered: Rendered
-    endpoints: Mapping[str, str | None]
-    budget_problems: Mapping[str, str] = field(default_factory=dict)
-    """namespace -> why its budget annotation is ignored."""
-    sessions: Mapping[str, DebugSession] = field(default_factory=dict)
-    """The debug sessions of the probes with a duration, as of this pass."""
-    expired: frozenset[str] = frozenset()
-    """Probes whose session has ended: left out of every node."""
-
-
-def plan_cluster(
-    view: ClusterView,
-    settings: OperatorSettings,
-    previous: Mapping[str, TraceProbeStatus | None] | None = None,
-    now: datetime | None = None,
-    kernels: Mapping[str, KernelInfo] | None = None,
-) -> ClusterPlan:
-    """`previous`: each probe's latest status (default: the stored one), for its session;
-    `kernels`: what each node's agent reported its kernel can do."""
-    now = now or datetime.now(UTC)
-    budgets = NamespaceBudgets(settings, view.namespace_annotations)
-    selections: dict[str, Selection] = {}
-    sessions: dict[str, DebugSession] = {}
-    for pid, probe in view.probes.items():
-        selection = select(probe, view, settings)
-        if isinstance(selection, Selected) and probe.spec is not None:
-            budget = budgets(probe.ref.namespace)
-            selection = duration_refusal(probe.spec, budget) or selection
-            before = previous.get(pid) if previous is not None else probe.status
-            session = current_session(before, session_duration(probe.spec, budget))
-            if session is not None and isinstance(selection, Selected):
-                sessions[pid] = session
-        selections[pid] = selection
-    expired = frozenset(pid for pid, s in sessions.items() if has_expired(s, now))
-    selected = {pid: s for pid, s in selections.items() if isinstance(s, Selected)}
-    rendered = render_nodes(
-        view.probes,
-        selected,
-        view.agents,
-        allow_raw=settings.allow_raw_programs,
-        budgets=budgets,
-        expired=expired,
-        kernels=kernels,
-    )
-    endpoints = {node: agent.endpoint for node, agent in view.agents.items()}
-    return ClusterPlan(selections, rendered, endpoints, budgets.problems, sessions, expired)
 
 
 def probe_status(
@@ -173,7 +124,9 @@ def filter_status(
     *,
     previous: TraceFilterStatus | None,
     now: str,
+    users: Mapping[str, Sequence[str]] | None = None,
 ) -> TraceFilterStatus:
+    """`users`: `status_memo.filter_users(view)`, when the caller has it (else scanned)."""
     ns = filt.ref.namespace
     refusal: Refusal | None
     matched = 0
@@ -186,11 +139,7 @@ def filter_status(
             matched = sum(
                 pod_target(p, spec) is not None for p in matching_pods(ns, spec, view, settings)
             )
-    used_by = [
-        p.ref.name
-        for p in view.probes.values()
-        if p.ref.namespace == ns and p.spec is not None and p.spec.filter_ref == filt.ref.name
-    ]
+    used_by = list((users if users is not None else filter_users(view)).get(filt.ref.key, ()))
     return fold_filter_status(
         filt, matched_pods=matched, used_by=used_by, refusal=refusal, previous=previous, now=now
     )
@@ -227,6 +176,11 @@ class ControlLoop:
         self._written = _Written()
         self._limit = asyncio.Semaphore(WRITE_CONCURRENCY)
         self.plan: ClusterPlan | None = None
+        self._planner = PlanMemo(settings)
+        self._agent_versions = AgentVersions()
+        self._probe_memo: StatusMemo[TraceProbeStatus] = StatusMemo()
+        self._filter_memo: StatusMemo[TraceFilterStatus] = StatusMemo()
+        self._readiness_of: dict[str, tuple[TraceProbeStatus, ProbeReadiness]] = {}
         self._readiness: tuple[ProbeReadiness, ...] = ()
         self._budget_problems: Mapping[str, str] = {}
         self._reads = reads
@@ -288,7 +242,7 @@ class ControlLoop:
             if v.report is not None
         }
         self._kernels = kernels
-        plan = plan_cluster(view, self.settings, previous, now, kernels)
+        plan = self._planner.plan(view, previous, now, kernels)
         plan = await self._with_final_values(plan, view, now)
         self.plan = plan
         for ns, problem in plan.budget_problems.items():
@@ -374,50 +328,68 @@ class ControlLoop:
     ) -> None:
         now = rfc3339(now_at)
         views = self.pusher.planner.views()
+        versions = self._agent_versions.update(views)
+        left = left_out(plan)
         jobs = []
         readiness = []
         for probe_id, probe in view.probes.items():
             if probe.deleting:
                 continue
+            uid = probe.ref.uid
             previous = previous_probes.get(probe_id)
-            folded = probe_status(
-                probe,
-                plan.selections[probe_id],
-                plan,
-                views,
-                previous=previous,
-                now=now_at,
-                max_failures=self.settings.max_failures,
-                cost_interval=self.settings.cost_interval,
-            )
-            if folded is not None and status_differs(previous, folded):
-                events = probe_events(previous, folded)
-                jobs.append(self._write(probe.ref, folded, self._written.probes, events))
-            current = folded if folded is not None else previous
-            if current is not None:
-                ready = current.condition("Ready")
-                readiness.append(
-                    ProbeReadiness(
-                        probe.ref.namespace,
-                        probe.ref.name,
-                        ready is not None and ready.status == "True",
-                        ready.reason if ready is not None else "Unknown",
-                    )
+            selection = plan.selections[probe_id]
+            inputs = probe_inputs(probe, selection, plan, versions, left, previous)
+            current = previous
+            if not self._probe_memo.unchanged(
+                uid, inputs, now=now_at, cost_every=self.settings.cost_interval
+            ):
+                folded = probe_status(
+                    probe,
+                    selection,
+                    plan,
+                    views,
+                    previous=previous,
+                    now=now_at,
+                    max_failures=self.settings.max_failures,
+                    cost_interval=self.settings.cost_interval,
                 )
+                if folded is not None and status_differs(previous, folded):
+                    self._probe_memo.forget(uid)
+                    events = probe_events(previous, folded)
+                    jobs.append(self._write(probe.ref, folded, self._written.probes, events))
+                    current = folded
+                else:
+                    self._probe_memo.keep(uid, inputs, previous)
+            if current is not None:
+                readiness.append(self._ready(probe, current))
+        self._probe_memo.end_pass()
         self._readiness = tuple(readiness)
+        users = filter_users(view)
         for filt in view.filters.values():
             if filt.deleting:
                 continue
-            previous_f = self._previous(self._written.filters, filt.ref.uid, filt.status)
-            folded_f = filter_status(filt, view, self.settings, previous=previous_f, now=now)
+            uid = filt.ref.uid
+            previous_f = self._previous(self._written.filters, uid, filt.status)
+            inputs = filter_inputs(filt, view, self.settings, users, previous_f)
+            if self._filter_memo.unchanged(uid, inputs, now=now_at, cost_every=0.0):
+                continue
+            folded_f = filter_status(
+                filt, view, self.settings, previous=previous_f, now=now, users=users
+            )
             if status_differs(previous_f, folded_f):
+                self._filter_memo.forget(uid)
                 events_f = filter_events(previous_f, folded_f)
                 jobs.append(self._write(filt.ref, folded_f, self._written.filters, events_f))
+            else:
+                self._filter_memo.keep(uid, inputs, previous_f)
+        self._filter_memo.end_pass()
         live = {p.ref.uid for p in view.probes.values()} | {
             f.ref.uid for f in view.filters.values()
         }
         for uid in set(self._written.probes) - live:
             del self._written.probes[uid]
+        for uid in set(self._readiness_of) - live:
+            del self._readiness_of[uid]
         ended = {view.probes[pid].ref.uid for pid in plan.expired}
         for uid in set(self._finals) - ended:
             del self._finals[uid]
@@ -425,6 +397,21 @@ class ControlLoop:
             del self._written.filters[uid]
         if jobs:
             await asyncio.gather(*jobs)
+
+    def _ready(self, probe: ProbeRecord, status: TraceProbeStatus) -> ProbeReadiness:
+        """The probe's readiness for the metrics, made again only when its status changed."""
+        kept = self._readiness_of.get(probe.ref.uid)
+        if kept is not None and kept[0] is status:
+            return kept[1]
+        ready = status.condition("Ready")
+        made = ProbeReadiness(
+            probe.ref.namespace,
+            probe.ref.name,
+            ready is not None and ready.status == "True",
+            ready.reason if ready is not None else "Unknown",
+        )
+        self._readiness_of[probe.ref.uid] = (status, made)
+        return made
 
     @staticmethod
     def _previous(cache: dict[str, _S], uid: str, stored: _S | None) -> _S | None:

@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 
 from tracekeeper_api import GROUP, VERSION
-from tracekeeper_operator.cluster_view import ClusterView
+from tracekeeper_operator.cluster_view import ClusterView, ViewBuilder
 from tracekeeper_operator.records import (
     AgentRecord,
     AgentTrust,
@@ -84,6 +84,25 @@ def _values(index: Any) -> Iterator[Any]:
     # kopf.Index: key -> Store (a collection of the values objects contributed under it).
     for store in list(index.values()):
         yield from list(store)
+
+
+class Snapshots:
+    """Snapshots pass after pass that keep unchanged parts as the same objects (see
+    `cluster_view.ViewBuilder`); each equals `snapshot` of the same indexes."""
+
+    def __init__(self) -> None:
+        self._builder = ViewBuilder()
+
+    def take(self, indices: Mapping[str, Any]) -> ClusterView:
+        nodes = indices.get(NODES)
+        return self._builder.build(
+            pods={ns: list(store) for ns, store in list(indices[PODS].items())},
+            agents=_values(indices[AGENTS]),
+            nodes=None if nodes is None else _values(nodes),
+            namespaces=_values(indices[NAMESPACES]),
+            probes=_values(indices[PROBES]),
+            filters=_values(indices[FILTERS]),
+        )
 
 
 def snapshot(indices: Mapping[str, Any]) -> ClusterView:
