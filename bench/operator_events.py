@@ -235,13 +235,15 @@ def control_loop(settings: OperatorSettings, world: World) -> tuple[ControlLoop,
 
 
 async def timed_pass(loop: ControlLoop, profile: cProfile.Profile | None = None) -> float:
-    started = time.perf_counter()
+    """The pass's CPU time (the process's: nothing else runs in it meanwhile), which other
+    work on the shared machine changes less than the wall clock."""
+    started = time.process_time()
     if profile is not None:
         profile.enable()
     await loop.reconcile_once()
     if profile is not None:
         profile.disable()
-    return time.perf_counter() - started
+    return time.process_time() - started
 
 
 async def settle(loop: ControlLoop, writes: EchoWrites, world: World) -> int:

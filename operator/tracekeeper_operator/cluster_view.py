@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from tracekeeper_operator.records import (
     AgentRecord,
@@ -78,6 +78,14 @@ def _kept(new: _T, old: _T | None) -> _T:
     return old if old is not None and (old is new or old == new) else new
 
 
+class _Parts(NamedTuple):
+    agents: list[AgentRecord]
+    nodes: list[LabelledRecord] | None
+    namespaces: list[LabelledRecord]
+    probes: list[ProbeRecord]
+    filters: list[FilterRecord]
+
+
 class ViewBuilder:
     """`ClusterView.build` pass after pass, keeping every part equal to the previous view's
     as the previous object (each namespace's pod tuple on its own): a pod event makes one
@@ -87,6 +95,7 @@ class ViewBuilder:
     def __init__(self) -> None:
         self._last: ClusterView | None = None
         self._listed: dict[str, tuple[list[PodRecord], tuple[PodRecord, ...]]] = {}
+        self._rest: tuple[_Parts, ClusterView] | None = None
 
     def build(
         self,
@@ -98,13 +107,29 @@ class ViewBuilder:
         probes: Iterable[ProbeRecord] = (),
         filters: Iterable[FilterRecord] = (),
     ) -> ClusterView:
-        """`pods`: namespace -> its pods (kopf's pod index), in any order."""
-        rest = ClusterView.build(
-            agents=agents, nodes=nodes, namespaces=namespaces, probes=probes, filters=filters
+        """`pods`: namespace -> its pods (kopf's pod index: each pod under its namespace),
+        in any order."""
+        parts = _Parts(
+            list(agents),
+            None if nodes is None else list(nodes),
+            list(namespaces),
+            list(probes),
+            list(filters),
         )
+        if self._rest is not None and self._rest[0] == parts:
+            rest = self._rest[1]  # the same records (by identity first): the same parts
+        else:
+            rest = ClusterView.build(
+                agents=parts.agents,
+                nodes=parts.nodes,
+                namespaces=parts.namespaces,
+                probes=parts.probes,
+                filters=parts.filters,
+            )
+            self._rest = (parts, rest)
         listed: dict[str, tuple[list[PodRecord], tuple[PodRecord, ...]]] = {}
         for ns, records in pods.items():
-            members = [p for p in records if p.namespace == ns]
+            members = list(records)
             if not members:
                 continue
             kept = self._listed.get(ns)

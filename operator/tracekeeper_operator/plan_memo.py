@@ -70,12 +70,47 @@ def selection_inputs(
     )
 
 
+def _sources(probe: ProbeRecord, view: ClusterView, spaces: tuple[str, ...]) -> Inputs:
+    """The objects the probe's selection inputs are read from (a view keeps unchanged parts
+    as the same objects, see cluster_view.ViewBuilder): all the same ones as last pass
+    means the same inputs, without making and comparing them."""
+    spec = probe.spec
+    ref = (
+        view.filters.get(f"{probe.ref.namespace}/{spec.filter_ref}")
+        if spec and spec.filter_ref
+        else None
+    )
+    return (
+        probe,
+        ref,
+        view.namespace_labels,
+        view.node_labels,
+        view.agents,
+        *(view.pods(ns) for ns in spaces),
+    )
+
+
+def _same(a: Inputs, b: Inputs) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def spaces_of(inputs: Inputs) -> tuple[str, ...]:
+    """The namespaces whose pods the selection inputs hold."""
+    spaces = inputs[2] if len(inputs) > 2 else ()
+    assert isinstance(spaces, tuple)
+    return spaces
+
+
 @dataclass
 class _Probe:
     inputs: Inputs
     selection: Selection
+    spaces: tuple[str, ...] = ()
+    sources: Inputs = ()
     render_inputs: Inputs | None = None
     render: ProbeRender | None = None
+    render_sources: Inputs = ()
+    """(record, selection, budgets, pass) of the last render check."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +137,9 @@ class PlanMemo:
         self._annotations: Mapping[str, Mapping[str, str]] | None = None
         self._budgets: NamespaceBudgets | None = None
         self.counts = PlanCounts()
+        self._kernels: dict[str, KernelInfo] = {}
+        self._pass = 0
+        """Passes made: a render checked in the previous pass is valid as of it."""
 
     def _namespace_budgets(self, view: ClusterView) -> NamespaceBudgets:
         notes = view.namespace_annotations
@@ -120,6 +158,7 @@ class PlanMemo:
         """`plan_cluster(view, self.settings, previous, now, kernels)`, reusing the pieces
         whose inputs are unchanged since the previous call."""
         now = now or datetime.now(UTC)
+        self._pass += 1
         settings = self.settings
         budgets = self._namespace_budgets(view)
         agent_nodes = tuple(view.agents)
@@ -128,21 +167,31 @@ class PlanMemo:
         sessions: dict[str, DebugSession] = {}
         selected_again = 0
         for pid, probe in view.probes.items():
-            inputs = selection_inputs(probe, view, settings, agent_nodes)
             kept = self._probes.get(pid)
-            if kept is None or kept.inputs != inputs:
-                selection = select(probe, view, settings)
-                selected_again += 1
-                if kept is not None and kept.selection == selection:
-                    selection = kept.selection  # the same object: renders keyed by it hold
-                render = kept.render if kept is not None else None
-                kept = _Probe(inputs, selection, render=render)
+            if kept is None or not _same(kept.sources, _sources(probe, view, kept.spaces)):
+                inputs = selection_inputs(probe, view, settings, agent_nodes)
+                if kept is None or kept.inputs != inputs:
+                    selection = select(probe, view, settings)
+                    selected_again += 1
+                    if kept is not None and kept.selection == selection:
+                        selection = kept.selection  # the same object: renders keyed by it hold
+                    render = kept.render if kept is not None else None
+                    kept = _Probe(inputs, selection, render=render)
+                kept.spaces = spaces_of(inputs)
+                kept.sources = _sources(probe, view, kept.spaces)
             memo[pid] = kept
             selection, session = with_session(probe, kept.selection, budgets, previous)
             if session is not None:
                 sessions[pid] = session
             selections[pid] = selection
         expired = frozenset(pid for pid, s in sessions.items() if has_expired(s, now))
+        kernels = kernels or {}
+        kernels_moved = {
+            node
+            for node in set(kernels) | set(self._kernels)
+            if kernels.get(node) is not self._kernels.get(node)
+        }
+        self._kernels = dict(kernels)
         renders: dict[str, ProbeRender] = {}
         rendered_again = 0
         for pid, selection in selections.items():
@@ -150,6 +199,15 @@ class PlanMemo:
             if not isinstance(selection, Selected) or not renders_running(probe, expired):
                 continue
             entry = memo[pid]
+            renders_sources = (probe, selection, budgets, self._pass - 1)
+            if (
+                entry.render is not None
+                and _same(entry.render_sources, renders_sources)
+                and (not kernels_moved or kernels_moved.isdisjoint(selection.targets))
+            ):
+                renders[pid] = entry.render
+                entry.render_sources = (probe, selection, budgets, self._pass)
+                continue
             render_inputs = (
                 selection,
                 probe.spec,
@@ -157,6 +215,7 @@ class PlanMemo:
                 budgets(probe.ref.namespace),
                 tuple((kernels or {}).get(node) for node in selection.targets),
             )
+            entry.render_sources = (probe, selection, budgets, self._pass)
             if entry.render is None or entry.render_inputs != render_inputs:
                 entry.render = render_probe(
                     probe,
