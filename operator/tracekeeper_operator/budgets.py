@@ -115,6 +115,9 @@ class Cost:
     """The probe in the state, with its pods as references."""
     pods: Mapping[str, PodEntry]
     """The pod table entries it needs, by uid."""
+    pod_sizes: Mapping[str, tuple[int, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
+    """uid -> (bytes of its pod table entry without containers, bytes per container name):
+    measured once with the cost, not each time a node's usage counts it."""
 
 
 def cost_of(assignment: ProbeAssignment) -> Cost:
@@ -132,6 +135,13 @@ def cost_of(assignment: ProbeAssignment) -> Cost:
         + len(t.cgroup_paths),
         probe_bytes=_json_len(assignment.model_copy(update={"targets": targets})),
         pods={e.uid: e for e in entries},
+        pod_sizes={
+            e.uid: (
+                _json_len(e.model_copy(update={"containers": []})),
+                tuple((c.name, _json_len(c)) for c in e.containers),
+            )
+            for e in entries
+        },
     )
 
 
@@ -151,12 +161,12 @@ class Usage:
     def pod_bytes(self, cost: Cost) -> int:
         """Bytes the probe's pods add to the pod table (each pod, each container once)."""
         total = 0
-        for uid, entry in cost.pods.items():
+        for uid, (bare, containers) in cost.pod_sizes.items():
             known = self.containers.get(uid)
             if known is None:
-                total += _json_len(entry.model_copy(update={"containers": []}))
+                total += bare
                 known = set()
-            total += sum(_json_len(c) for c in entry.containers if c.name not in known)
+            total += sum(size for name, size in containers if name not in known)
         return total
 
     def programs_with(self, point: str, cost: Cost) -> int:

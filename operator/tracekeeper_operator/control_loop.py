@@ -181,6 +181,8 @@ class ControlLoop:
         self._probe_memo: StatusMemo[TraceProbeStatus] = StatusMemo()
         self._filter_memo: StatusMemo[TraceFilterStatus] = StatusMemo()
         self._readiness_of: dict[str, tuple[TraceProbeStatus, ProbeReadiness]] = {}
+        self._users: tuple[Mapping[str, ProbeRecord], dict[str, tuple[str, ...]]] | None = None
+        """filter_users of the probes of the last view (the same mapping: the same users)."""
         self._readiness: tuple[ProbeReadiness, ...] = ()
         self._budget_problems: Mapping[str, str] = {}
         self._reads = reads
@@ -364,7 +366,9 @@ class ControlLoop:
                 readiness.append(self._ready(probe, current))
         self._probe_memo.end_pass()
         self._readiness = tuple(readiness)
-        users = filter_users(view)
+        if self._users is None or self._users[0] is not view.probes:
+            self._users = (view.probes, filter_users(view))
+        users = self._users[1]
         for filt in view.filters.values():
             if filt.deleting:
                 continue

@@ -97,12 +97,17 @@ class Snapshots:
         nodes = indices.get(NODES)
         return self._builder.build(
             pods={ns: list(store) for ns, store in list(indices[PODS].items())},
-            agents=_values(indices[AGENTS]),
-            nodes=None if nodes is None else _values(nodes),
-            namespaces=_values(indices[NAMESPACES]),
-            probes=_values(indices[PROBES]),
-            filters=_values(indices[FILTERS]),
+            agents=_listed(indices[AGENTS]),
+            nodes=None if nodes is None else _listed(nodes),
+            namespaces=_listed(indices[NAMESPACES]),
+            probes=_listed(indices[PROBES]),
+            filters=_listed(indices[FILTERS]),
         )
+
+
+def _listed(index: Any) -> list[Any]:
+    """`_values` as a list (without a generator's cost per value: this runs every pass)."""
+    return [value for store in list(index.values()) for value in list(store)]
 
 
 def snapshot(indices: Mapping[str, Any]) -> ClusterView:

@@ -13,6 +13,7 @@ unit tests check it over random event sequences).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +26,6 @@ from tracekeeper_operator.cluster_view import ClusterView
 from tracekeeper_operator.node_state import (
     ProbeRender,
     assemble,
-    per_node_candidates,
     render_probe,
     renders_running,
 )
@@ -91,7 +91,7 @@ def _sources(probe: ProbeRecord, view: ClusterView, spaces: tuple[str, ...]) -> 
 
 
 def _same(a: Inputs, b: Inputs) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def spaces_of(inputs: Inputs) -> tuple[str, ...]:
@@ -111,6 +111,9 @@ class _Probe:
     render: ProbeRender | None = None
     render_sources: Inputs = ()
     """(record, selection, budgets, pass) of the last render check."""
+    session_sources: Inputs = ()
+    """(record, selection, budgets, previous status) `session` was made from."""
+    session: tuple[Selection, DebugSession | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,9 @@ class PlanMemo:
         self._budgets: NamespaceBudgets | None = None
         self.counts = PlanCounts()
         self._kernels: dict[str, KernelInfo] = {}
+        self._renders: dict[str, ProbeRender] = {}
+        self._by_node: dict[str, dict[str, Candidate]] = {}
+        self._node_lists: dict[str, tuple[Candidate, ...]] = {}
         self._pass = 0
         """Passes made: a render checked in the previous pass is valid as of it."""
 
@@ -147,6 +153,39 @@ class PlanMemo:
             self._budgets = NamespaceBudgets(self.settings, notes)
             self._annotations = notes
         return self._budgets
+
+    def _node_candidates(
+        self, renders: Mapping[str, ProbeRender], agent_nodes: tuple[str, ...]
+    ) -> dict[str, tuple[Candidate, ...]]:
+        """`node_state.per_node_candidates(renders, agent_nodes)`, remade only for the nodes
+        of the probes whose render changed since last pass (an index node -> probe ->
+        candidate is kept)."""
+        last = self._renders
+        by_node = self._by_node
+        touched: set[str] = set()
+        for pid in set(renders) | set(last):
+            old, new = last.get(pid), renders.get(pid)
+            if old is new:
+                continue
+            if old is not None:
+                for node in old.candidates:
+                    del by_node[node][pid]
+                    touched.add(node)
+            if new is not None:
+                for node, candidate in new.candidates.items():
+                    by_node.setdefault(node, {})[pid] = candidate
+                    touched.add(node)
+        self._renders = dict(renders)
+        lists: dict[str, tuple[Candidate, ...]] = {}
+        for node in sorted(set(agent_nodes) | {n for n, cs in by_node.items() if cs}):
+            kept = self._node_lists.get(node)
+            if kept is None or node in touched:
+                kept = tuple(c for _, c in sorted(by_node.get(node, {}).items()))
+            lists[node] = kept
+        for node in [n for n, cs in by_node.items() if not cs]:
+            del by_node[node]
+        self._node_lists = lists
+        return lists
 
     def plan(
         self,
@@ -180,7 +219,13 @@ class PlanMemo:
                 kept.spaces = spaces_of(inputs)
                 kept.sources = _sources(probe, view, kept.spaces)
             memo[pid] = kept
-            selection, session = with_session(probe, kept.selection, budgets, previous)
+            before = previous.get(pid) if previous is not None else probe.status
+            session_sources = (probe, kept.selection, budgets, before)
+            if not _same(kept.session_sources, session_sources):
+                kept.session_sources = session_sources
+                kept.session = with_session(probe, kept.selection, budgets, previous)
+            assert kept.session is not None
+            selection, session = kept.session
             if session is not None:
                 sessions[pid] = session
             selections[pid] = selection
@@ -231,8 +276,7 @@ class PlanMemo:
         self._probes = memo
         nodes: dict[str, _Node] = {}
         allocations: dict[str, Allocation] = {}
-        for node, listed in per_node_candidates(renders, agent_nodes).items():
-            candidates = tuple(listed)
+        for node, candidates in self._node_candidates(renders, agent_nodes).items():
             old = self._nodes.get(node)
             if old is None or old.budgets is not budgets or old.candidates != candidates:
                 old = _Node(budgets, candidates, allocate(node, candidates, budgets))
