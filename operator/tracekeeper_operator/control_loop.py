@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 from tracekeeper_api.protocol import KernelInfo
 from tracekeeper_api.status import (
@@ -153,6 +153,16 @@ class _Written:
     filters: dict[str, TraceFilterStatus] = field(default_factory=dict)
 
 
+@dataclass
+class _Job(Generic[_S]):
+    """A status to write and the Events to post once it is written."""
+
+    ref: ObjectRef
+    status: _S
+    cache: dict[str, _S]
+    events: list[EventSpec]
+
+
 class ControlLoop:
     def __init__(
         self,
@@ -175,6 +185,10 @@ class ControlLoop:
         self._dirty = asyncio.Event()
         self._written = _Written()
         self._limit = asyncio.Semaphore(WRITE_CONCURRENCY)
+        self._queued: dict[str, _Job[Any]] = {}
+        """uid -> the latest status to write, not yet started."""
+        self._writers: dict[str, asyncio.Task[None]] = {}
+        """uid -> the task writing that object's statuses, while it has some to write."""
         self.plan: ClusterPlan | None = None
         self._planner = PlanMemo(settings)
         self._agent_versions = AgentVersions()
@@ -223,13 +237,16 @@ class ControlLoop:
             if self._view is None:
                 continue
             try:
-                await self.reconcile_once()
+                await self.reconcile_once(wait_for_writes=False)
             except Exception:
                 log.exception("reconcile pass failed; retrying on the next change")
                 await asyncio.sleep(1.0)
                 self._dirty.set()
 
-    async def reconcile_once(self) -> None:
+    async def reconcile_once(self, *, wait_for_writes: bool = True) -> None:
+        """One pass. The status writes it starts run in the background; `wait_for_writes`
+        returns only once they are made (the loop itself does not wait: the next pass, with
+        the agents' next answers, must not queue behind the apiserver)."""
         assert self._view is not None
         view = self._view()
         now = self._now() if self._now else datetime.now(UTC)
@@ -258,6 +275,8 @@ class ControlLoop:
         await self._write_statuses(view, plan, previous, now)
         self._arm_expiry(plan, now)
         self._arm_cost_refresh()
+        if wait_for_writes:
+            await self.writes_done()
 
     async def _with_final_values(
         self, plan: ClusterPlan, view: ClusterView, now: datetime
@@ -332,7 +351,6 @@ class ControlLoop:
         views = self.pusher.planner.views()
         versions = self._agent_versions.update(views)
         left = left_out(plan)
-        jobs = []
         readiness = []
         for probe_id, probe in view.probes.items():
             if probe.deleting:
@@ -358,7 +376,7 @@ class ControlLoop:
                 if folded is not None and status_differs(previous, folded):
                     self._probe_memo.forget(uid)
                     events = probe_events(previous, folded)
-                    jobs.append(self._write(probe.ref, folded, self._written.probes, events))
+                    self._enqueue(_Job(probe.ref, folded, self._written.probes, events))
                     current = folded
                 else:
                     self._probe_memo.keep(uid, inputs, previous)
@@ -383,7 +401,7 @@ class ControlLoop:
             if status_differs(previous_f, folded_f):
                 self._filter_memo.forget(uid)
                 events_f = filter_events(previous_f, folded_f)
-                jobs.append(self._write(filt.ref, folded_f, self._written.filters, events_f))
+                self._enqueue(_Job(filt.ref, folded_f, self._written.filters, events_f))
             else:
                 self._filter_memo.keep(uid, inputs, previous_f)
         self._filter_memo.end_pass()
@@ -399,8 +417,6 @@ class ControlLoop:
             del self._finals[uid]
         for uid in set(self._written.filters) - live:
             del self._written.filters[uid]
-        if jobs:
-            await asyncio.gather(*jobs)
 
     def _ready(self, probe: ProbeRecord, status: TraceProbeStatus) -> ProbeReadiness:
         """The probe's readiness for the metrics, made again only when its status changed."""
@@ -425,24 +441,59 @@ class ControlLoop:
             return stored
         return written if written is not None else stored
 
-    async def _write(
-        self, ref: ObjectRef, status: _S, cache: dict[str, _S], events: list[EventSpec]
-    ) -> None:
+    def _enqueue(self, job: _Job[Any]) -> None:
+        """Write `job.status` in the background, after any write of the object already on its
+        way (one writer per object, so writes land in the order they were folded). The pass
+        does not wait: the next one folds over this status (cached as written) at once, and
+        a status folded before it was sent replaces it, its Events kept."""
+        uid = job.ref.uid
+        job.cache[uid] = job.status
+        waiting = self._queued.get(uid)
+        if waiting is not None:
+            job.events = [*waiting.events, *job.events]
+        self._queued[uid] = job
+        if uid not in self._writers:
+            self._writers[uid] = asyncio.create_task(self._drain(uid))
+
+    async def _drain(self, uid: str) -> None:
+        try:
+            while (job := self._queued.pop(uid, None)) is not None:
+                await self._write(job)
+        finally:
+            del self._writers[uid]
+
+    async def writes_done(self) -> None:
+        """Until every status write started so far has been made (tests, benchmarks)."""
+        while self._writers:
+            await asyncio.gather(*list(self._writers.values()))
+
+    async def _write(self, job: _Job[Any]) -> None:
+        ref, status = job.ref, job.status
         async with self._limit:
             try:
                 found = await self._writes.patch_status(ref, status.to_merge_patch())
             except Exception as exc:
                 log.warning("writing the status of %s %s failed: %s", ref.kind, ref.key, exc)
                 self._metrics.status_patches.labels(ref.kind, "error").inc()
+                self._unwritten(job)
                 # Again later, not in a hot loop while the apiserver is unhappy.
                 asyncio.get_running_loop().call_later(WRITE_RETRY_SECONDS, self.poke)
                 return
             self._metrics.status_patches.labels(ref.kind, "ok").inc()
             if not found:
+                self._unwritten(job)
                 return
-            cache[ref.uid] = status
-            for event in events:
+            for event in job.events:
                 await self.post_event(ref, event)
+
+    def _unwritten(self, job: _Job[Any]) -> None:
+        """A write that did not happen: a newer status on its way takes its Events along;
+        else the next pass folds over the stored status again (and its Events with it)."""
+        newer = self._queued.get(job.ref.uid)
+        if newer is not None:
+            newer.events = [*job.events, *newer.events]
+        elif job.cache.get(job.ref.uid) is job.status:
+            del job.cache[job.ref.uid]
 
     async def post_event(self, ref: ObjectRef, event: EventSpec) -> None:
         try:

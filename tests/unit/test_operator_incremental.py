@@ -289,10 +289,16 @@ class AnsweringAgents:
 
 
 class Writes:
+    """Status patches that take a moment and fail when told to (as an apiserver may)."""
+
     def __init__(self) -> None:
         self.written: list[tuple[ObjectRef, dict[str, Any]]] = []
+        self.failing = False
 
     async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> bool:
+        await asyncio.sleep(0)
+        if self.failing:
+            raise RuntimeError("apiserver unavailable")
         self.written.append((ref, status))
         return True
 
@@ -352,14 +358,18 @@ def test_a_loop_that_skips_unchanged_statuses_leaves_them_as_a_new_loop_folds_th
         for i, (op, seed) in enumerate([*START, *sequence]):
             rng = random.Random(seed)
             world.apply(op, rng)
-            await kept.reconcile_once()
+            writes.failing = rng.random() < 0.1
+            # As the loop runs: the next pass may start before the last one's writes are made.
+            await kept.reconcile_once(wait_for_writes=rng.random() < 0.5)
             answer(planner, rng)
-            await kept.reconcile_once()
+            await kept.reconcile_once(wait_for_writes=False)
             if echoes[i % len(echoes)]:  # the watch may lag behind the writes
+                await asyncio.sleep(0)
                 echo(world, writes)
-        echo(world, writes)
-        await kept.reconcile_once()
-        echo(world, writes)
+        writes.failing = False
+        for _ in range(3):
+            await kept.reconcile_once()
+            echo(world, writes)
         await kept.reconcile_once()
         assert writes.written == []  # settled
         # A new loop, nothing remembered, over the same agents: nothing left to write.
