@@ -110,7 +110,9 @@ class _Probe:
     render_inputs: Inputs | None = None
     render: ProbeRender | None = None
     render_sources: Inputs = ()
-    """(record, selection, budgets, pass) of the last render check."""
+    """(record, selection, budgets) of the last render check..."""
+    render_pass: int = 0
+    """... made in this pass (the kernels that moved are known since the previous one)."""
     session_sources: Inputs = ()
     """(record, selection, budgets, previous status) `session` was made from."""
     session: tuple[Selection, DebugSession | None] | None = None
@@ -187,6 +189,24 @@ class PlanMemo:
         self._node_lists = lists
         return lists
 
+    def _kernels_of(
+        self, kernels: Mapping[str, KernelInfo]
+    ) -> tuple[dict[str, KernelInfo], set[str]]:
+        """The kernels, each node's kept as last pass's object while it reports the same facts
+        (every agent answer brings a new one), and the nodes whose facts moved."""
+        last = self._kernels
+        kept: dict[str, KernelInfo] = {}
+        moved: set[str] = set(last) - set(kernels)
+        for node, kernel in kernels.items():
+            old = last.get(node)
+            if old is not None and (old is kernel or old == kernel):
+                kernel = old
+            else:
+                moved.add(node)
+            kept[node] = kernel
+        self._kernels = kept
+        return kept, moved
+
     def plan(
         self,
         view: ClusterView,
@@ -230,13 +250,7 @@ class PlanMemo:
                 sessions[pid] = session
             selections[pid] = selection
         expired = frozenset(pid for pid, s in sessions.items() if has_expired(s, now))
-        kernels = kernels or {}
-        kernels_moved = {
-            node
-            for node in set(kernels) | set(self._kernels)
-            if kernels.get(node) is not self._kernels.get(node)
-        }
-        self._kernels = dict(kernels)
+        kernels, kernels_moved = self._kernels_of(kernels or {})
         renders: dict[str, ProbeRender] = {}
         rendered_again = 0
         for pid, selection in selections.items():
@@ -244,14 +258,15 @@ class PlanMemo:
             if not isinstance(selection, Selected) or not renders_running(probe, expired):
                 continue
             entry = memo[pid]
-            renders_sources = (probe, selection, budgets, self._pass - 1)
+            renders_sources = (probe, selection, budgets)
             if (
                 entry.render is not None
+                and entry.render_pass == self._pass - 1
                 and _same(entry.render_sources, renders_sources)
                 and (not kernels_moved or kernels_moved.isdisjoint(selection.targets))
             ):
                 renders[pid] = entry.render
-                entry.render_sources = (probe, selection, budgets, self._pass)
+                entry.render_pass = self._pass
                 continue
             render_inputs = (
                 selection,
@@ -260,7 +275,7 @@ class PlanMemo:
                 budgets(probe.ref.namespace),
                 tuple((kernels or {}).get(node) for node in selection.targets),
             )
-            entry.render_sources = (probe, selection, budgets, self._pass)
+            entry.render_sources, entry.render_pass = renders_sources, self._pass
             if entry.render is None or entry.render_inputs != render_inputs:
                 entry.render = render_probe(
                     probe,
