@@ -3,7 +3,9 @@ the pusher) -> statuses folded from the agents' reports, written only when they 
 
 Level-triggered: any watch event or agent report pokes the loop; a short quiet window
 coalesces a burst into one pass, and each pass starts from the whole picture, so a missed
-or duplicated event cannot leave anything behind.
+or duplicated event cannot leave anything behind. The pass is incremental all the same:
+plans and statuses are recomputed only where their inputs changed (plan_memo, status_memo:
+equal to a computation from scratch), and status writes run in the background.
 """
 
 from __future__ import annotations
