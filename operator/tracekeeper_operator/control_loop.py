@@ -226,6 +226,8 @@ class ControlLoop:
         for timer in (self._expiry, self._cost_refresh):
             if timer is not None:
                 timer.cancel()
+        for writer in list(self._writers.values()):
+            writer.cancel()
 
     def poke(self) -> None:
         self._metrics.reconciles.inc()
