@@ -273,7 +273,15 @@ def _where(key: tuple[str, int, str]) -> str:
         return func
     path = Path(filename)
     parts = path.parts
-    for anchor in ("tracekeeper_agent", "bcc", "aiohttp", "asyncio", "json", "bench"):
+    for anchor in (
+        "tracekeeper_agent",
+        "tracekeeper_operator",
+        "bcc",
+        "aiohttp",
+        "asyncio",
+        "json",
+        "bench",
+    ):
         if anchor in parts:
             path = Path(*parts[parts.index(anchor) :])
             break

@@ -27,6 +27,7 @@ BENCHMARKS = (
     "event_throughput",
     "footprint",
     "probe_cost",
+    "operator_events",
     "control_plane",
 )
 

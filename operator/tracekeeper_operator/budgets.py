@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tracekeeper_api.budgets import (
     BUDGET_ANNOTATION,
@@ -114,6 +115,9 @@ class Cost:
     """The probe in the state, with its pods as references."""
     pods: Mapping[str, PodEntry]
     """The pod table entries it needs, by uid."""
+    pod_sizes: Mapping[str, tuple[int, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
+    """uid -> (bytes of its pod table entry without containers, bytes per container name):
+    measured once with the cost, not each time a node's usage counts it."""
 
 
 def cost_of(assignment: ProbeAssignment) -> Cost:
@@ -131,6 +135,13 @@ def cost_of(assignment: ProbeAssignment) -> Cost:
         + len(t.cgroup_paths),
         probe_bytes=_json_len(assignment.model_copy(update={"targets": targets})),
         pods={e.uid: e for e in entries},
+        pod_sizes={
+            e.uid: (
+                _json_len(e.model_copy(update={"containers": []})),
+                tuple((c.name, _json_len(c)) for c in e.containers),
+            )
+            for e in entries
+        },
     )
 
 
@@ -150,12 +161,12 @@ class Usage:
     def pod_bytes(self, cost: Cost) -> int:
         """Bytes the probe's pods add to the pod table (each pod, each container once)."""
         total = 0
-        for uid, entry in cost.pods.items():
+        for uid, (bare, containers) in cost.pod_sizes.items():
             known = self.containers.get(uid)
             if known is None:
-                total += _json_len(entry.model_copy(update={"containers": []}))
+                total += bare
                 known = set()
-            total += sum(_json_len(c) for c in entry.containers if c.name not in known)
+            total += sum(size for name, size in containers if name not in known)
         return total
 
     def programs_with(self, point: str, cost: Cost) -> int:
@@ -234,6 +245,12 @@ class Candidate:
     assignment: ProbeAssignment
     created: str = ""
 
+    @cached_property
+    def cost(self) -> Cost:
+        """Computed once per candidate (a JSON dump of the probe and its pods): a probe's
+        candidate is kept from pass to pass while its assignment does not change."""
+        return cost_of(self.assignment)
+
 
 @dataclass(frozen=True)
 class Allocation:
@@ -243,15 +260,13 @@ class Allocation:
     """probe id -> why it was left out of the node."""
 
 
-def allocation_order(
-    candidates: Sequence[Candidate], budgets: NamespaceBudgets
-) -> list[ProbeAssignment]:
+def allocation_order(candidates: Sequence[Candidate], budgets: NamespaceBudgets) -> list[Candidate]:
     """Privileged namespaces first, then tenant namespaces round-robin, oldest first."""
     by_ns: dict[str, list[Candidate]] = {}
     for c in candidates:
         by_ns.setdefault(c.assignment.namespace, []).append(c)
     queues = {
-        ns: [c.assignment for c in sorted(cs, key=lambda c: (c.created, c.assignment.id))]
+        ns: sorted(cs, key=lambda c: (c.created, c.assignment.id))
         for ns, cs in sorted(by_ns.items())
     }
     order = [a for ns, q in queues.items() if budgets(ns) is None for a in q]
@@ -267,9 +282,10 @@ def allocate(node: str, candidates: Sequence[Candidate], budgets: NamespaceBudge
     ns_use: dict[str, Usage] = {}
     admitted: list[ProbeAssignment] = []
     refused: dict[str, str] = {}
-    for assignment in allocation_order(candidates, budgets):
+    for candidate in allocation_order(candidates, budgets):
+        assignment = candidate.assignment
         ns = assignment.namespace
-        cost = cost_of(assignment)
+        cost = candidate.cost
         used = ns_use.setdefault(ns, Usage())
         budget = budgets(ns)
         why = over_node(node, node_use, cost)

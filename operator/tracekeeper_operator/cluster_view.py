@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
 
 from tracekeeper_operator.records import (
     AgentRecord,
@@ -66,3 +67,92 @@ class ClusterView:
             probes={p.id: p for p in sorted(probes, key=lambda p: p.id)},
             filters={f.ref.key: f for f in sorted(filters, key=lambda f: f.ref.key)},
         )
+
+
+_T = TypeVar("_T")
+
+
+def _kept(new: _T, old: _T | None) -> _T:
+    """`old` when it equals `new`: the previous pass's object, so that work remembered by
+    what it was computed from finds its inputs unchanged by identity, not only by value."""
+    return old if old is not None and (old is new or old == new) else new
+
+
+class _Parts(NamedTuple):
+    agents: list[AgentRecord]
+    nodes: list[LabelledRecord] | None
+    namespaces: list[LabelledRecord]
+    probes: list[ProbeRecord]
+    filters: list[FilterRecord]
+
+
+class ViewBuilder:
+    """`ClusterView.build` pass after pass, keeping every part equal to the previous view's
+    as the previous object (each namespace's pod tuple on its own): a pod event makes one
+    namespace's tuple new and leaves the others, and the probes reading them, as they were.
+    Parts are compared by value (by identity first), never assumed unchanged."""
+
+    def __init__(self) -> None:
+        self._last: ClusterView | None = None
+        self._listed: dict[str, tuple[list[PodRecord], tuple[PodRecord, ...]]] = {}
+        self._rest: tuple[_Parts, ClusterView] | None = None
+
+    def build(
+        self,
+        *,
+        pods: Mapping[str, Iterable[PodRecord]],
+        agents: Iterable[AgentRecord] = (),
+        nodes: Iterable[LabelledRecord] | None = (),
+        namespaces: Iterable[LabelledRecord] = (),
+        probes: Iterable[ProbeRecord] = (),
+        filters: Iterable[FilterRecord] = (),
+    ) -> ClusterView:
+        """`pods`: namespace -> its pods (kopf's pod index: each pod under its namespace),
+        in any order."""
+        parts = _Parts(
+            list(agents),
+            None if nodes is None else list(nodes),
+            list(namespaces),
+            list(probes),
+            list(filters),
+        )
+        if self._rest is not None and self._rest[0] == parts:
+            rest = self._rest[1]  # the same records (by identity first): the same parts
+        else:
+            rest = ClusterView.build(
+                agents=parts.agents,
+                nodes=parts.nodes,
+                namespaces=parts.namespaces,
+                probes=parts.probes,
+                filters=parts.filters,
+            )
+            self._rest = (parts, rest)
+        listed: dict[str, tuple[list[PodRecord], tuple[PodRecord, ...]]] = {}
+        for ns, records in pods.items():
+            members = list(records)
+            if not members:
+                continue
+            kept = self._listed.get(ns)
+            if kept is None or kept[0] != members:
+                kept = (members, tuple(sorted(members, key=lambda p: p.name)))
+            listed[ns] = kept
+        self._listed = listed
+        last = self._last
+        view = ClusterView(
+            pods_by_namespace=_kept(
+                {ns: sorted_pods for ns, (_, sorted_pods) in listed.items()},
+                last.pods_by_namespace if last else None,
+            ),
+            agents=_kept(rest.agents, last.agents if last else None),
+            node_labels=rest.node_labels
+            if rest.node_labels is None
+            else _kept(rest.node_labels, last.node_labels if last else None),
+            namespace_labels=_kept(rest.namespace_labels, last.namespace_labels if last else None),
+            namespace_annotations=_kept(
+                rest.namespace_annotations, last.namespace_annotations if last else None
+            ),
+            probes=_kept(rest.probes, last.probes if last else None),
+            filters=_kept(rest.filters, last.filters if last else None),
+        )
+        self._last = view
+        return view

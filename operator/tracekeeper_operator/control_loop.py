@@ -3,35 +3,36 @@ the pusher) -> statuses folded from the agents' reports, written only when they 
 
 Level-triggered: any watch event or agent report pokes the loop; a short quiet window
 coalesces a burst into one pass, and each pass starts from the whole picture, so a missed
-or duplicated event cannot leave anything behind.
+or duplicated event cannot leave anything behind. The pass is incremental all the same:
+plans and statuses are recomputed only where their inputs changed (plan_memo, status_memo:
+equal to a computation from scratch), and status writes run in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 from tracekeeper_api.protocol import KernelInfo
 from tracekeeper_api.status import (
-    DebugSession,
     SessionValues,
     TraceFilterStatus,
     TraceProbeStatus,
 )
 from tracekeeper_operator.agent_views import AgentView, holding_nodes
-from tracekeeper_operator.budgets import NamespaceBudgets
+from tracekeeper_operator.cluster_plan import ClusterPlan
 from tracekeeper_operator.cluster_view import ClusterView
 from tracekeeper_operator.costs import refreshed_cost
 from tracekeeper_operator.inventory import Refused
 from tracekeeper_operator.kube_api import KubeWrites
 from tracekeeper_operator.kube_events import EventSpec, rfc3339
 from tracekeeper_operator.metrics import OperatorMetrics, ProbeReadiness
-from tracekeeper_operator.node_state import Rendered, render_nodes
 from tracekeeper_operator.output_api.agent_reads import AgentReads
+from tracekeeper_operator.plan_memo import PlanMemo
 from tracekeeper_operator.pusher import Pusher
 from tracekeeper_operator.records import FilterRecord, ObjectRef, ProbeRecord
 from tracekeeper_operator.selection import (
@@ -41,17 +42,12 @@ from tracekeeper_operator.selection import (
     matching_pods,
     pod_target,
     refuse_privileged,
-    select,
 )
 from tracekeeper_operator.session_values import read_final_values
 from tracekeeper_operator.sessions import (
     attach_session,
-    current_session,
-    duration_refusal,
     expired_message,
-    has_expired,
     next_expiry,
-    session_duration,
 )
 from tracekeeper_operator.settings import OperatorSettings
 from tracekeeper_operator.status_folding import (
@@ -62,6 +58,14 @@ from tracekeeper_operator.status_folding import (
     probe_events,
     status_differs,
 )
+from tracekeeper_operator.status_memo import (
+    AgentVersions,
+    StatusMemo,
+    filter_inputs,
+    filter_users,
+    left_out,
+    probe_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,57 +73,6 @@ WRITE_CONCURRENCY = 16
 WRITE_RETRY_SECONDS = 2.0
 
 _S = TypeVar("_S", TraceProbeStatus, TraceFilterStatus)
-
-
-@dataclass(frozen=True)
-class ClusterPlan:
-    selections: Mapping[str, Selection]
-    rendered: Rendered
-    endpoints: Mapping[str, str | None]
-    budget_problems: Mapping[str, str] = field(default_factory=dict)
-    """namespace -> why its budget annotation is ignored."""
-    sessions: Mapping[str, DebugSession] = field(default_factory=dict)
-    """The debug sessions of the probes with a duration, as of this pass."""
-    expired: frozenset[str] = frozenset()
-    """Probes whose session has ended: left out of every node."""
-
-
-def plan_cluster(
-    view: ClusterView,
-    settings: OperatorSettings,
-    previous: Mapping[str, TraceProbeStatus | None] | None = None,
-    now: datetime | None = None,
-    kernels: Mapping[str, KernelInfo] | None = None,
-) -> ClusterPlan:
-    """`previous`: each probe's latest status (default: the stored one), for its session;
-    `kernels`: what each node's agent reported its kernel can do."""
-    now = now or datetime.now(UTC)
-    budgets = NamespaceBudgets(settings, view.namespace_annotations)
-    selections: dict[str, Selection] = {}
-    sessions: dict[str, DebugSession] = {}
-    for pid, probe in view.probes.items():
-        selection = select(probe, view, settings)
-        if isinstance(selection, Selected) and probe.spec is not None:
-            budget = budgets(probe.ref.namespace)
-            selection = duration_refusal(probe.spec, budget) or selection
-            before = previous.get(pid) if previous is not None else probe.status
-            session = current_session(before, session_duration(probe.spec, budget))
-            if session is not None and isinstance(selection, Selected):
-                sessions[pid] = session
-        selections[pid] = selection
-    expired = frozenset(pid for pid, s in sessions.items() if has_expired(s, now))
-    selected = {pid: s for pid, s in selections.items() if isinstance(s, Selected)}
-    rendered = render_nodes(
-        view.probes,
-        selected,
-        view.agents,
-        allow_raw=settings.allow_raw_programs,
-        budgets=budgets,
-        expired=expired,
-        kernels=kernels,
-    )
-    endpoints = {node: agent.endpoint for node, agent in view.agents.items()}
-    return ClusterPlan(selections, rendered, endpoints, budgets.problems, sessions, expired)
 
 
 def probe_status(
@@ -173,7 +126,9 @@ def filter_status(
     *,
     previous: TraceFilterStatus | None,
     now: str,
+    users: Mapping[str, Sequence[str]] | None = None,
 ) -> TraceFilterStatus:
+    """`users`: `status_memo.filter_users(view)`, when the caller has it (else scanned)."""
     ns = filt.ref.namespace
     refusal: Refusal | None
     matched = 0
@@ -186,11 +141,7 @@ def filter_status(
             matched = sum(
                 pod_target(p, spec) is not None for p in matching_pods(ns, spec, view, settings)
             )
-    used_by = [
-        p.ref.name
-        for p in view.probes.values()
-        if p.ref.namespace == ns and p.spec is not None and p.spec.filter_ref == filt.ref.name
-    ]
+    used_by = list((users if users is not None else filter_users(view)).get(filt.ref.key, ()))
     return fold_filter_status(
         filt, matched_pods=matched, used_by=used_by, refusal=refusal, previous=previous, now=now
     )
@@ -202,6 +153,16 @@ class _Written:
 
     probes: dict[str, TraceProbeStatus] = field(default_factory=dict)
     filters: dict[str, TraceFilterStatus] = field(default_factory=dict)
+
+
+@dataclass
+class _Job(Generic[_S]):
+    """A status to write and the Events to post once it is written."""
+
+    ref: ObjectRef
+    status: _S
+    cache: dict[str, _S]
+    events: list[EventSpec]
 
 
 class ControlLoop:
@@ -226,7 +187,18 @@ class ControlLoop:
         self._dirty = asyncio.Event()
         self._written = _Written()
         self._limit = asyncio.Semaphore(WRITE_CONCURRENCY)
+        self._queued: dict[str, _Job[Any]] = {}
+        """uid -> the latest status to write, not yet started."""
+        self._writers: dict[str, asyncio.Task[None]] = {}
+        """uid -> the task writing that object's statuses, while it has some to write."""
         self.plan: ClusterPlan | None = None
+        self._planner = PlanMemo(settings)
+        self._agent_versions = AgentVersions()
+        self._probe_memo: StatusMemo[TraceProbeStatus] = StatusMemo()
+        self._filter_memo: StatusMemo[TraceFilterStatus] = StatusMemo()
+        self._readiness_of: dict[str, tuple[TraceProbeStatus, ProbeReadiness]] = {}
+        self._users: tuple[Mapping[str, ProbeRecord], dict[str, tuple[str, ...]]] | None = None
+        """filter_users of the probes of the last view (the same mapping: the same users)."""
         self._readiness: tuple[ProbeReadiness, ...] = ()
         self._budget_problems: Mapping[str, str] = {}
         self._reads = reads
@@ -254,6 +226,8 @@ class ControlLoop:
         for timer in (self._expiry, self._cost_refresh):
             if timer is not None:
                 timer.cancel()
+        for writer in list(self._writers.values()):
+            writer.cancel()
 
     def poke(self) -> None:
         self._metrics.reconciles.inc()
@@ -267,13 +241,16 @@ class ControlLoop:
             if self._view is None:
                 continue
             try:
-                await self.reconcile_once()
+                await self.reconcile_once(wait_for_writes=False)
             except Exception:
                 log.exception("reconcile pass failed; retrying on the next change")
                 await asyncio.sleep(1.0)
                 self._dirty.set()
 
-    async def reconcile_once(self) -> None:
+    async def reconcile_once(self, *, wait_for_writes: bool = True) -> None:
+        """One pass. The status writes it starts run in the background; `wait_for_writes`
+        returns only once they are made (the loop itself does not wait: the next pass, with
+        the agents' next answers, must not queue behind the apiserver)."""
         assert self._view is not None
         view = self._view()
         now = self._now() if self._now else datetime.now(UTC)
@@ -288,7 +265,7 @@ class ControlLoop:
             if v.report is not None
         }
         self._kernels = kernels
-        plan = plan_cluster(view, self.settings, previous, now, kernels)
+        plan = self._planner.plan(view, previous, now, kernels)
         plan = await self._with_final_values(plan, view, now)
         self.plan = plan
         for ns, problem in plan.budget_problems.items():
@@ -302,6 +279,8 @@ class ControlLoop:
         await self._write_statuses(view, plan, previous, now)
         self._arm_expiry(plan, now)
         self._arm_cost_refresh()
+        if wait_for_writes:
+            await self.writes_done()
 
     async def _with_final_values(
         self, plan: ClusterPlan, view: ClusterView, now: datetime
@@ -374,57 +353,89 @@ class ControlLoop:
     ) -> None:
         now = rfc3339(now_at)
         views = self.pusher.planner.views()
-        jobs = []
+        versions = self._agent_versions.update(views)
+        left = left_out(plan)
         readiness = []
         for probe_id, probe in view.probes.items():
             if probe.deleting:
                 continue
+            uid = probe.ref.uid
             previous = previous_probes.get(probe_id)
-            folded = probe_status(
-                probe,
-                plan.selections[probe_id],
-                plan,
-                views,
-                previous=previous,
-                now=now_at,
-                max_failures=self.settings.max_failures,
-                cost_interval=self.settings.cost_interval,
-            )
-            if folded is not None and status_differs(previous, folded):
-                events = probe_events(previous, folded)
-                jobs.append(self._write(probe.ref, folded, self._written.probes, events))
-            current = folded if folded is not None else previous
-            if current is not None:
-                ready = current.condition("Ready")
-                readiness.append(
-                    ProbeReadiness(
-                        probe.ref.namespace,
-                        probe.ref.name,
-                        ready is not None and ready.status == "True",
-                        ready.reason if ready is not None else "Unknown",
-                    )
+            selection = plan.selections[probe_id]
+            inputs = probe_inputs(probe, selection, plan, versions, left, previous)
+            current = previous
+            if not self._probe_memo.unchanged(
+                uid, inputs, now=now_at, cost_every=self.settings.cost_interval
+            ):
+                folded = probe_status(
+                    probe,
+                    selection,
+                    plan,
+                    views,
+                    previous=previous,
+                    now=now_at,
+                    max_failures=self.settings.max_failures,
+                    cost_interval=self.settings.cost_interval,
                 )
+                if folded is not None and status_differs(previous, folded):
+                    self._probe_memo.forget(uid)
+                    events = probe_events(previous, folded)
+                    self._enqueue(_Job(probe.ref, folded, self._written.probes, events))
+                    current = folded
+                else:
+                    self._probe_memo.keep(uid, inputs, previous)
+            if current is not None:
+                readiness.append(self._ready(probe, current))
+        self._probe_memo.end_pass()
         self._readiness = tuple(readiness)
+        if self._users is None or self._users[0] is not view.probes:
+            self._users = (view.probes, filter_users(view))
+        users = self._users[1]
         for filt in view.filters.values():
             if filt.deleting:
                 continue
-            previous_f = self._previous(self._written.filters, filt.ref.uid, filt.status)
-            folded_f = filter_status(filt, view, self.settings, previous=previous_f, now=now)
+            uid = filt.ref.uid
+            previous_f = self._previous(self._written.filters, uid, filt.status)
+            inputs = filter_inputs(filt, view, self.settings, users, previous_f)
+            if self._filter_memo.unchanged(uid, inputs, now=now_at, cost_every=0.0):
+                continue
+            folded_f = filter_status(
+                filt, view, self.settings, previous=previous_f, now=now, users=users
+            )
             if status_differs(previous_f, folded_f):
+                self._filter_memo.forget(uid)
                 events_f = filter_events(previous_f, folded_f)
-                jobs.append(self._write(filt.ref, folded_f, self._written.filters, events_f))
+                self._enqueue(_Job(filt.ref, folded_f, self._written.filters, events_f))
+            else:
+                self._filter_memo.keep(uid, inputs, previous_f)
+        self._filter_memo.end_pass()
         live = {p.ref.uid for p in view.probes.values()} | {
             f.ref.uid for f in view.filters.values()
         }
         for uid in set(self._written.probes) - live:
             del self._written.probes[uid]
+        for uid in set(self._readiness_of) - live:
+            del self._readiness_of[uid]
         ended = {view.probes[pid].ref.uid for pid in plan.expired}
         for uid in set(self._finals) - ended:
             del self._finals[uid]
         for uid in set(self._written.filters) - live:
             del self._written.filters[uid]
-        if jobs:
-            await asyncio.gather(*jobs)
+
+    def _ready(self, probe: ProbeRecord, status: TraceProbeStatus) -> ProbeReadiness:
+        """The probe's readiness for the metrics, made again only when its status changed."""
+        kept = self._readiness_of.get(probe.ref.uid)
+        if kept is not None and kept[0] is status:
+            return kept[1]
+        ready = status.condition("Ready")
+        made = ProbeReadiness(
+            probe.ref.namespace,
+            probe.ref.name,
+            ready is not None and ready.status == "True",
+            ready.reason if ready is not None else "Unknown",
+        )
+        self._readiness_of[probe.ref.uid] = (status, made)
+        return made
 
     @staticmethod
     def _previous(cache: dict[str, _S], uid: str, stored: _S | None) -> _S | None:
@@ -434,24 +445,59 @@ class ControlLoop:
             return stored
         return written if written is not None else stored
 
-    async def _write(
-        self, ref: ObjectRef, status: _S, cache: dict[str, _S], events: list[EventSpec]
-    ) -> None:
+    def _enqueue(self, job: _Job[Any]) -> None:
+        """Write `job.status` in the background, after any write of the object already on its
+        way (one writer per object, so writes land in the order they were folded). The pass
+        does not wait: the next one folds over this status (cached as written) at once, and
+        a status folded before it was sent replaces it, its Events kept."""
+        uid = job.ref.uid
+        job.cache[uid] = job.status
+        waiting = self._queued.get(uid)
+        if waiting is not None:
+            job.events = [*waiting.events, *job.events]
+        self._queued[uid] = job
+        if uid not in self._writers:
+            self._writers[uid] = asyncio.create_task(self._drain(uid))
+
+    async def _drain(self, uid: str) -> None:
+        try:
+            while (job := self._queued.pop(uid, None)) is not None:
+                await self._write(job)
+        finally:
+            del self._writers[uid]
+
+    async def writes_done(self) -> None:
+        """Until every status write started so far has been made (tests, benchmarks)."""
+        while self._writers:
+            await asyncio.gather(*list(self._writers.values()))
+
+    async def _write(self, job: _Job[Any]) -> None:
+        ref, status = job.ref, job.status
         async with self._limit:
             try:
                 found = await self._writes.patch_status(ref, status.to_merge_patch())
             except Exception as exc:
                 log.warning("writing the status of %s %s failed: %s", ref.kind, ref.key, exc)
                 self._metrics.status_patches.labels(ref.kind, "error").inc()
+                self._unwritten(job)
                 # Again later, not in a hot loop while the apiserver is unhappy.
                 asyncio.get_running_loop().call_later(WRITE_RETRY_SECONDS, self.poke)
                 return
             self._metrics.status_patches.labels(ref.kind, "ok").inc()
             if not found:
+                self._unwritten(job)
                 return
-            cache[ref.uid] = status
-            for event in events:
+            for event in job.events:
                 await self.post_event(ref, event)
+
+    def _unwritten(self, job: _Job[Any]) -> None:
+        """A write that did not happen: a newer status on its way takes its Events along;
+        else the next pass folds over the stored status again (and its Events with it)."""
+        newer = self._queued.get(job.ref.uid)
+        if newer is not None:
+            newer.events = [*job.events, *newer.events]
+        elif job.cache.get(job.ref.uid) is job.status:
+            del job.cache[job.ref.uid]
 
     async def post_event(self, ref: ObjectRef, event: EventSpec) -> None:
         try:

@@ -48,7 +48,10 @@ def refreshed_cost(
     current = summed_cost(outcomes, now)
     if current is None or previous is None or current.nodes != previous.nodes:
         return current
-    read_at = parse_rfc3339(previous.updated_at)
-    if read_at is not None and 0 <= (now - read_at).total_seconds() < every:
-        return previous
-    return current
+    return previous if cost_is_fresh(previous, now, every) else current
+
+
+def cost_is_fresh(cost: ProbeCostStatus, now: datetime, every: float) -> bool:
+    """Whether a stored cost is younger than `every` seconds (kept as it is until then)."""
+    read_at = parse_rfc3339(cost.updated_at)
+    return read_at is not None and 0 <= (now - read_at).total_seconds() < every

@@ -17,7 +17,7 @@ import kopf
 from tracekeeper_api import GROUP, VERSION
 from tracekeeper_operator.agent_client import HttpAgentClient, TokenSource
 from tracekeeper_operator.control_loop import ControlLoop
-from tracekeeper_operator.indexes import INDEX_IDS, register_indexes, snapshot
+from tracekeeper_operator.indexes import INDEX_IDS, Snapshots, register_indexes
 from tracekeeper_operator.kube_api import KubeWrites, connection_info
 from tracekeeper_operator.metrics import OperatorMetrics
 from tracekeeper_operator.node_state import RevisionClock
@@ -87,7 +87,8 @@ class Runtime:
 
     def indexes_complete(self) -> None:
         if not self.loop.ready:
-            self.loop.attach(lambda: snapshot(self.indices))
+            snapshots = Snapshots()
+            self.loop.attach(lambda: snapshots.take(self.indices))
         else:
             self.loop.poke()
 

@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 
 from tracekeeper_api import GROUP, VERSION
-from tracekeeper_operator.cluster_view import ClusterView
+from tracekeeper_operator.cluster_view import ClusterView, ViewBuilder
 from tracekeeper_operator.records import (
     AgentRecord,
     AgentTrust,
@@ -84,6 +84,30 @@ def _values(index: Any) -> Iterator[Any]:
     # kopf.Index: key -> Store (a collection of the values objects contributed under it).
     for store in list(index.values()):
         yield from list(store)
+
+
+class Snapshots:
+    """Snapshots pass after pass that keep unchanged parts as the same objects (see
+    `cluster_view.ViewBuilder`); each equals `snapshot` of the same indexes."""
+
+    def __init__(self) -> None:
+        self._builder = ViewBuilder()
+
+    def take(self, indices: Mapping[str, Any]) -> ClusterView:
+        nodes = indices.get(NODES)
+        return self._builder.build(
+            pods={ns: list(store) for ns, store in list(indices[PODS].items())},
+            agents=_listed(indices[AGENTS]),
+            nodes=None if nodes is None else _listed(nodes),
+            namespaces=_listed(indices[NAMESPACES]),
+            probes=_listed(indices[PROBES]),
+            filters=_listed(indices[FILTERS]),
+        )
+
+
+def _listed(index: Any) -> list[Any]:
+    """`_values` as a list (without a generator's cost per value: this runs every pass)."""
+    return [value for store in list(index.values()) for value in list(store)]
 
 
 def snapshot(indices: Mapping[str, Any]) -> ClusterView:

@@ -23,7 +23,13 @@ from tracekeeper_api.protocol import (
     pack_node_state,
     spec_hash,
 )
-from tracekeeper_operator.budgets import Candidate, NamespaceBudgets, allocate, effective_spec
+from tracekeeper_operator.budgets import (
+    Allocation,
+    Candidate,
+    NamespaceBudgets,
+    allocate,
+    effective_spec,
+)
 from tracekeeper_operator.inventory import Refused, node_refusal
 from tracekeeper_operator.records import ProbeRecord
 from tracekeeper_operator.selection import Selected
@@ -65,6 +71,76 @@ def assignment(
     )
 
 
+@dataclass(frozen=True)
+class ProbeRender:
+    """One probe's part of the rendering: what it asks of each node before budgets."""
+
+    spec_hash: str
+    candidates: Mapping[str, Candidate]
+    """node -> the probe's assignment there."""
+    unsupported: Mapping[str, Refused]
+    """node -> what the node's kernel cannot run of it (never pushed there)."""
+
+
+def render_probe(
+    probe: ProbeRecord,
+    selected: Selected,
+    *,
+    allow_raw: bool,
+    budgets: NamespaceBudgets,
+    kernels: Mapping[str, KernelInfo] | None = None,
+    before: ProbeRender | None = None,
+) -> ProbeRender:
+    """`before`: the probe's previous render; its assignments are reused (the same objects)
+    where they come out equal, so that unchanged nodes are found unchanged by identity."""
+    assert probe.spec is not None
+    spec = effective_spec(probe.spec, budgets(probe.ref.namespace))
+    hashed = spec_hash(spec)
+    candidates: dict[str, Candidate] = {}
+    unsupported: dict[str, Refused] = {}
+    for node in selected.nodes:
+        kernel = (kernels or {}).get(node)
+        if kernel is not None and (why := node_refusal(spec, node, kernel)) is not None:
+            unsupported[node] = why
+            continue
+        a = assignment(probe, spec, selected, node, allow_raw, hashed)
+        old = before.candidates.get(node) if before is not None else None
+        if old is not None and old.created == probe.created and old.assignment == a:
+            candidates[node] = old
+        else:
+            candidates[node] = Candidate(a, probe.created)
+    return ProbeRender(hashed, candidates, unsupported)
+
+
+def renders_running(probe: ProbeRecord, expired: frozenset[str]) -> bool:
+    """Whether the probe goes to nodes at all (suspended and expired ones do not)."""
+    return not (probe.deleting or probe.spec is None or probe.spec.suspend or probe.id in expired)
+
+
+def per_node_candidates(
+    renders: Mapping[str, ProbeRender], agent_nodes: Iterable[str]
+) -> dict[str, list[Candidate]]:
+    """node -> its candidates in probe id order; every node with an agent is listed."""
+    per_node: dict[str, list[Candidate]] = {node: [] for node in agent_nodes}
+    for probe_id in sorted(renders):
+        for node, candidate in renders[probe_id].candidates.items():
+            per_node.setdefault(node, []).append(candidate)
+    return per_node
+
+
+def assemble(renders: Mapping[str, ProbeRender], allocations: Mapping[str, Allocation]) -> Rendered:
+    unsupported: dict[str, dict[str, Refused]] = {}
+    for probe_id in sorted(renders):
+        for node, why in renders[probe_id].unsupported.items():
+            unsupported.setdefault(node, {})[probe_id] = why
+    return Rendered(
+        nodes={node: a.admitted for node, a in sorted(allocations.items())},
+        refused={node: a.refused for node, a in sorted(allocations.items()) if a.refused},
+        spec_hashes={pid: r.spec_hash for pid, r in sorted(renders.items())},
+        unsupported=unsupported,
+    )
+
+
 def render_nodes(
     probes: Mapping[str, ProbeRecord],
     selections: Mapping[str, Selected],
@@ -80,31 +156,16 @@ def render_nodes(
     the operator was away are removed too. Probes whose debug session `expired` are left
     out like suspended ones. `kernels`: what each node's agent reported its kernel can do
     (inventory.py): a probe a node cannot run is kept out of it, in `unsupported`."""
-    per_node: dict[str, list[Candidate]] = {node: [] for node in agent_nodes}
-    hashes: dict[str, str] = {}
-    unsupported: dict[str, dict[str, Refused]] = {}
-    for probe_id in sorted(selections):
-        probe = probes[probe_id]
-        if probe.deleting or probe.spec is None or probe.spec.suspend or probe_id in expired:
-            continue
-        spec = effective_spec(probe.spec, budgets(probe.ref.namespace))
-        hashes[probe_id] = spec_hash(spec)
-        selected = selections[probe_id]
-        for node in selected.nodes:
-            kernel = (kernels or {}).get(node)
-            if kernel is not None and (why := node_refusal(spec, node, kernel)) is not None:
-                unsupported.setdefault(node, {})[probe_id] = why
-                continue
-            a = assignment(probe, spec, selected, node, allow_raw, hashes[probe_id])
-            per_node.setdefault(node, []).append(Candidate(a, probe.created))
-    nodes: dict[str, Assignments] = {}
-    refused: dict[str, Mapping[str, str]] = {}
-    for node, candidates in sorted(per_node.items()):
-        allocation = allocate(node, candidates, budgets)
-        nodes[node] = allocation.admitted
-        if allocation.refused:
-            refused[node] = allocation.refused
-    return Rendered(nodes=nodes, refused=refused, spec_hashes=hashes, unsupported=unsupported)
+    renders = {
+        pid: render_probe(
+            probes[pid], selected, allow_raw=allow_raw, budgets=budgets, kernels=kernels
+        )
+        for pid, selected in selections.items()
+        if renders_running(probes[pid], expired)
+    }
+    per_node = per_node_candidates(renders, agent_nodes)
+    allocations = {node: allocate(node, cs, budgets) for node, cs in per_node.items()}
+    return assemble(renders, allocations)
 
 
 class RevisionClock:

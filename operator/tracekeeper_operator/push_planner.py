@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tracekeeper_api.protocol import NodeReport, NodeState
 from tracekeeper_operator.agent_errors import AgentError, StaleRevision
@@ -59,6 +59,32 @@ class _Channel:
     failures: int = 0
     retry_at: float = 0.0
     next_resync: float = 0.0
+
+    _view: tuple[tuple[object, ...], AgentView] | None = field(
+        default=None, repr=False, compare=False
+    )
+    """The last view made of the channel, and what it was made from."""
+
+    def view(self, node: str) -> AgentView:
+        """The channel as status folding sees it; the same object while nothing it shows
+        changed (its frozensets are a set of every desired probe: made once per change)."""
+        made_of = (self.endpoint, self.report, self.error, self.in_flight, self.desired)
+        if self._view is not None and all(
+            a is b for a, b in zip(made_of, self._view[0], strict=True)
+        ):
+            return self._view[1]
+        view = AgentView(
+            node=node,
+            endpoint=self.endpoint,
+            report=self.report,
+            error=self.error,
+            in_flight=frozenset(p.id for p in self.in_flight.state.probes)
+            if isinstance(self.in_flight, PushAction)
+            else frozenset(),
+            desired=frozenset(p.id for p in self.desired),
+        )
+        self._view = (made_of, view)
+        return view
 
     def mark_dirty(self, now: float, quiet_for: float) -> None:
         if self.dirty_since is None:
@@ -247,19 +273,7 @@ class PushPlanner:
     # --- reading ------------------------------------------------------------------------------
 
     def views(self) -> dict[str, AgentView]:
-        return {
-            node: AgentView(
-                node=node,
-                endpoint=ch.endpoint,
-                report=ch.report,
-                error=ch.error,
-                in_flight=frozenset(p.id for p in ch.in_flight.state.probes)
-                if isinstance(ch.in_flight, PushAction)
-                else frozenset(),
-                desired=frozenset(p.id for p in ch.desired),
-            )
-            for node, ch in self._channels.items()
-        }
+        return {node: ch.view(node) for node, ch in self._channels.items()}
 
     def settled(self) -> bool:
         """Nothing to push and nothing in flight (tests and benchmarks wait on this)."""

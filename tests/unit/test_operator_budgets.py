@@ -18,8 +18,9 @@ from tracekeeper_api.budgets import BUDGET_ANNOTATION, Budget, parse_override
 from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.protocol import MAX_STATE_BYTES, NodeState, spec_hash
 from tracekeeper_api.status import TraceProbeStatus
+from tracekeeper_operator.cluster_plan import ClusterPlan, plan_cluster
 from tracekeeper_operator.cluster_view import ClusterView
-from tracekeeper_operator.control_loop import ClusterPlan, plan_cluster, probe_status
+from tracekeeper_operator.control_loop import probe_status
 from tracekeeper_operator.node_state import node_state
 from tracekeeper_operator.records import (
     AgentRecord,

@@ -250,3 +250,43 @@ async def test_a_loaded_probe_starts_a_pass_once_per_cost_interval() -> None:
         loop.close()
     finally:
         task.cancel()
+
+
+class SlowWrites(FakeWrites):
+    """Patches wait until released: the apiserver is slow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> bool:
+        await self.release.wait()
+        return await super().patch_status(ref, status)
+
+
+async def test_passes_do_not_wait_for_slow_status_writes_nor_repeat_them() -> None:
+    agents = FakeAgents()
+    writes = SlowWrites()
+    pusher = Pusher(PushPlanner(debounce=0.0), agents)
+    loop = ControlLoop(SETTINGS, pusher, writes)
+    loop.attach(lambda: cluster(PROBE, FILTER, pod("web-0", app="web")))
+    task = asyncio.create_task(pusher.run())
+    try:
+        await loop.reconcile_once(wait_for_writes=False)
+        await agents.until(pusher.planner.settled)
+        # The first statuses are still on their way; the passes go on, each folding over
+        # the status on its way, so Loaded is written (and told) once.
+        for _ in range(3):
+            await loop.reconcile_once(wait_for_writes=False)
+        assert writes.patches == []
+        writes.release.set()
+        await loop.writes_done()
+        probe_patches = [st for key, st in writes.patches if key == "team-a/opens"]
+        assert len(probe_patches) <= 2  # the first fold, then Loaded (if it came in time)
+        last = TraceProbeStatus.model_validate(probe_patches[-1])
+        assert last.condition("Ready").reason == "Loaded"  # type: ignore[union-attr]
+        assert [e.reason for _, e in writes.events] == ["ProbeLoaded"]
+        await loop.reconcile_once()
+        assert [e.reason for _, e in writes.events] == ["ProbeLoaded"]
+    finally:
+        task.cancel()

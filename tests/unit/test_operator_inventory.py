@@ -12,7 +12,8 @@ from tests.unit.test_operator_budgets import NODE, SETTINGS, pod, probe, view
 from tracekeeper_api.output import node_detail
 from tracekeeper_api.protocol import KernelInfo, NodeReport
 from tracekeeper_operator.agent_views import AgentView
-from tracekeeper_operator.control_loop import plan_cluster, probe_status
+from tracekeeper_operator.cluster_plan import plan_cluster
+from tracekeeper_operator.control_loop import probe_status
 from tracekeeper_operator.inventory import node_refusal
 from tracekeeper_operator.metrics import OperatorMetrics
 from tracekeeper_operator.output_api.placement import placements

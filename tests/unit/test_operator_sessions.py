@@ -17,8 +17,9 @@ from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.protocol import NodeReport, ProbeAssignment, ProbeOutcome
 from tracekeeper_api.status import DebugSession, SessionValues, TraceProbeStatus
 from tracekeeper_operator.agent_views import AgentView
+from tracekeeper_operator.cluster_plan import ClusterPlan, plan_cluster
 from tracekeeper_operator.cluster_view import ClusterView
-from tracekeeper_operator.control_loop import ClusterPlan, plan_cluster, probe_status
+from tracekeeper_operator.control_loop import probe_status
 from tracekeeper_operator.records import ProbeRecord
 from tracekeeper_operator.sessions import next_expiry, summarize
 from tracekeeper_operator.status_folding import probe_events, status_differs

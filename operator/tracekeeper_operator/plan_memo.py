@@ -1,0 +1,305 @@
+"""The cluster plan kept from pass to pass: each probe's selection and rendering, and each
+node's allocation, recomputed only when what it is computed from changed (pure).
+
+Level-triggered still: every pass looks at every probe and every node of the whole view,
+but compares the inputs of each piece with the ones it was last computed from (by identity
+first, then by value) instead of computing it again. A pod event in one namespace changes
+that namespace's pods, so only the probes reading them are selected again, and only the
+nodes whose candidates changed are allocated again. Nothing is trusted from the events
+themselves: the inputs are read from the view, so a missed or duplicated event changes
+nothing, and the plan always equals `cluster_plan.plan_cluster` of the same view (the
+unit tests check it over random event sequences).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from tracekeeper_api.protocol import KernelInfo
+from tracekeeper_api.status import DebugSession, TraceProbeStatus
+from tracekeeper_operator.budgets import Allocation, Candidate, NamespaceBudgets, allocate
+from tracekeeper_operator.cluster_plan import ClusterPlan, with_session
+from tracekeeper_operator.cluster_view import ClusterView
+from tracekeeper_operator.node_state import (
+    ProbeRender,
+    assemble,
+    render_probe,
+    renders_running,
+)
+from tracekeeper_operator.records import ProbeRecord
+from tracekeeper_operator.selection import (
+    Refusal,
+    Selected,
+    Selection,
+    candidate_namespaces,
+    resolve_filter,
+    select,
+)
+from tracekeeper_operator.sessions import has_expired
+from tracekeeper_operator.settings import OperatorSettings
+
+Inputs = tuple[object, ...]
+
+
+def selection_inputs(
+    probe: ProbeRecord, view: ClusterView, settings: OperatorSettings, agent_nodes: Inputs
+) -> Inputs:
+    """Everything `selection.select` reads for this probe: its spec, its filter, the pods
+    of the namespaces the filter may select, the node labels when it has a nodeSelector,
+    the agents' nodes when it targets hosts (and the settings, fixed per memo)."""
+    spec = probe.spec
+    if spec is None:
+        return (None, probe.invalid)
+    ref = view.filters.get(f"{probe.ref.namespace}/{spec.filter_ref}") if spec.filter_ref else None
+    filt = resolve_filter(probe, view)
+    spaces: tuple[str, ...] = ()
+    hosts = False
+    if not isinstance(filt, Refusal):
+        spaces = tuple(candidate_namespaces(probe.ref.namespace, filt, view, settings))
+        hosts = bool(filt.pids or filt.cgroup_paths or filt.host_wide)
+    return (
+        spec,
+        None if ref is None else (ref.spec, ref.invalid, ref.deleting),
+        spaces,
+        tuple(view.pods(ns) for ns in spaces),
+        view.node_labels if spec.node_selector else None,
+        agent_nodes if hosts else None,
+    )
+
+
+def _sources(probe: ProbeRecord, view: ClusterView, spaces: tuple[str, ...]) -> Inputs:
+    """The objects the probe's selection inputs are read from (a view keeps unchanged parts
+    as the same objects, see cluster_view.ViewBuilder): all the same ones as last pass
+    means the same inputs, without making and comparing them."""
+    spec = probe.spec
+    ref = (
+        view.filters.get(f"{probe.ref.namespace}/{spec.filter_ref}")
+        if spec and spec.filter_ref
+        else None
+    )
+    return (
+        probe,
+        ref,
+        view.namespace_labels,
+        view.node_labels,
+        view.agents,
+        *(view.pods(ns) for ns in spaces),
+    )
+
+
+def _same(a: Inputs, b: Inputs) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def spaces_of(inputs: Inputs) -> tuple[str, ...]:
+    """The namespaces whose pods the selection inputs hold."""
+    spaces = inputs[2] if len(inputs) > 2 else ()
+    assert isinstance(spaces, tuple)
+    return spaces
+
+
+@dataclass
+class _Probe:
+    inputs: Inputs
+    selection: Selection
+    spaces: tuple[str, ...] = ()
+    sources: Inputs = ()
+    render_inputs: Inputs | None = None
+    render: ProbeRender | None = None
+    render_sources: Inputs = ()
+    """(record, selection, budgets) of the last render check..."""
+    render_pass: int = 0
+    """... made in this pass (the kernels that moved are known since the previous one)."""
+    session_sources: Inputs = ()
+    """(record, selection, budgets, previous status) `session` was made from."""
+    session: tuple[Selection, DebugSession | None] | None = None
+
+
+@dataclass(frozen=True)
+class _Node:
+    budgets: NamespaceBudgets
+    candidates: tuple[Candidate, ...]
+    allocation: Allocation
+
+
+@dataclass(frozen=True)
+class PlanCounts:
+    """What the last pass computed again (the rest was reused)."""
+
+    selected: int = 0
+    rendered: int = 0
+    allocated: int = 0
+
+
+class PlanMemo:
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        self._probes: dict[str, _Probe] = {}
+        self._nodes: dict[str, _Node] = {}
+        self._annotations: Mapping[str, Mapping[str, str]] | None = None
+        self._budgets: NamespaceBudgets | None = None
+        self.counts = PlanCounts()
+        self._kernels: dict[str, KernelInfo] = {}
+        self._renders: dict[str, ProbeRender] = {}
+        self._by_node: dict[str, dict[str, Candidate]] = {}
+        self._node_lists: dict[str, tuple[Candidate, ...]] = {}
+        self._pass = 0
+        """Passes made: a render checked in the previous pass is valid as of it."""
+
+    def _namespace_budgets(self, view: ClusterView) -> NamespaceBudgets:
+        notes = view.namespace_annotations
+        if self._budgets is None or not (notes is self._annotations or notes == self._annotations):
+            self._budgets = NamespaceBudgets(self.settings, notes)
+            self._annotations = notes
+        return self._budgets
+
+    def _node_candidates(
+        self, renders: Mapping[str, ProbeRender], agent_nodes: tuple[str, ...]
+    ) -> dict[str, tuple[Candidate, ...]]:
+        """`node_state.per_node_candidates(renders, agent_nodes)`, remade only for the nodes
+        of the probes whose render changed since last pass (an index node -> probe ->
+        candidate is kept)."""
+        last = self._renders
+        by_node = self._by_node
+        touched: set[str] = set()
+        for pid in set(renders) | set(last):
+            old, new = last.get(pid), renders.get(pid)
+            if old is new:
+                continue
+            if old is not None:
+                for node in old.candidates:
+                    del by_node[node][pid]
+                    touched.add(node)
+            if new is not None:
+                for node, candidate in new.candidates.items():
+                    by_node.setdefault(node, {})[pid] = candidate
+                    touched.add(node)
+        self._renders = dict(renders)
+        lists: dict[str, tuple[Candidate, ...]] = {}
+        for node in sorted(set(agent_nodes) | {n for n, cs in by_node.items() if cs}):
+            kept = self._node_lists.get(node)
+            if kept is None or node in touched:
+                kept = tuple(c for _, c in sorted(by_node.get(node, {}).items()))
+            lists[node] = kept
+        for node in [n for n, cs in by_node.items() if not cs]:
+            del by_node[node]
+        self._node_lists = lists
+        return lists
+
+    def _kernels_of(
+        self, kernels: Mapping[str, KernelInfo]
+    ) -> tuple[dict[str, KernelInfo], set[str]]:
+        """The kernels, each node's kept as last pass's object while it reports the same facts
+        (every agent answer brings a new one), and the nodes whose facts moved."""
+        last = self._kernels
+        kept: dict[str, KernelInfo] = {}
+        moved: set[str] = set(last) - set(kernels)
+        for node, kernel in kernels.items():
+            old = last.get(node)
+            if old is not None and (old is kernel or old == kernel):
+                kernel = old
+            else:
+                moved.add(node)
+            kept[node] = kernel
+        self._kernels = kept
+        return kept, moved
+
+    def plan(
+        self,
+        view: ClusterView,
+        previous: Mapping[str, TraceProbeStatus | None] | None = None,
+        now: datetime | None = None,
+        kernels: Mapping[str, KernelInfo] | None = None,
+    ) -> ClusterPlan:
+        """`plan_cluster(view, self.settings, previous, now, kernels)`, reusing the pieces
+        whose inputs are unchanged since the previous call."""
+        now = now or datetime.now(UTC)
+        self._pass += 1
+        settings = self.settings
+        budgets = self._namespace_budgets(view)
+        agent_nodes = tuple(view.agents)
+        memo: dict[str, _Probe] = {}
+        selections: dict[str, Selection] = {}
+        sessions: dict[str, DebugSession] = {}
+        selected_again = 0
+        for pid, probe in view.probes.items():
+            kept = self._probes.get(pid)
+            if kept is None or not _same(kept.sources, _sources(probe, view, kept.spaces)):
+                inputs = selection_inputs(probe, view, settings, agent_nodes)
+                if kept is None or kept.inputs != inputs:
+                    selection = select(probe, view, settings)
+                    selected_again += 1
+                    if kept is not None and kept.selection == selection:
+                        selection = kept.selection  # the same object: renders keyed by it hold
+                    render = kept.render if kept is not None else None
+                    kept = _Probe(inputs, selection, render=render)
+                kept.spaces = spaces_of(inputs)
+                kept.sources = _sources(probe, view, kept.spaces)
+            memo[pid] = kept
+            before = previous.get(pid) if previous is not None else probe.status
+            session_sources = (probe, kept.selection, budgets, before)
+            if not _same(kept.session_sources, session_sources):
+                kept.session_sources = session_sources
+                kept.session = with_session(probe, kept.selection, budgets, previous)
+            assert kept.session is not None
+            selection, session = kept.session
+            if session is not None:
+                sessions[pid] = session
+            selections[pid] = selection
+        expired = frozenset(pid for pid, s in sessions.items() if has_expired(s, now))
+        kernels, kernels_moved = self._kernels_of(kernels or {})
+        renders: dict[str, ProbeRender] = {}
+        rendered_again = 0
+        for pid, selection in selections.items():
+            probe = view.probes[pid]
+            if not isinstance(selection, Selected) or not renders_running(probe, expired):
+                continue
+            entry = memo[pid]
+            renders_sources = (probe, selection, budgets)
+            if (
+                entry.render is not None
+                and entry.render_pass == self._pass - 1
+                and _same(entry.render_sources, renders_sources)
+                and (not kernels_moved or kernels_moved.isdisjoint(selection.targets))
+            ):
+                renders[pid] = entry.render
+                entry.render_pass = self._pass
+                continue
+            render_inputs = (
+                selection,
+                probe.spec,
+                probe.created,
+                budgets(probe.ref.namespace),
+                tuple((kernels or {}).get(node) for node in selection.targets),
+            )
+            entry.render_sources, entry.render_pass = renders_sources, self._pass
+            if entry.render is None or entry.render_inputs != render_inputs:
+                entry.render = render_probe(
+                    probe,
+                    selection,
+                    allow_raw=settings.allow_raw_programs,
+                    budgets=budgets,
+                    kernels=kernels,
+                    before=entry.render,
+                )
+                entry.render_inputs = render_inputs
+                rendered_again += 1
+            renders[pid] = entry.render
+        self._probes = memo
+        nodes: dict[str, _Node] = {}
+        allocations: dict[str, Allocation] = {}
+        for node, candidates in self._node_candidates(renders, agent_nodes).items():
+            old = self._nodes.get(node)
+            if old is None or old.budgets is not budgets or old.candidates != candidates:
+                old = _Node(budgets, candidates, allocate(node, candidates, budgets))
+            nodes[node] = old
+            allocations[node] = old.allocation
+        allocated_again = sum(1 for node, n in nodes.items() if self._nodes.get(node) is not n)
+        self._nodes = nodes
+        self.counts = PlanCounts(selected_again, rendered_again, allocated_again)
+        endpoints = {node: agent.endpoint for node, agent in view.agents.items()}
+        rendered = assemble(renders, allocations)
+        return ClusterPlan(selections, rendered, endpoints, budgets.problems, sessions, expired)
