@@ -27,7 +27,10 @@ DIFFERENTIAL = "differential"
 API_FUZZ = "api_fuzz"
 """The agent's and the output API's HTTP inputs fuzzed (unit-tier modules, at full size)."""
 
-SECTIONS: tuple[str, ...] = (DIFFERENTIAL, API_FUZZ)
+CHAOS = "chaos"
+"""Faults on the agent (real BPF programs) and the control plane (reliability/chaos.py)."""
+
+SECTIONS: tuple[str, ...] = (DIFFERENTIAL, API_FUZZ, CHAOS)
 PYTEST_SECTIONS = {
     DIFFERENTIAL: ["tests/e2e/test_model_vs_apiserver.py"],
     API_FUZZ: ["tests/unit/test_agent_api_fuzz.py", "tests/unit/test_output_api_fuzz.py"],
