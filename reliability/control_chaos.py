@@ -36,6 +36,7 @@ def control_world(cluster: LocalCluster, workdir: Path) -> Iterator[World]:
     cluster.kubectl("apply", "-f", str(CRDS), check=True)
     cluster.kubectl("wait", "--for", "condition=established", "--timeout=60s", "crd", "--all",
                     check=True)  # fmt: skip
+    workdir.mkdir(parents=True, exist_ok=True)
     world = World(cluster, workdir, detect_root())
     try:
         world.add_node("chaos-node")
