@@ -72,10 +72,14 @@ class Figures:
     leaked: int = 0
     """Programs and maps a dead agent held that the kernel still lists (goal 0)."""
     notes: list[str] = field(default_factory=list)
+    goal: float | None = None
+    """The resume goal, where there is one (an agent restarted from its persisted state)."""
 
     @property
     def resume_met(self) -> bool | None:
-        return None if self.resume_seconds is None else self.resume_seconds <= RESUME_GOAL_SECONDS
+        if self.goal is None or self.resume_seconds is None:
+            return None
+        return self.resume_seconds <= self.goal
 
 
 # --- the node: an agent process, its state directory and pods ---------------------------------
@@ -294,7 +298,7 @@ def wait_hits(n: Node, pod: FakePod, above: float = 0, timeout: float = 30) -> f
 
 def kill_mid_compile(workdir: Path, cgroup_root: Path) -> Figures:
     """SIGKILL while the first push's programs compile; the restart resumes that state."""
-    figures = Figures("agent SIGKILL mid-compile")
+    figures = Figures("agent SIGKILL mid-compile", goal=RESUME_GOAL_SECONDS)
     with node(workdir, cgroup_root, figures) as n:
         web = n.pod("web-0")
         n.run_workload(web)
@@ -324,7 +328,7 @@ def kill_mid_compile(workdir: Path, cgroup_root: Path) -> Figures:
 def kill_mid_push(workdir: Path, cgroup_root: Path) -> Figures:
     """SIGKILL during a push that changes a loaded state (new targets: map writes; new
     shapes: compiles); the restart resumes the new revision whole, nothing of the old one."""
-    figures = Figures("agent SIGKILL mid-push")
+    figures = Figures("agent SIGKILL mid-push", goal=RESUME_GOAL_SECONDS)
     with node(workdir, cgroup_root, figures) as n:
         web, api = n.pod("web-0"), n.pod("api-0")
         n.run_workload(web)
@@ -393,7 +397,7 @@ def full_state_directory(workdir: Path, cgroup_root: Path) -> Figures:
     """The state directory fills: pushes still apply, the file keeps the last revision it
     could hold (whole, no temporary file left), the report says which and why, the poll
     saves the accepted revision once there is room, and a restart resumes what is on disk."""
-    figures = Figures("agent state directory full")
+    figures = Figures("agent state directory full", goal=RESUME_GOAL_SECONDS)
     with node(workdir, cgroup_root, figures) as n, small_filesystem(n.agent.state_dir):
         web, api = n.pod("web-0"), n.pod("api-0")
         n.run_workload(web)
