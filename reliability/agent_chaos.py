@@ -305,13 +305,13 @@ def kill_mid_compile(workdir: Path, cgroup_root: Path) -> Figures:
         n.start()
         probes = probes_for(web)
         n.put_in_background(1, probes)
-        # Persisted before any compile: the kill lands in the compiles that follow.
+        # Persisted before any compile; killed once the first program is attached, while
+        # the others compile (one at a time), so that loaded programs die with it too.
         wait_until("revision 1 persisted", lambda: n.persisted_revision() == 1, timeout=30)
-        at_kill, _ = held_bpf_ids(n.pid)
+        wait_until("a first program", lambda: len(held_bpf_ids(n.pid)[0]) > 2, timeout=60)
+        at_kill = len(held_bpf_ids(n.pid)[0]) - 2  # less the node's claims programs
         n.kill()
-        figures.notes.append(
-            f"mid-compile: killed holding {len(at_kill) - 2} of {len(probes)} probe programs"
-        )
+        figures.notes.append(f"killed holding {at_kill} of {len(probes)} probe programs")
         check(not wait_gone(n.held_programs, n.held_maps - pinned_maps(n)),
               "the killed agent's programs outlived it")  # fmt: skip
         figures.ready_seconds = n.start()

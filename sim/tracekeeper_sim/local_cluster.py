@@ -365,6 +365,7 @@ class LocalCluster:
         proc.log_file.close()
         time.sleep(down_for)
         {"etcd": self._start_etcd, "kube-apiserver": self._start_apiserver}[name]()
+        self._write_state()  # the new pid
 
     # -- clients -----------------------------------------------------------------------
 
