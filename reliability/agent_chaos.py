@@ -29,7 +29,7 @@ from typing import Any
 from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
 from tracekeeper_sim.local_cluster import find_free_ports
 from tracekeeper_sim.served_agent import FakePod, kubepods_qos
-from tracekeeper_sim.world import AgentProcess, bpf_prog_ids, hits_by_pod, wait_until
+from tracekeeper_sim.world import AgentProcess, bpf_prog_ids, hits_by_pod, samples, wait_until
 
 NAMESPACE = "team-chaos"
 RESUME_GOAL_SECONDS = 2.0
@@ -413,6 +413,7 @@ def full_state_directory(workdir: Path, cgroup_root: Path) -> Figures:
         check(persisted["revision"] == 1 and "No space" in persisted.get("error", ""),
               f"a failed save reported as {persisted}")  # fmt: skip
         check(n.persisted_revision() == 1, "the state file is not revision 1 whole")
+        check(saved_metric(n) == 0.0, "tracekeeper_agent_state_saved is not 0 while full")
         names = sorted(p.name for p in n.agent.state_dir.iterdir())
         check(names == ["filler", "state.json"], f"the state directory holds {names}")
         wait_hits(n, api)  # revision 2 traces
@@ -435,10 +436,16 @@ def full_state_directory(workdir: Path, cgroup_root: Path) -> Figures:
         wait_until("revision 3 saved once there is room", saved, timeout=30)
         figures.notes.append(f"saved {time.monotonic() - freed:.1f} s after room came back")
         check(n.persisted_revision() == 3, "the state file is not revision 3")
+        check(saved_metric(n) == 1.0, "tracekeeper_agent_state_saved is not 1 once saved")
         figures.agent_programs = check_holds_what_it_reports(n, report, "full")
         figures.resume_seconds = restart
         n.agent.stop()  # before the tmpfs goes
     return figures
+
+
+def saved_metric(n: Node) -> float:
+    ((_, value),) = samples(n.agent.metrics(), "tracekeeper_agent_state_saved")
+    return value
 
 
 def identity_entries(n: Node) -> int:

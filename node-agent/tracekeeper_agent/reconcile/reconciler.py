@@ -265,8 +265,12 @@ class Reconciler:
             kernel=self.kernel,
             probes=[self._outcome(p) for p in list(self._probes.values())],
             cgroup_claims=self.claims(),
-            persisted=self._store.persisted() if self._store else Persistence(),
+            persisted=self.persisted(),
         )
+
+    def persisted(self) -> Persistence:
+        """What the state directory holds (nothing without a store: standalone runs)."""
+        return self._store.persisted() if self._store else Persistence()
 
     def _outcome(self, probe: _Probe) -> ProbeOutcome:
         message = probe.message
