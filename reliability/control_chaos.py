@@ -166,8 +166,10 @@ def operator_killed_mid_reconcile(world: World) -> Figures:
         world.start_operator()
         wait_until("the deleted probes' finalizers released",
                    lambda: gone(world, ns, names[:2]), timeout=WAIT)  # fmt: skip
+        left = node.agent.report()
         check(sorted(loaded_ids(node, ns)) == [f"{ns}/{n}" for n in names[2:]],
-              "deleted probes still loaded")  # fmt: skip
+              f"deleted probes still loaded: revision {left['revision']}, "
+              f"{[(p['id'], p['state']) for p in left['probes']]}")  # fmt: skip
         wait_truthful(world, ns, names[2:], pods=1)
         delete_all(world, ns, names[2:])
     return figures
