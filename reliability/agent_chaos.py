@@ -73,6 +73,8 @@ class Figures:
     """Programs and maps a dead agent held that the kernel still lists (goal 0)."""
     notes: list[str] = field(default_factory=list)
     goal: float | None = None
+    known_bug: str | None = None
+    """A check that failed by a known, open bug (the section fails; the tier xfails)."""
     """The resume goal, where there is one (an agent restarted from its persisted state)."""
 
     @property
@@ -289,7 +291,12 @@ def check_holds(pid: int, report: dict[str, Any], what: str) -> int:
 def wait_hits(n: Node, pod: FakePod, above: float = 0, timeout: float = 30) -> float:
     """Seconds until the opens probe counted more than `above` hits of `pod`."""
     started = time.monotonic()
-    wait_until(f"hits of {pod.name}", lambda: n.hits().get(pod.name, 0) > above, timeout=timeout)
+
+    def describe() -> str:
+        return f"hits {n.hits()}, above {above}; {n.agent.report()['probes']}"
+
+    wait_until(f"hits of {pod.name}", lambda: n.hits().get(pod.name, 0) > above,
+               timeout=timeout, describe=describe)  # fmt: skip
     return time.monotonic() - started
 
 
@@ -499,7 +506,16 @@ def cgroup_tree_vanishes(workdir: Path, cgroup_root: Path) -> Figures:
         kubepods_qos(n.sandbox)
         create_cgroup(web.container_dir)
         n.run_workload(web)
-        wait_hits(n, web, above=before)
+        try:
+            wait_hits(n, web, above=before, timeout=15)
+        except AssertionError:
+            # Open (issue 18): in about 1 run in 5 the agent keeps a stale cgroup id for the
+            # re-made pod (filter entry and identity entry present, nothing matched).
+            figures.known_bug = (
+                f"tracing did not resume after the tree was made again: identity table "
+                f"{identity_entries(n)} entry, report {n.agent.outcome(f'{NAMESPACE}/opens')}"
+            )
+            return figures
         figures.resume_seconds = time.monotonic() - made
         create_cgroup(api.container_dir)
         wait_until("both pods back", lambda: outcome_is(2, None), timeout=10,
