@@ -36,7 +36,7 @@ manifests-check:  ## manifests/ and Dockerfiles: hadolint, promtool, yamllint, a
 controlplane:     ## build kube-apiserver, etcd, kubectl from Go modules (cached by version)
 	bash tests/controlplane/build.sh
 
-reliability:      ## bad input, load and faults in figures (the differential at 10,000 objects, the API fuzz at 14,000 requests; random seeds)
+reliability:      ## bad input, load and faults in figures (the differential at 10,000 objects, the API fuzz at 14,000 requests, random seeds; chaos: agent and control-plane faults)
 	$(PY) -m reliability.run
 
 node:             ## build kubelet & co, containerd, crictl from Go modules (cached by version)

@@ -30,7 +30,10 @@ API_FUZZ = "api_fuzz"
 CHURN = "churn"
 """10,000 pod events against the real apiserver, operator and agents; maps read from the kernel."""
 
-SECTIONS: tuple[str, ...] = (DIFFERENTIAL, API_FUZZ, CHURN)
+CHAOS = "chaos"
+"""Faults on the agent (real BPF programs) and the control plane (reliability/chaos.py)."""
+
+SECTIONS: tuple[str, ...] = (DIFFERENTIAL, API_FUZZ, CHURN, CHAOS)
 PYTEST_SECTIONS = {
     DIFFERENTIAL: ["tests/e2e/test_model_vs_apiserver.py"],
     API_FUZZ: ["tests/unit/test_agent_api_fuzz.py", "tests/unit/test_output_api_fuzz.py"],

@@ -346,6 +346,17 @@ class CgroupClaims(WireModel):
     """The claims program's BPF ids, cgroup_mkdir's then cgroup_rmdir's: one per node."""
 
 
+class Persistence(WireModel):
+    """Whether the agent's state directory holds the accepted state: what a restart of the
+    agent would resume from. A failed save (disk full, read-only) does not stop tracing;
+    it is said here and retried on the agent's 2 s poll."""
+
+    revision: int = 0
+    """The revision on disk (0: none)."""
+    error: str | None = Field(default=None, max_length=1024)
+    """Why the accepted revision is not on disk, while it is not."""
+
+
 class NodeReport(WireModel):
     """The agent's answer to PUT /v1/state and GET /v1/state."""
 
@@ -356,6 +367,7 @@ class NodeReport(WireModel):
     kernel: KernelInfo = Field(default_factory=KernelInfo)
     probes: list[ProbeOutcome] = Field(default_factory=list)
     cgroup_claims: CgroupClaims = Field(default_factory=CgroupClaims)
+    persisted: Persistence = Field(default_factory=Persistence)
 
 
 def spec_hash(spec: TraceProbeSpec) -> str:

@@ -35,12 +35,18 @@ def status_inputs(view: AgentView) -> tuple[object, ...]:
 
 def holding_nodes(probe_id: str, views: Mapping[str, AgentView]) -> list[str]:
     """Nodes whose agent may still run `probe_id`: its last report lists the probe, or it
-    answered at least once and the probe is still desired there or on its way in a push.
-    An agent that never answered this operator holds nothing: it is not known to run the
-    probe, and if it does (a predecessor's push) it drops it with the next state it gets."""
+    answered at least once and the probe is still desired there or on its way in a push,
+    or it was not heard from yet: a restarted operator's agents may run what its
+    predecessor pushed (issue 18's chaos: finalizers went before the agents unloaded).
+    An agent whose contact failed before any answer holds nothing: unreachable, it would
+    only hold the finalizer to the unload timeout; it drops the probe with its next state."""
     holding = []
     for node, view in sorted(views.items()):
-        if view.endpoint is None or view.report is None:
+        if view.endpoint is None:
+            continue
+        if view.report is None:
+            if view.error is None:
+                holding.append(node)
             continue
         if (
             probe_id in view.desired

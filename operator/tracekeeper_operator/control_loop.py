@@ -339,8 +339,14 @@ class ControlLoop:
         return self._readiness
 
     def holding_nodes(self, probe_id: str) -> list[str]:
-        """Nodes that may still run a probe (its finalizer waits for none)."""
-        return holding_nodes(probe_id, self.pusher.planner.views())
+        """Nodes that may still run a probe (its finalizer waits for none). Agents the
+        indexes know but no pass has reached yet count as not heard from: a restarted
+        operator's delete handler runs before its first render (issue 18's chaos)."""
+        views = self.pusher.planner.views()
+        if self._view is not None:
+            for node, agent in self._view().agents.items():
+                views.setdefault(node, AgentView(node, agent.endpoint, None, None))
+        return holding_nodes(probe_id, views)
 
     # --- statuses ------------------------------------------------------------------------------
 

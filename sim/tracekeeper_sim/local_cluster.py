@@ -354,6 +354,19 @@ class LocalCluster:
         if remove_dir if remove_dir is not None else self._owns_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
+    def restart(self, name: str, *, down_for: float = 0.0) -> None:
+        """SIGKILL one component (a crash: "etcd" or "kube-apiserver") and start it again on
+        its ports and data after `down_for` seconds; returns once it serves again."""
+        with self._lock:
+            (proc,) = [p for p in self._procs if p.name == name]
+            self._procs.remove(proc)
+        proc.popen.kill()
+        proc.popen.wait()
+        proc.log_file.close()
+        time.sleep(down_for)
+        {"etcd": self._start_etcd, "kube-apiserver": self._start_apiserver}[name]()
+        self._write_state()  # the new pid
+
     # -- clients -----------------------------------------------------------------------
 
     def kubectl(
@@ -513,7 +526,7 @@ class LocalCluster:
 
     def _spawn(self, name: str, args: Sequence[str]) -> _Proc:
         log_path = self.dir / f"{name}.log"
-        log_file = log_path.open("wb")
+        log_file = log_path.open("ab")  # a restarted component's log follows the first's
         popen = subprocess.Popen(
             [str(self.binary(name)), *args],
             stdin=subprocess.DEVNULL,

@@ -560,6 +560,13 @@ class World:
             describe=lambda: _tail(self.operator_log),
         )
 
+    def kill_operator(self) -> None:
+        """SIGKILL, as a crash or an OOM kill: no handler finishes, no finalizer is
+        released on the way out."""
+        if self.operator is not None:
+            _stop(self.operator, kill=True)
+            self.operator = None
+
     def stop_operator(self) -> None:
         if self.operator is not None:
             _stop(self.operator)

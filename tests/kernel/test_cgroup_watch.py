@@ -82,6 +82,26 @@ def test_removal_of_a_real_pod(cgroup_sandbox: Path) -> None:
         ]
 
 
+def test_a_cgroup_made_again_is_watched_again(cgroup_sandbox: Path) -> None:
+    """Issue 18's chaos: cgroupfs sends no IN_IGNORED after an rmdir, so the removed
+    directory's watch stayed in the tables (one per pod ever seen, until the cap) and a
+    directory made again at its path was taken as watched: pods made in it went unseen."""
+    qos = cgroup_sandbox / "kubepods.slice" / "kubepods-burstable.slice"
+    create_cgroup(qos)
+    with CgroupWatcher(cgroup_sandbox) as watcher:
+        watches = watcher.watch_count
+        qos.rmdir()
+        qos.parent.rmdir()
+        assert [e.kind for e in watcher.read()] == [REMOVED, REMOVED]
+        assert watcher.watch_count == watches - 2
+        create_cgroup(qos)
+        assert [e.path for e in watcher.read()] == [qos.parent, qos]
+        pod = qos / "kubepods-burstable-podabc.slice"
+        create_cgroup(pod)
+        assert watcher.read() == [CgroupEvent(CREATED, pod, cgroup_id(pod))]
+        assert watcher.watch_count == watches + 1
+
+
 async def test_async_events_on_real_cgroups(cgroup_sandbox: Path) -> None:
     top = cgroup_sandbox / "kubepods"
     create_cgroup(top)

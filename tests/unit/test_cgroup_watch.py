@@ -100,6 +100,27 @@ def test_new_kubepods_directory_at_root_becomes_a_subtree(tmp_path: Path) -> Non
         assert watcher.subtrees == [tmp_path / "kubepods"]
 
 
+def test_a_kubepods_tree_below_the_root_made_again_is_watched_again(tmp_path: Path) -> None:
+    """Issue 18's chaos: a kubepods tree found two levels down at start (kubelet with a
+    --cgroup-root, a nested node) removed and made again was never seen again, nor its
+    pods: only the root was watched for new trees."""
+    top = tmp_path / "node-1" / "kubepods.slice"
+    (top / "kubepods-burstable.slice").mkdir(parents=True)
+    with CgroupWatcher(tmp_path) as watcher:
+        assert watcher.subtrees == [top]
+        (top / "kubepods-burstable.slice").rmdir()
+        top.rmdir()
+        assert {e.kind for e in watcher.read()} == {REMOVED}
+        pod = top / "kubepods-burstable.slice" / "kubepods-burstable-podabc.slice"
+        pod.mkdir(parents=True)
+        assert kinds_paths(watcher.read()) == [
+            (CREATED, top),
+            (CREATED, pod.parent),
+            (CREATED, pod),
+        ]
+        assert watcher.snapshot()[pod] == os.stat(pod).st_ino
+
+
 def test_explicit_subtrees_and_no_root_watch(tmp_path: Path) -> None:
     mine = tmp_path / "test-1" / "kubepods.slice"
     mine.mkdir(parents=True)

@@ -37,7 +37,7 @@ from tracekeeper_agent.ports import (
     PodIdentity,
     SampleKey,
 )
-from tracekeeper_api.protocol import CgroupClaims
+from tracekeeper_api.protocol import CgroupClaims, Persistence
 
 PODS = FakeAttributor(
     {
@@ -330,3 +330,19 @@ def test_cgroup_claims_are_read_at_scrape_time() -> None:
     assert values["tracekeeper_agent_pending_cgroup_pods_left_out"] == 1.0  # never silent
     assert values["tracekeeper_agent_cgroups_claimed_total"] == 5.0
     assert values["tracekeeper_agent_cgroup_claims_identity_full_total"] == 1.0
+
+
+def test_a_failing_save_is_a_metric() -> None:
+    """Issue 18's chaos: a full state directory was a log line only."""
+    metrics = AgentMetrics(ListBoard(lambda: []), PODS)
+    now = [Persistence(revision=3)]
+    metrics.add_persistence(lambda: now[0])
+
+    def values() -> dict[str, float]:
+        text = generate_latest(metrics.registry).decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    assert values()["tracekeeper_agent_state_saved"] == 1.0
+    assert values()["tracekeeper_agent_state_saved_revision"] == 3.0
+    now[0] = Persistence(revision=3, error="revision 4 not saved: [Errno 28] No space")
+    assert values()["tracekeeper_agent_state_saved"] == 0.0

@@ -166,6 +166,25 @@ async def test_deleting_probe_leaves_every_node_and_is_held_until_confirmed() ->
         task.cancel()
 
 
+async def test_a_restarted_operator_holds_a_deleted_probe_before_its_first_pass() -> None:
+    """Issue 18's chaos: SIGKILLed and started again, the operator released the finalizer
+    of a probe deleted meanwhile 16 ms after its indexes were complete, before any render
+    (its planner knew no agent), while the agent still ran the probe."""
+    agents = FakeAgents()
+    pusher = Pusher(PushPlanner(debounce=0.0), agents)
+    loop = ControlLoop(SETTINGS, pusher, FakeWrites())
+    deleting = dataclasses.replace(PROBE, deleting=True)
+    loop.attach(lambda: cluster(deleting, FILTER, pod("web-0", app="web")))
+    assert loop.holding_nodes(PROBE.id) == ["n1"]  # no pass yet: n1 not heard from
+    task = asyncio.create_task(pusher.run())
+    try:
+        await loop.reconcile_once()
+        await agents.until(lambda: not loop.holding_nodes(PROBE.id))
+        assert agents.puts[-1][1].probes == []
+    finally:
+        task.cancel()
+
+
 async def test_a_restarted_operator_keeps_stored_statuses_until_agents_answer() -> None:
     """No NodesPending flap (nor ProbeLoaded Events again) on every operator restart."""
     agents = FakeAgents()

@@ -240,9 +240,10 @@ def test_nodes_without_agents_are_never_pushed() -> None:
 def test_holding_nodes_until_every_agent_that_loaded_it_confirms() -> None:
     p = planner()
     p.set_desired({"n1": probes(1), "n2": ()}, ENDPOINTS, now=0)
-    assert holding_nodes("team-a/opens", p.views()) == []  # no agent answered yet
+    # Not heard from yet: either may run it (a predecessor's push), both are waited for.
+    assert holding_nodes("team-a/opens", p.views()) == ["n1", "n2"]
     acts = pushes(p.due(1))
-    assert holding_nodes("team-a/opens", p.views()) == []
+    assert holding_nodes("team-a/opens", p.views()) == ["n1", "n2"]
     for a in acts:
         p.pushed(a, report_for(a.state), now=1)
     assert holding_nodes("team-a/opens", p.views()) == ["n1"]
@@ -254,7 +255,8 @@ def test_holding_nodes_until_every_agent_that_loaded_it_confirms() -> None:
 
 
 def test_a_node_whose_agent_never_answered_holds_no_finalizer() -> None:
-    """Only nodes that reported the probe are waited for; one that never answered is not."""
+    """Only nodes that reported the probe (or were not heard from yet) are waited for; one
+    whose contact failed before any answer is not."""
     p = planner()
     p.set_desired({"n1": probes(1), "n2": probes(1)}, ENDPOINTS, now=0)
     for a in pushes(p.due(1)):
@@ -266,6 +268,17 @@ def test_a_node_whose_agent_never_answered_holds_no_finalizer() -> None:
     assert holding_nodes("team-a/opens", p.views()) == ["n1"]
     (a,) = [a for a in pushes(p.due(3)) if a.node == "n1"]
     p.pushed(a, report_for(a.state), now=3)
+    assert holding_nodes("team-a/opens", p.views()) == []
+
+
+def test_a_restarted_operator_waits_for_the_first_answer_of_each_agent() -> None:
+    """Issue 18's chaos: an operator SIGKILLed and started again released a deleted probe's
+    finalizer at once, while the agent still ran it from the predecessor's push."""
+    p = planner()
+    p.set_desired({"n1": ()}, {"n1": ENDPOINTS["n1"]}, now=0)  # the probe is being deleted
+    assert holding_nodes("team-a/opens", p.views()) == ["n1"]
+    (a,) = pushes(p.due(1))
+    p.pushed(a, report_for(a.state), now=1)  # the state without it: unloaded
     assert holding_nodes("team-a/opens", p.views()) == []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +39,12 @@ from tracekeeper_agent.reconcile.reconciler import (
 from tracekeeper_agent.reconcile.state_store import StateStore
 from tracekeeper_agent.reconcile.tenancy import DEFAULT_PRIVILEGED
 from tracekeeper_agent.targets.node import CgroupChanges
-from tracekeeper_api.protocol import NodeReport, ProbeAssignment, ProbeOutcome
+from tracekeeper_api.protocol import (
+    NodeReport,
+    Persistence,
+    ProbeAssignment,
+    ProbeOutcome,
+)
 
 
 def make(
@@ -636,3 +642,38 @@ async def test_a_failed_save_does_not_stop_tracing(tmp_path: Path) -> None:
     reconciler, _, _ = make(store=StateStore(tmp_path / "not-a-dir"))
     report = await reconciler.apply(node_state(1, probe()))
     assert outcome(report).state == "Loaded" and report.revision == 1
+    # Said in the report (issue 18: a full state dir was only logged), kept at 0 on disk.
+    assert report.persisted.revision == 0 and report.persisted.error is not None
+    assert "revision 1 not saved" in report.persisted.error
+
+
+async def test_a_failed_save_is_retried_by_the_poll_and_restore_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = StateStore(tmp_path)
+    reconciler, _, _ = make(store=store)
+    await reconciler.apply(node_state(1, probe()))
+    real_replace = os.replace
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    report = await reconciler.apply(node_state(2, probe("b")))
+    assert outcome(report, "b").state == "Loaded"  # tracing goes on
+    assert report.persisted.revision == 1 and report.persisted.error is not None
+    on_disk = StateStore(tmp_path).load()  # the old file, whole
+    assert on_disk is not None and on_disk.revision == 1
+    await reconciler.retry()
+    assert reconciler.report().persisted.error is not None  # still full
+
+    monkeypatch.setattr(os, "replace", real_replace)
+    await reconciler.retry()  # the 2 s poll's call
+    assert reconciler.report().persisted == Persistence(revision=2)
+    on_disk = StateStore(tmp_path).load()
+    assert on_disk is not None and on_disk.revision == 2
+
+    monkeypatch.setattr(os, "replace", full)  # full again: a restart needs no write
+    restarted, _, _ = make(store=StateStore(tmp_path))
+    await restarted.restore()
+    assert restarted.report().persisted == Persistence(revision=2)

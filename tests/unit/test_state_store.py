@@ -10,6 +10,7 @@ import pytest
 
 from tests.unit.agent_fakes import node_state, probe
 from tracekeeper_agent.reconcile.state_store import STATE_FILE, StateStore
+from tracekeeper_api.protocol import Persistence
 
 
 def test_nothing_persisted_yet(tmp_path: Path) -> None:
@@ -67,3 +68,15 @@ def test_failed_write_keeps_the_previous_state(
     loaded = store.load()
     assert loaded is not None and loaded.revision == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]
+    assert store.persisted().revision == 1
+    assert store.persisted().error == "revision 2 not saved: [Errno 28] No space left on device"
+    store.save(node_state(2, probe("b")))  # room again
+    assert store.persisted() == Persistence(revision=2)
+
+
+def test_the_revision_read_is_what_the_file_holds(tmp_path: Path) -> None:
+    StateStore(tmp_path).save(node_state(7, probe()))
+    store = StateStore(tmp_path)
+    assert store.persisted().revision == 0
+    store.load()
+    assert store.persisted() == Persistence(revision=7) and store.holds(node_state(7))

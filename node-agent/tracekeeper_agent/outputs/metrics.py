@@ -42,7 +42,7 @@ from tracekeeper_agent.ports import (
     KernelCounters,
     SampleKey,
 )
-from tracekeeper_api.protocol import CgroupClaims
+from tracekeeper_api.protocol import CgroupClaims, Persistence
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +444,30 @@ class ProbeCollector(Collector):
         fam.dropped.add_metric([*ids, "backlog"], float(probe.counts.backlog))
 
 
+class PersistenceCollector(Collector):
+    """Whether the state directory holds the accepted state (what a restart resumes): a
+    full or read-only directory is an alert, not only a log line."""
+
+    def __init__(self, source: Callable[[], Persistence]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        p = self._source()
+        yield GaugeMetricFamily(
+            "tracekeeper_agent_state_saved",
+            "1 while the state directory holds the accepted state, 0 while saving it fails.",
+            value=0.0 if p.error else 1.0,
+        )
+        yield GaugeMetricFamily(
+            "tracekeeper_agent_state_saved_revision",
+            "The revision the state directory holds (0: none); a restart resumes it.",
+            value=float(p.revision),
+        )
+
+
 class ClaimsCollector(Collector):
     """The kernel's claims of pod cgroups at mkdir (the pending table, read at scrape time):
     a pending pod left out of the table is caught by the inotify fallback only, so that
@@ -541,6 +565,10 @@ class AgentMetrics:
     def add_claims(self, source: Callable[[], CgroupClaims]) -> None:
         """Export the cgroup claims (`Reconciler.claims`) from this registry."""
         self.registry.register(ClaimsCollector(source))
+
+    def add_persistence(self, source: Callable[[], Persistence]) -> None:
+        """Export what the state directory holds (`Reconciler.persisted`)."""
+        self.registry.register(PersistenceCollector(source))
 
     @contextmanager
     def time_compile(self) -> Iterator[None]:

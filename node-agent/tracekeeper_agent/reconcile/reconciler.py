@@ -72,6 +72,7 @@ from tracekeeper_api.protocol import (
     KernelInfo,
     NodeReport,
     NodeState,
+    Persistence,
     ProbeAssignment,
     ProbeOutcome,
     ProbeState,
@@ -268,7 +269,12 @@ class Reconciler:
             kernel=self.kernel,
             probes=[self._outcome(p) for p in list(self._probes.values())],
             cgroup_claims=self.claims(),
+            persisted=self.persisted(),
         )
+
+    def persisted(self) -> Persistence:
+        """What the state directory holds (nothing without a store: standalone runs)."""
+        return self._store.persisted() if self._store else Persistence()
 
     def _outcome(self, probe: _Probe) -> ProbeOutcome:
         message = probe.message
@@ -356,6 +362,8 @@ class Reconciler:
 
     async def _retry(self, now: float | None) -> None:
         async with self._apply_lock:
+            if self._state is not None:
+                await self._persist(self._state)  # a failed save again, once room is back
             if self._state is None or self._applied_revision != self._state.revision:
                 return
             await self._converge(self._state.probes, self._clock() if now is None else now)
@@ -386,13 +394,19 @@ class Reconciler:
     async def _persist(self, state: NodeState) -> None:
         """Saved before the kernel work, so that a crash midway resumes this state. A failed
         save (disk full, read-only dir) costs only the resume after a restart: tracing goes
-        on, the operator pushes again to a restarted agent anyway."""
-        if self._store is None:
-            return
+        on, the report says so (`persisted`), the poll saves it again, and the operator
+        pushes again to a restarted agent anyway."""
+        if self._store is None or self._store.holds(state):
+            return  # the state just restored from the file is not written back
+        failing = self._store.error is not None
         try:
             await asyncio.to_thread(self._store.save, state)
         except OSError as exc:
-            log.error("could not persist revision %d: %s", state.revision, exc)
+            if not failing:  # once, not at every poll's attempt
+                log.error("could not persist revision %d: %s", state.revision, exc)
+            return
+        if failing:
+            log.info("persisted revision %d", state.revision)
 
     async def _apply_probe(
         self, assignment: ProbeAssignment, inputs: Hashable | None, now: float

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tracekeeper_api.protocol import NodeState
+from tracekeeper_api.protocol import NodeState, Persistence
+from tracekeeper_api.text import truncate_message
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,16 @@ class StateStore:
     def __init__(self, directory: Path = DEFAULT_STATE_DIR) -> None:
         self.directory = directory
         self.path = directory / STATE_FILE
+        self.revision = 0
+        """The revision the file holds (0: none), as this agent last read or wrote it."""
+        self.error: str | None = None
+        """Why the last save failed, until one succeeds."""
+
+    def persisted(self) -> Persistence:
+        return Persistence(revision=self.revision, error=self.error)
+
+    def holds(self, state: NodeState) -> bool:
+        return self.error is None and self.revision == state.revision
 
     def load(self) -> NodeState | None:
         """The persisted state, or None when there is none or it is unreadable (the
@@ -32,17 +43,28 @@ class StateStore:
         except FileNotFoundError:
             return None
         try:
-            return NodeState.model_validate(json.loads(text))
+            state = NodeState.model_validate(json.loads(text))
         except (ValueError, ValidationError) as exc:
             aside = self.path.with_suffix(".json.invalid")
             log.warning("persisted state %s is invalid, moved to %s: %s", self.path, aside, exc)
             with contextlib.suppress(OSError):
                 os.replace(self.path, aside)
             return None
+        self.revision = state.revision
+        return state
 
     def save(self, state: NodeState) -> None:
         """Replace the persisted state atomically: a crash leaves the old or the new file,
-        never a torn one. Mode 0600: specs may carry raw program source."""
+        never a torn one. Mode 0600: specs may carry raw program source. A failure is kept
+        (`error`) and raised; the file keeps the revision it held."""
+        try:
+            self._save(state)
+        except OSError as exc:
+            self.error = truncate_message(f"revision {state.revision} not saved: {exc}")
+            raise
+        self.revision, self.error = state.revision, None
+
+    def _save(self, state: NodeState) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = json.dumps(state.to_wire(), separators=(",", ":")).encode()
         tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")

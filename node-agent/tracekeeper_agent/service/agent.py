@@ -161,6 +161,7 @@ async def running_agent(
         attributor=attributor,
     )
     metrics.add_claims(reconciler.claims)
+    metrics.add_persistence(reconciler.persisted)
     ready = asyncio.Event()
     app = create_app(
         reconciler,

@@ -48,6 +48,8 @@ _libc.inotify_init1.argtypes = [ctypes.c_int]
 _libc.inotify_init1.restype = ctypes.c_int
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _libc.inotify_add_watch.restype = ctypes.c_int
+_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.inotify_rm_watch.restype = ctypes.c_int
 
 
 class CgroupEventKind(StrEnum):
@@ -68,7 +70,8 @@ class CgroupWatcher:
 
     `subtrees` default to the kubepods directories present at start. With `watch_root`, the
     root itself is watched (not recursively) so that a kubepods directory created later
-    becomes a subtree too.
+    becomes a subtree too, and so is each subtree's parent, so that one removed and made
+    again (deeper than the root) is watched again.
     """
 
     def __init__(
@@ -108,6 +111,9 @@ class CgroupWatcher:
         if self._requested is None:
             self._requested = find_kubepods_dirs(self.root)
         for top in self._requested:
+            if self._watch_root and top.parent != self.root:
+                # Shallow, as the root: a tree removed and made again there is seen again.
+                self._add_watch(top.parent, recursive=False)
             self._add_subtree(top, report=False)
         self._pending.clear()
 
@@ -195,7 +201,7 @@ class CgroupWatcher:
                 self._add_subtree(directory / name, report=True)
 
     def _wants(self, wd: int, name: str) -> bool:
-        # On the (non-recursive) root watch only a new kubepods directory is of interest.
+        # On the (non-recursive) root and parent watches only a kubepods directory counts.
         return self._wd_recursive.get(wd, False) or is_kubepods_name(name)
 
     def _add_subtree(self, top: Path, *, report: bool) -> None:
@@ -259,6 +265,13 @@ class CgroupWatcher:
             del self._path_wd[path]
 
     def _removed(self, path: Path) -> None:
+        # cgroupfs (kernfs) sends no IN_IGNORED for a removed directory: its watch would stay
+        # (one per pod ever seen, until the cap) and shadow a directory made again there.
+        wd = self._path_wd.pop(path, None)
+        if wd is not None:
+            self._wd_path.pop(wd, None)
+            self._wd_recursive.pop(wd, None)
+            _libc.inotify_rm_watch(self._fd, wd)  # EINVAL when the kernel already dropped it
         cgid = self._known.pop(path, None)
         if cgid is not None:
             self._pending.append(CgroupEvent(CgroupEventKind.REMOVED, path, cgid))
