@@ -22,5 +22,3 @@ def test_the_agent_survives(
     figures = scenario(tmp_path, cgroup_root)
     print(f"\n{figures}")
     assert figures.leaked == 0
-    if figures.known_bug:  # open: see reliability.agent_chaos.cgroup_tree_vanishes
-        pytest.xfail(figures.known_bug)

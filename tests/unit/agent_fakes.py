@@ -90,6 +90,8 @@ class FakeProgram:
         self.cleared: list[int] = []
         self.events: queue.Queue[RawEvent] = queue.Queue()
         self.fail_update: Exception | None = None
+        self.invalidations = 0
+        """Verdict cache invalidations, update_maps' included (each bumps the generation)."""
         self.updated = threading.Event()
         """Set by every map update (clear it, then wait for the next one)."""
         self.objects = [ObjectUsage("prog", ids[0] if ids else 0, 4096)]
@@ -105,10 +107,12 @@ class FakeProgram:
             raise self.fail_update
         self.filters.append(maps)
         self.loader.log.append(("update", self.plan.shape, self._ids))
+        self.invalidations += 1
         self.updated.set()
 
     def invalidate(self) -> None:
         assert not self.closed
+        self.invalidations += 1
 
     def clear_binding(self, bit: int) -> None:
         assert not self.closed

@@ -677,3 +677,20 @@ async def test_a_failed_save_is_retried_by_the_poll_and_restore_writes_nothing(
     restarted, _, _ = make(store=StateStore(tmp_path))
     await restarted.restore()
     assert restarted.report().persisted == Persistence(revision=2)
+
+
+async def test_a_cgroup_learned_through_inotify_invalidates_cached_verdicts() -> None:
+    """A pending pod's slot already has its bit; when inotify (not the kernel's claim)
+    brings its cgroup, only the identity table changes, yet a process that ran in the pod
+    before this write has a cached miss: every program's verdicts must be recomputed."""
+    reconciler, loader, cgroups = make(cgroups=FakeCgroups())
+    await reconciler.apply(node_state(1, probe()))
+    program = loader.only("team-a/opens")
+    maps, before = program.maps, program.invalidations
+    cgroups.pods[UID_A] = 900
+    await reconciler.refresh_targets(CgroupChanges(frozenset({UID_A})))
+    assert program.maps == maps  # the same masks: the slot had its bit while pending
+    assert 900 in loader.identities.table and program.invalidations == before + 1
+    # Nothing moved: no invalidation.
+    await reconciler.refresh_targets(CgroupChanges(frozenset({UID_A})))
+    assert program.invalidations == before + 1

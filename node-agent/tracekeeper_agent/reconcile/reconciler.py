@@ -557,6 +557,10 @@ class Reconciler:
             self._coverage.note, bound, self._identity, self._cgroups, identities
         )
         await asyncio.to_thread(identities.sync, {**self._identity, **tables.identity})
+        # A cgroup given its slot here may already hold a process whose verdict, a miss, is
+        # cached (a pod learned through inotify whose first process ran before this write):
+        # every program recomputes its verdicts, also those whose own maps stay as they are.
+        identity_moved = tables.identity != self._identity
         broken: list[tuple[_Program, Exception]] = []
         for program in list(self._programs):
             bindings = [
@@ -565,6 +569,11 @@ class Reconciler:
             ]
             maps = program_maps(bindings, slots)
             if maps == program.maps:
+                if identity_moved:
+                    try:
+                        await asyncio.to_thread(program.loaded.invalidate)
+                    except Exception as exc:
+                        broken.append((program, exc))
                 continue
             try:
                 await asyncio.to_thread(program.loaded.update_maps, maps)
