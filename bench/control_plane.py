@@ -650,16 +650,7 @@ def run(args: argparse.Namespace) -> list[Table]:
     workdir = Path(tempfile.mkdtemp(prefix="tk-bench-cp-"))
     try:
         with LocalCluster(bin_dir, workdir / "cluster") as cluster:
-            cluster.kubectl("apply", "-f", str(ROOT / "crds"), check=True)
-            cluster.kubectl(
-                "wait",
-                "--for",
-                "condition=established",
-                "--timeout=60s",
-                "crd",
-                "--all",
-                check=True,
-            )
+            cluster.apply_crds(ROOT / "crds")
             world = World(cluster, workdir, detect_root())
             try:
                 started = time.monotonic()

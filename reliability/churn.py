@@ -32,11 +32,7 @@ def run(events: int, seed: int) -> tuple[ChurnReport, bool, Churn]:
     workdir = Path(tempfile.mkdtemp(prefix="tk-churn-"))
     try:
         with LocalCluster(bin_dir, workdir / "cluster") as cluster:
-            cluster.kubectl("apply", "-f", str(ROOT / "crds"), check=True)
-            cluster.kubectl(
-                "wait", "--for", "condition=established", "--timeout=60s", "crd", "--all",
-                check=True,
-            )  # fmt: skip
+            cluster.apply_crds(ROOT / "crds")
             world = World(cluster, workdir, detect_root())
             churn = Churn(world, replace(FULL_SIZE, events=events), seed)
             try:

@@ -33,9 +33,7 @@ CRDS = Path(__file__).resolve().parents[1] / "crds"
 @contextlib.contextmanager
 def control_world(cluster: LocalCluster, workdir: Path) -> Iterator[World]:
     """One simulated node (agent process) and the operator on `cluster`, CRDs applied."""
-    cluster.kubectl("apply", "-f", str(CRDS), check=True)
-    cluster.kubectl("wait", "--for", "condition=established", "--timeout=60s", "crd", "--all",
-                    check=True)  # fmt: skip
+    cluster.apply_crds(CRDS)
     workdir.mkdir(parents=True, exist_ok=True)
     world = World(cluster, workdir, detect_root())
     try:

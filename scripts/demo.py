@@ -106,10 +106,7 @@ def run(seconds: float | None) -> None:
 def _run_in(workdir: Path, bin_dir: Path, seconds: float | None) -> None:
     with LocalCluster(bin_dir, workdir / "cluster") as cluster:
         say(f"control plane up at {cluster.server}; admin kubeconfig {cluster.kubeconfig()}")
-        cluster.kubectl("apply", "-f", str(ROOT / "crds"), check=True)
-        cluster.kubectl(
-            "wait", "--for", "condition=established", "--timeout=60s", "crd", "--all", check=True
-        )
+        cluster.apply_crds(ROOT / "crds")
         world = World(cluster, workdir, detect_root())
         stop = threading.Event()
         (output_port,) = find_free_ports(1)

@@ -393,6 +393,13 @@ class LocalCluster:
             )
         return res
 
+    def apply_crds(self, directory: Path) -> None:
+        """Apply every CRD in `directory` and wait until each is established."""
+        self.kubectl("apply", "-f", str(directory), check=True)
+        self.kubectl(
+            "wait", "--for", "condition=established", "--timeout=60s", "crd", "--all", check=True
+        )
+
     def get(self, kind: str, name: str, namespace: str, *, user: str = ADMIN) -> dict[str, Any]:
         """``kubectl get -o json`` of one object."""
         out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json", user=user, check=True)
