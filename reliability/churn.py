@@ -87,7 +87,7 @@ def table(report: ChurnReport, leaked: bool, churn: Churn, seed: int) -> tuple[T
     )
     ms = report.operator_cpu_ms_per_event
     t.add(
-        "operator CPU per pod event",
+        "operator CPU per pod event, at this size",
         f"{ms:.1f} ms",
         f"<= {OPERATOR_GOAL_MS:.0f} ms",
         _met(ms <= OPERATOR_GOAL_MS),
