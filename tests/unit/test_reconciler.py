@@ -684,13 +684,15 @@ async def test_a_cgroup_learned_through_inotify_invalidates_cached_verdicts() ->
     brings its cgroup, only the identity table changes, yet a process that ran in the pod
     before this write has a cached miss: every program's verdicts must be recomputed."""
     reconciler, loader, cgroups = make(cgroups=FakeCgroups())
-    await reconciler.apply(node_state(1, probe()))
-    program = loader.only("team-a/opens")
-    maps, before = program.maps, program.invalidations
+    await reconciler.apply(node_state(1, probe(), probe("b", targets={"pods": [pod(UID_B)]})))
+    program, other = loader.only("team-a/opens"), loader.only("team-a/b")
+    maps, before, other_before = program.maps, program.invalidations, other.invalidations
     cgroups.pods[UID_A] = 900
     await reconciler.refresh_targets(CgroupChanges(frozenset({UID_A})))
     assert program.maps == maps  # the same masks: the slot had its bit while pending
     assert 900 in loader.identities.table and program.invalidations == before + 1
+    # A program whose masks do not name the pod's slot has a miss for it either way.
+    assert other.invalidations == other_before
     # Nothing moved: no invalidation.
     await reconciler.refresh_targets(CgroupChanges(frozenset({UID_A})))
     assert program.invalidations == before + 1

@@ -559,8 +559,9 @@ class Reconciler:
         await asyncio.to_thread(identities.sync, {**self._identity, **tables.identity})
         # A cgroup given its slot here may already hold a process whose verdict, a miss, is
         # cached (a pod learned through inotify whose first process ran before this write):
-        # every program recomputes its verdicts, also those whose own maps stay as they are.
-        identity_moved = tables.identity != self._identity
+        # a program whose masks name such a slot recomputes its verdicts, also when its own
+        # maps stay as they are. The others' verdicts for it are misses either way.
+        moved = {slot for cg, slot in tables.identity.items() if self._identity.get(cg) != slot}
         broken: list[tuple[_Program, Exception]] = []
         for program in list(self._programs):
             bindings = [
@@ -569,7 +570,7 @@ class Reconciler:
             ]
             maps = program_maps(bindings, slots)
             if maps == program.maps:
-                if identity_moved:
+                if not moved.isdisjoint(maps.slot_masks):
                     try:
                         await asyncio.to_thread(program.loaded.invalidate)
                     except Exception as exc:
