@@ -29,7 +29,14 @@ from typing import Any
 from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
 from tracekeeper_sim.local_cluster import find_free_ports
 from tracekeeper_sim.served_agent import FakePod, kubepods_qos
-from tracekeeper_sim.world import AgentProcess, bpf_prog_ids, hits_by_pod, samples, wait_until
+from tracekeeper_sim.world import (
+    AgentProcess,
+    bpf_prog_ids,
+    hits_by_pod,
+    samples,
+    wait_bpf_gone,
+    wait_until,
+)
 
 NAMESPACE = "team-chaos"
 RESUME_GOAL_SECONDS = 2.0
@@ -100,12 +107,6 @@ def held_bpf_ids(pid: int) -> tuple[set[int], set[int]]:
             elif line.startswith("map_id:"):
                 maps.add(int(line.split()[1]))
     return progs, maps
-
-
-def bpf_map_ids() -> set[int]:
-    out = subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True, text=True,
-                         check=True)  # fmt: skip
-    return {int(m["id"]) for m in json.loads(out.stdout)}
 
 
 class Node:
@@ -232,21 +233,10 @@ def node(workdir: Path, cgroup_root: Path, figures: Figures) -> Iterator[Node]:
         if n.agent.popen is not None and n.agent.popen.poll() is None:
             n.note_held()
         n.close()
-    leaked = wait_gone(n.held_programs, n.held_maps)
+    leaked = wait_bpf_gone(n.held_programs, n.held_maps, GONE_SECONDS)
     figures.programs_after = len(bpf_prog_ids())
     figures.leaked = len(leaked)
     check(not leaked, f"{figures.scenario}: BPF objects outlived their agent: {sorted(leaked)}")
-
-
-def wait_gone(programs: set[int], maps: set[int], timeout: float = GONE_SECONDS) -> set[str]:
-    """The ones the kernel still lists after `timeout` (freeing is deferred)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = {f"prog {i}" for i in programs & bpf_prog_ids()}
-        left |= {f"map {i}" for i in maps & bpf_map_ids()}
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
 
 
 def probe(name: str, tracepoint: str, *pods: FakePod, tag: str = "a") -> dict[str, Any]:
@@ -317,7 +307,7 @@ def kill_mid_compile(workdir: Path, cgroup_root: Path) -> Figures:
         at_kill = len(held_bpf_ids(n.pid)[0]) - 2  # less the node's claims programs
         n.kill()
         figures.notes.append(f"killed holding {at_kill} of {len(probes)} probe programs")
-        check(not wait_gone(n.held_programs, n.held_maps - pinned_maps(n)),
+        check(not wait_bpf_gone(n.held_programs, n.held_maps - pinned_maps(n), GONE_SECONDS),
               "the killed agent's programs outlived it")  # fmt: skip
         figures.ready_seconds = n.start()
         resumed = figures.ready_seconds + wait_hits(n, web)
@@ -346,7 +336,7 @@ def kill_mid_push(workdir: Path, cgroup_root: Path) -> Figures:
         n.put_in_background(2, second)
         wait_until("revision 2 persisted", lambda: n.persisted_revision() == 2, timeout=30)
         n.kill()
-        check(not wait_gone(n.held_programs, n.held_maps - pinned_maps(n)),
+        check(not wait_bpf_gone(n.held_programs, n.held_maps - pinned_maps(n), GONE_SECONDS),
               "the killed agent's programs outlived it")  # fmt: skip
         figures.ready_seconds = n.start()
         resumed = figures.ready_seconds + wait_hits(n, api)

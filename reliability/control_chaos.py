@@ -15,10 +15,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from reliability.agent_chaos import Figures, check, check_holds, held_bpf_ids, wait_gone
+from reliability.agent_chaos import GONE_SECONDS, Figures, check, check_holds, held_bpf_ids
 from tracekeeper_agent.targets.cgroups import detect_root
 from tracekeeper_sim.local_cluster import LocalCluster
-from tracekeeper_sim.world import GROUP_PATH, SimNode, World, bpf_prog_ids, condition, wait_until
+from tracekeeper_sim.world import (
+    GROUP_PATH,
+    SimNode,
+    World,
+    bpf_prog_ids,
+    condition,
+    wait_bpf_gone,
+    wait_until,
+)
 
 TRACEPOINTS = (
     "syscalls:sys_enter_openat",
@@ -120,7 +128,7 @@ def counted(figures: Figures, node: SimNode) -> Iterator[set[int]]:
     figures.programs_before = len(bpf_prog_ids())
     seen: set[int] = set()
     yield seen
-    left = wait_gone(seen, set())
+    left = wait_bpf_gone(seen, set(), GONE_SECONDS)
     figures.leaked = len(left)
     figures.programs_after = len(bpf_prog_ids())
     figures.agent_programs = len(held_bpf_ids(agent_pid(node))[0])

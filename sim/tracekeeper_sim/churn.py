@@ -26,9 +26,8 @@ from tracekeeper_sim.world import (
     FakePod,
     SimNode,
     World,
-    bpf_map_ids,
-    bpf_prog_ids,
     condition,
+    wait_bpf_gone,
     wait_until,
 )
 
@@ -261,9 +260,9 @@ class Churn:
             if now[n].get(probe) != ids
         ]
 
-    def leftovers_gone(self) -> bool:
-        """None of the agents' programs and maps is left (after the world closed)."""
-        return not (self.held_programs & bpf_prog_ids()) and not (self.held_maps & bpf_map_ids())
+    def leftovers(self, timeout: float = 30.0) -> set[str]:
+        """The agents' programs and maps the kernel still lists (after the world closed)."""
+        return wait_bpf_gone(self.held_programs, self.held_maps, timeout)
 
 
 def _ready(obj: dict[str, Any] | None) -> bool:

@@ -274,6 +274,18 @@ def _bpf_ids(kind: str) -> set[int]:
     return {int(p["id"]) for p in json.loads(out.stdout)}
 
 
+def wait_bpf_gone(programs: set[int], maps: set[int], timeout: float) -> set[str]:
+    """Those of these programs and maps the kernel still lists after `timeout` (freeing is
+    deferred after their last fd closes), named `prog N` / `map N`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {f"prog {i}" for i in programs & bpf_prog_ids()}
+        left |= {f"map {i}" for i in maps & bpf_map_ids()}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
 # --- nodes and pods --------------------------------------------------------------------------
 
 
