@@ -23,7 +23,7 @@ from tracekeeper_agent.bpf.ringbuf import RingReader
 from tracekeeper_agent.bpf.stderr_capture import capture_fd2
 from tracekeeper_agent.host.bpf_ids import prog_id
 from tracekeeper_agent.host.bpf_stats import map_usage, prog_usage
-from tracekeeper_agent.host.event_records import EventBatch, record_layout
+from tracekeeper_agent.host.event_records import TASK_COMM_LEN, EventBatch, record_layout
 from tracekeeper_agent.ports import (
     BindingConfig,
     CountSample,
@@ -43,7 +43,6 @@ from tracekeeper_api.text import truncate_message
 
 log = logging.getLogger(__name__)
 
-_TASK_COMM_LEN = 16
 _CFLAGS = ["-Wno-macro-redefined", "-Wno-unused-function"]
 
 
@@ -107,7 +106,7 @@ class BccProgram:
             comms,
             old.comms,
             maps.comms,
-            key_of=lambda name: comms.Key(name.encode()[: _TASK_COMM_LEN - 1]),
+            key_of=lambda name: comms.Key(name.encode()[: TASK_COMM_LEN - 1]),
         )
         if old.follow_mask & ~maps.follow_mask and self._has(b"tk_child_pids"):
             self._drop_children(maps.follow_mask)

@@ -27,6 +27,7 @@ BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER_BYTES = 8
 TASK_COMM_LEN = 16
+"""The kernel's comm length (linux/sched.h): rendered into every program's #defines."""
 
 Records = npt.NDArray[np.void]
 """A structured array: bindings, ts, cgroup, pid, tid, comm (u8[16]), then f_<name> per
@@ -38,7 +39,7 @@ EVENT_HEADER: tuple[tuple[str, str, Any], ...] = (
     ("cgroup", "u64 cgroup;", "<u8"),
     ("pid", "u32 pid;", "<u4"),
     ("tid", "u32 tid;", "<u4"),
-    ("comm", "char comm[TASK_COMM_LEN];", (np.uint8, (TASK_COMM_LEN,))),
+    ("comm", "char comm[TK_COMM_LEN];", (np.uint8, (TASK_COMM_LEN,))),
 )
 """The members every struct tk_event starts with (name, C declaration, numpy format), in
 order: the program builder renders the C struct from it, record_layout the dtype. Every

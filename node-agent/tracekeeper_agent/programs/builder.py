@@ -65,6 +65,8 @@ def render_source(assignment: ProbeAssignment, ctx: BuildContext) -> tuple[str, 
     kind = REGISTRY[spec.attach_kind](spec, ctx)
     parts = [
         f"/* tracekeeper program: {shape_of(assignment).label} */\n",
+        # Raw programs are written against BCC's usual headers (task_struct, ...).
+        "#include <linux/sched.h>\n" if kind.raw else "",
         _defines(assignment),
         PRELUDE,
         "\n",

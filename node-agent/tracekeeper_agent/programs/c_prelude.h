@@ -6,9 +6,10 @@
  * limits are map contents, written by the agent: changing them never recompiles.
  * A probe body starts with TK_ADMIT(): it leaves in tk_mask the bindings that keep the hit
  * (after filter and sampling), and returns when none does.
+ * No kernel header but ptrace.h (pt_regs, for uprobes): each one is parsed on every
+ * compile, and linux/sched.h alone doubled its time. Raw programs get sched.h back.
  */
 #include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
 
 /* Per-CPU counters per binding (index binding * TK_NCOUNTERS + counter), summed by the
  * agent at read time. */
@@ -90,7 +91,7 @@ BPF_HASH(tk_child_pids, u32, u64, TK_MAX_CHILD_PIDS); /* kernel: live children o
 #endif
 
 struct tk_comm {
-    char name[TASK_COMM_LEN];
+    char name[TK_COMM_LEN];
 };
 BPF_HASH(tk_comms, struct tk_comm, u64, TK_MAX_COMMS); /* comm -> bindings naming it */
 
@@ -154,7 +155,7 @@ struct tk_key {
     u32 slot;
     u32 binding;
     u32 pad;
-    char comm[TASK_COMM_LEN];
+    char comm[TK_COMM_LEN];
 };
 
 static __always_inline void tk_key_init(struct tk_key *k) {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
+from tracekeeper_agent.host.event_records import TASK_COMM_LEN
 from tracekeeper_api.shapes import BINDINGS_PER_PROGRAM
 
 MAX_BINDINGS = BINDINGS_PER_PROGRAM
@@ -102,6 +103,9 @@ def c_defines() -> str:
         "TK_FNV_OFFSET": FNV_OFFSET,
         "TK_FNV_PRIME": FNV_PRIME,
         "TK_NCLAIM_COUNTERS": NCLAIM_COUNTERS,
+        # The kernel's TASK_COMM_LEN (linux/sched.h), which the prelude does not include:
+        # parsing it was half of every compile (0.35 of 0.7 s).
+        "TK_COMM_LEN": TASK_COMM_LEN,
     }
     values.update({f"TK_{c.name}": c.value for c in Counter})
     values.update({f"TK_FLAG_{f.name}": f.value for f in Flag if f.name})

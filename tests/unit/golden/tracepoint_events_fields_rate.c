@@ -16,6 +16,7 @@
 #define TK_FNV_OFFSET 0xcbf29ce484222325ULL
 #define TK_FNV_PRIME 0x100000001b3ULL
 #define TK_NCLAIM_COUNTERS 4
+#define TK_COMM_LEN 16
 #define TK_MATCHED 0
 #define TK_SAMPLED_OUT 1
 #define TK_RATE_LIMITED 2
@@ -44,7 +45,7 @@ struct tk_event {
     u64 cgroup;
     u32 pid;
     u32 tid;
-    char comm[TASK_COMM_LEN];
+    char comm[TK_COMM_LEN];
     char f_filename[256];
     s64 f_pid;
 };
