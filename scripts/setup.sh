@@ -77,7 +77,11 @@ if ! command -v uv >/dev/null 2>&1; then
 fi
 export UV_PYTHON_DOWNLOADS=never
 # The venv is made from Debian's python3: the interpreter python3-bpfcc targets.
-uv sync --frozen --python /usr/bin/python3 --quiet
+# Bytecode compiled ahead, as in the images (UV_COMPILE_BYTECODE): every agent and operator
+# process a test starts would otherwise compile ~400 modules from source again (0.6 s of
+# an agent's 1.4 s start here, where PYTHONDONTWRITEBYTECODE may be set).
+uv sync --frozen --python /usr/bin/python3 --quiet --compile-bytecode
+.venv/bin/python -m compileall -q -j 0 api operator node-agent sim kubectl-plugin > /dev/null
 log "python env: $(.venv/bin/python --version)"
 
 # Make Debian's bcc module (and only it) importable from the venv.

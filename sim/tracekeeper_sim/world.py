@@ -96,10 +96,13 @@ def wait_until(
     check: Callable[[], T | None],
     timeout: float = WAIT_SECONDS,
     describe: Callable[[], str] | None = None,
+    max_delay: float = 0.5,
 ) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` at the deadline."""
+    """Poll `check` until it returns something truthy; fail naming `what` at the deadline.
+    The delay grows to `max_delay`: a wait whose length is a reported figure keeps it small,
+    or the figure is the poll's step (up to 0.5 s) as much as the thing measured."""
     deadline = time.monotonic() + timeout
-    delay = 0.05
+    delay = min(0.05, max_delay)
     while True:
         result = check()
         if result:
@@ -108,7 +111,7 @@ def wait_until(
             detail = f"\n{describe()}" if describe else ""
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
+        delay = min(delay * 1.5, max_delay)
 
 
 def _die_with_parent() -> None:
@@ -196,7 +199,8 @@ class AgentProcess:
                 raise AssertionError(f"agent {self.node} exited:\n{_tail(self.log_path)}")
             return self.http("/readyz")[0] == 200
 
-        wait_until(f"agent {self.node} ready", ready, timeout=60)
+        # Chaos reports the time to ready: polled finely (a GET /readyz every 20 ms).
+        wait_until(f"agent {self.node} ready", ready, timeout=60, max_delay=0.02)
 
     def kill(self) -> None:
         """SIGKILL, as a crash or an OOM kill: no clean shutdown, the kernel drops its fds."""
