@@ -74,6 +74,7 @@ class ProfiledProgram:
         self._profile = profile
         self._on = on
         self._enabled = False
+        self.adopted = inner.adopted
 
     @property
     def program_ids(self) -> tuple[int, ...]:
@@ -141,6 +142,9 @@ class ProfilingLoader:
     @property
     def identities(self) -> IdentityMap:
         return self._loader.identities
+
+    def drop_leftovers(self) -> int:
+        return self._loader.drop_leftovers()
 
     def close(self) -> None:
         self._loader.close()

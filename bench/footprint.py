@@ -85,6 +85,9 @@ class TimingLoader:
     def identities(self) -> PinnedIdentities:
         return self._loader.identities
 
+    def drop_leftovers(self) -> int:
+        return self._loader.drop_leftovers()
+
     def close(self) -> None:
         self._loader.close()
 

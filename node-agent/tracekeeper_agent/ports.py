@@ -233,6 +233,9 @@ class LoadedProgram(Protocol):
     @property
     def program_ids(self) -> tuple[int, ...]: ...
 
+    adopted: bool
+    """Taken over from the pins a previous agent of the node left (not compiled)."""
+
     def update_maps(self, maps: ProgramMaps) -> None:
         """Make the filter and binding maps hold exactly `maps` (writes of what changed),
         then invalidate the verdict cache."""
@@ -315,6 +318,10 @@ class ProgramLoader(Protocol):
     @property
     def identities(self) -> IdentityMap:
         """The identity table its programs read."""
+
+    def drop_leftovers(self) -> int:
+        """Detach the programs a previous agent left pinned that no load adopted; how
+        many (called once the persisted state is restored)."""
 
     def close(self) -> None:
         """Release the identity table (once its programs are closed)."""

@@ -81,6 +81,7 @@ class FakeProgram:
     def __init__(self, loader: FakeLoader, plan: ProgramPlan, ids: tuple[int, ...]) -> None:
         self.loader = loader
         self.plan = plan
+        self.adopted = False
         self._ids = ids
         self.filters: list[ProgramMaps] = []
         self.closed = False
@@ -182,6 +183,8 @@ class FakeLoader:
         self.programs: list[FakeProgram] = []
         self.log: list[tuple[str, str, tuple[int, ...]]] = []
         self.failures: dict[str, LoadFailure | Exception] = {}
+        self.adopting: set[str] = set()
+        """Shapes whose load takes a previous agent's pinned program (no compile)."""
         self.gate: threading.Event | None = None
         self.loading = threading.Event()
         self.identities = FakeIdentities()
@@ -206,12 +209,16 @@ class FakeLoader:
                 ids = (self._next_id, self._next_id + 1)
                 self._next_id += 2
             program = FakeProgram(self, plan, ids)
+            program.adopted = plan.shape in self.adopting
             self.programs.append(program)
             self.log.append(("load", plan.shape, ids))
             return program
         finally:
             with self._lock:
                 self.concurrent -= 1
+
+    def drop_leftovers(self) -> int:
+        return 0  # nothing outlives a fake
 
     def close(self) -> None:
         pass

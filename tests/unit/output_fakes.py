@@ -37,6 +37,8 @@ class FakeProgram:
     """Implements LoadedProgram for one binding (bit 0). `emit` plays the kernel side of an
     events program: rate limit first, then a ring buffer of `ring_size` records."""
 
+    adopted = False
+
     def __init__(
         self,
         *,

@@ -531,6 +531,17 @@ async def test_compile_times_are_observed() -> None:
     assert len(seconds) == 2 and all(s >= 0 for s in seconds)
 
 
+async def test_an_adopted_program_is_counted_not_timed_as_a_compile() -> None:
+    seconds: list[float] = []
+    adopted: list[None] = []
+    reconciler, loader, _ = make(
+        compile_observer=seconds.append, adopt_observer=lambda: adopted.append(None)
+    )
+    loader.adopting = {"team-a/b"}
+    await reconciler.apply(node_state(1, probe(), probe("b")))
+    assert (len(seconds), len(adopted)) == (1, 1)
+
+
 class RecordingReaders:
     """Checks what an EventHub relies on: it is synced before a program closes."""
 

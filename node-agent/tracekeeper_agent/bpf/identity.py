@@ -42,19 +42,24 @@ def default_pin() -> Path:
 class PinnedIdentities:
     """Implements ports.IdentityMap over the pinned map and the claims program."""
 
-    def __init__(self, pin: Path) -> None:
+    def __init__(self, pin: Path, *, keep: bool = False) -> None:
+        """`keep`: use a table left pinned there (programs adopted from a previous agent
+        read it), emptied; otherwise a new one replaces it."""
         self.pin = pin
         pin.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            pin.unlink()
+        kept = keep and pin.exists()
+        if not kept:
+            with contextlib.suppress(FileNotFoundError):
+                pin.unlink()
         cflags = ["-Wno-macro-redefined", f'-DTK_IDENTITY_PIN="{pin}"']
         try:
             self._bpf: Any = BPF(text=claims_source().encode(), cflags=cflags)
         except Exception:
             # The table is pinned as the object is built: a failed load must not leave it.
-            with contextlib.suppress(OSError):
-                pin.unlink()
-                pin.parent.rmdir()
+            if not kept:
+                with contextlib.suppress(OSError):
+                    pin.unlink()
+                    pin.parent.rmdir()
             raise
         self._inode = os.stat(pin).st_ino
         atexit.register(self.close)
@@ -66,6 +71,15 @@ class PinnedIdentities:
         self._program_ids = tuple(
             prog_id(funcs[f"tracepoint__cgroup__{t}".encode()].fd) for t in _HOOKS
         )
+        if kept:  # the previous agent's slots: this one numbers pods anew
+            stale = [ctypes.c_ulonglong(k) for k in self.kernel_entries()]
+            for key in stale:
+                with contextlib.suppress(KeyError):
+                    del self._table[key]
+
+    @property
+    def map_fd(self) -> int:
+        return int(self._table.map_fd)
 
     @property
     def program_ids(self) -> tuple[int, ...]:

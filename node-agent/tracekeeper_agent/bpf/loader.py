@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -17,8 +18,11 @@ import numpy as np
 from bcc import BPF  # the only place bcc is imported (see the import-linter contract)
 
 from tracekeeper_agent.bpf.compiler_memory import QuietRelease
+from tracekeeper_agent.bpf.fd_maps import FdMap, LayoutMismatch, raw_layout
 from tracekeeper_agent.bpf.identity import PinnedIdentities, default_pin
+from tracekeeper_agent.bpf.links import attach_raw_tracepoint, attach_tracepoint
 from tracekeeper_agent.bpf.maps import write_diff, write_values
+from tracekeeper_agent.bpf.pinned_programs import OpenedPins, PinStore, ProgramPins
 from tracekeeper_agent.bpf.ringbuf import RingReader
 from tracekeeper_agent.bpf.stderr_capture import capture_fd2
 from tracekeeper_agent.host.bpf_ids import prog_id
@@ -37,6 +41,7 @@ from tracekeeper_agent.ports import (
     SampleKey,
 )
 from tracekeeper_agent.programs.constants import NCOUNTERS, Counter
+from tracekeeper_agent.programs.map_layouts import LAYOUTS
 from tracekeeper_api.protocol import ProbeState
 from tracekeeper_api.reasons import OutcomeReason
 from tracekeeper_api.text import truncate_message
@@ -64,6 +69,8 @@ def _bcc_lib() -> Any:
     lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
     lib.bpf_table_fd_id.restype = ctypes.c_int
     lib.bpf_table_fd_id.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     return lib
 
 
@@ -77,26 +84,95 @@ def _failure_reason(text: str) -> OutcomeReason:
 
 class BccProgram:
     """A loaded shape program (implements ports.LoadedProgram): its maps written from
-    ProgramMaps, its outputs read back per binding."""
+    ProgramMaps, its outputs read back per binding. Compiled here (`compiled`: BCC's
+    tables) or adopted from a previous agent's pins (`adopted`: the same maps by fd)."""
 
-    def __init__(self, bpf: Any, plan: ProgramPlan) -> None:
-        self._bpf = bpf
+    def __init__(
+        self,
+        plan: ProgramPlan,
+        tables: dict[bytes, Any],
+        prog_fds: list[int],
+        map_fds: tuple[int, ...],
+        *,
+        bpf: Any = None,
+        links: list[int] | None = None,
+        owned: OpenedPins | None = None,
+    ) -> None:
         self.plan = plan
+        self._tables = tables
+        self._bpf = bpf
+        """BCC's object when compiled here (None: adopted)."""
+        self._links = links or []
+        """Link fds of attachments made here (pinned programs): closing them detaches."""
+        self._owned = owned
+        self._pins: ProgramPins | None = None
+        self._prog_fds = prog_fds
         self._ring_open = False
         self._pending: list[RawEvent] = []
         self._reader: RingReader | None = None
-        self._program_ids = tuple(sorted(prog_id(f.fd) for f in bpf.funcs.values()))
-        self._map_fds = _map_fds(bpf)
+        self._program_ids = tuple(sorted(prog_id(fd) for fd in prog_fds))
+        self._map_fds = map_fds
         self._maps = ProgramMaps()
         """What the agent wrote (the maps only it writes are never read back)."""
         self._gen = 0
+        self.adopted = bpf is None
+
+    @classmethod
+    def compiled(cls, bpf: Any, plan: ProgramPlan, links: list[int]) -> BccProgram:
+        tables = {}
+        for name in (*LAYOUTS, "tk_events"):
+            try:
+                tables[name.encode()] = bpf[name.encode()]
+            except KeyError:
+                continue
+        _check_layouts(tables)
+        prog_fds = [f.fd for f in bpf.funcs.values()]
+        return cls(plan, tables, prog_fds, _map_fds(bpf), bpf=bpf, links=links)
+
+    @classmethod
+    def adopted_from(cls, plan: ProgramPlan, opened: OpenedPins, identity_fd: int) -> BccProgram:
+        """A previous agent's program of this plan, its maps reset to a fresh load's: bits
+        are given again, so nothing of the old bindings may stay (counts, masks, pids)."""
+        tables: dict[bytes, Any] = {}
+        cleared: list[FdMap] = []
+        try:
+            for name, fd in opened.maps.items():
+                layout = LAYOUTS.get(name)
+                if layout is not None:
+                    tables[name.encode()] = table = FdMap(os.dup(fd), layout, name)
+                    cleared.append(table)
+                elif name == "tk_events":
+                    tables[b"tk_events"] = _Ring(fd)
+                elif name != "tk_verdicts":  # invalidated by the generation instead
+                    cleared.append(FdMap(os.dup(fd), raw_layout(fd), name))
+            old_gen = int(tables[b"tk_config"][ctypes.c_int(0)].gen)
+            for table in cleared:
+                table.clear()
+        except BaseException:
+            for t in tables.values():
+                if isinstance(t, FdMap):
+                    t.close()
+            raise
+        finally:
+            for table in cleared:
+                if table.name.encode() not in tables:
+                    table.close()
+        map_fds = (*opened.maps.values(), identity_fd)
+        program = cls(plan, tables, list(opened.progs.values()), map_fds, owned=opened)
+        program._gen = old_gen  # cached verdicts of every older generation are stale
+        program.invalidate()
+        return program
+
+    def keep_pinned(self, pins: ProgramPins) -> None:
+        """Pinned: a SIGKILL leaves it attached for the next agent; close() unpins."""
+        self._pins = pins
 
     @property
     def program_ids(self) -> tuple[int, ...]:
         return self._program_ids
 
     def update_maps(self, maps: ProgramMaps) -> None:
-        old, b = self._maps, self._bpf
+        old, b = self._maps, self._tables
         slots = dict.fromkeys(old.slot_masks.keys() - maps.slot_masks.keys(), 0)
         slots.update((s, m) for s, m in maps.slot_masks.items() if old.slot_masks.get(s) != m)
         write_values(b[b"tk_slot_masks"], slots, key_of=ctypes.c_int)
@@ -120,7 +196,7 @@ class BccProgram:
 
     def _drop_children(self, follow: int) -> None:
         """Children inherited for bindings that no longer follow them: their bits go."""
-        children = self._bpf[b"tk_child_pids"]
+        children = self._tables[b"tk_child_pids"]
         for k, v in list(children.items()):
             kept = int(v.value) & follow
             if kept:
@@ -132,13 +208,13 @@ class BccProgram:
         """Write the config with a new generation: every cached verdict is recomputed."""
         m = self._maps
         self._gen += 1
-        config = self._bpf[b"tk_config"]
+        config = self._tables[b"tk_config"]
         config[ctypes.c_int(0)] = config.Leaf(
             self._gen, m.host_mask, m.no_comm_mask, m.follow_mask, m.flags
         )
 
     def clear_binding(self, bit: int) -> None:
-        b = self._bpf
+        b = self._tables
         if self._has(b"tk_values"):
             values = b[b"tk_values"]
             mine = [k for k in values if int(k.binding) == bit]
@@ -165,15 +241,11 @@ class BccProgram:
     def _values(self, bit: int) -> list[tuple[Any, int]]:
         if not self._has(b"tk_values"):
             return []
-        table = self._bpf[b"tk_values"]
+        table = self._tables[b"tk_values"]
         return [(k, sum(int(x) for x in v)) for k, v in table.items() if int(k.binding) == bit]
 
     def _has(self, name: bytes) -> bool:
-        try:
-            self._bpf[name]
-        except KeyError:
-            return False
-        return True
+        return name in self._tables
 
     def read_counts(self, bit: int) -> list[CountSample]:
         if self.plan.output_kind == "histogram":
@@ -193,7 +265,7 @@ class BccProgram:
         return [HistogramSample(key, slots) for key, slots in buckets.items()]
 
     def read_counters(self, bit: int) -> KernelCounters:
-        per_cpu = self._bpf[b"tk_counters"]
+        per_cpu = self._tables[b"tk_counters"]
         base = bit * NCOUNTERS
         sums = {c: sum(int(x) for x in per_cpu[ctypes.c_int(base + c)]) for c in Counter}
         return KernelCounters(
@@ -207,14 +279,14 @@ class BccProgram:
     def live_keys(self, bit: int) -> int:
         if not self._has(b"tk_values"):
             return 0
-        return sum(1 for k in self._bpf[b"tk_values"] if int(k.binding) == bit)
+        return sum(1 for k in self._tables[b"tk_values"] if int(k.binding) == bit)
 
     def kernel_objects(self) -> list[ObjectUsage]:
-        progs = [prog_usage(f.fd) for f in self._bpf.funcs.values()]
+        progs = [prog_usage(fd) for fd in self._prog_fds]
         return progs + [map_usage(fd) for fd in self._map_fds]
 
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
-        e = self._bpf[b"tk_events"].event(data)
+        e = self._tables[b"tk_events"].event(data)
         fields: dict[str, int | str] = {}
         for f in self.plan.event_fields:
             raw = getattr(e, f"f_{f.name}")
@@ -235,6 +307,8 @@ class BccProgram:
     def poll_events(self, timeout_ms: int) -> list[RawEvent]:
         if self.plan.output_kind != "events":
             return []
+        if self._bpf is None:  # adopted: no BCC decoder, the batches' own
+            return self.poll_batch(timeout_ms, 1 << 20).to_raw()
         if self._reader is not None:
             raise RuntimeError("the ring is read in batches (poll_batch) already")
         if not self._ring_open:
@@ -250,21 +324,57 @@ class BccProgram:
         if self._reader is None:
             if self._ring_open:
                 raise RuntimeError("the ring is read per record (poll_events) already")
-            table = self._bpf[b"tk_events"]
+            table = self._tables[b"tk_events"]
             layout = record_layout(self.plan.event_fields)
-            # BCC's view of struct tk_event (from the compiled source) must be ours.
-            bcc_size = ctypes.sizeof(_event_class(table))
-            if bcc_size != layout.size:
-                raise RuntimeError(
-                    f"struct tk_event is {bcc_size} bytes, the record layout {layout.size}"
-                )
+            if self._bpf is not None:
+                # BCC's view of struct tk_event (from the compiled source) must be ours.
+                bcc_size = ctypes.sizeof(_event_class(table))
+                if bcc_size != layout.size:
+                    raise RuntimeError(
+                        f"struct tk_event is {bcc_size} bytes, the record layout {layout.size}"
+                    )
             self._reader = RingReader(table.map_fd, layout)
+            if self._bpf is None:
+                self._reader.discard()  # the previous agent's records: its bindings' bits
         return self._reader.poll(timeout_ms, max_records)
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
-        discard(self._bpf)
+        if self._pins is not None:
+            self._pins.remove()
+        for link in self._links:
+            with contextlib.suppress(OSError):
+                os.close(link)
+        for table in self._tables.values():
+            if isinstance(table, FdMap):
+                table.close()
+        if self._owned is not None:
+            self._owned.close()
+        if self._bpf is not None:
+            discard(self._bpf)
+
+
+class _Ring:
+    """An adopted program's ring buffer: only its fd is needed (bpf/ringbuf.py maps it)."""
+
+    def __init__(self, fd: int) -> None:
+        self.map_fd = fd
+
+
+def _check_layouts(tables: dict[bytes, Any]) -> None:
+    """BCC's parse of the compiled C must be what map_layouts says (adoption uses it)."""
+    for name, table in tables.items():
+        layout = LAYOUTS.get(name.decode())
+        if layout is None:
+            continue
+        value = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: one CPU's value
+        ours = (ctypes.sizeof(layout.key), ctypes.sizeof(layout.value))
+        theirs = (ctypes.sizeof(table.Key), ctypes.sizeof(value))
+        if ours != theirs:
+            raise RuntimeError(
+                f"map {name.decode()}: BCC has key/value {theirs} bytes, map_layouts {ours}"
+            )
 
 
 class BccLoader:
@@ -275,18 +385,44 @@ class BccLoader:
     atexit (so a half-built one stays alive, attached, until the process exits), and the
     constructor can fail after loading and attaching some functions (TRACEPOINT_PROBE
     auto-attach). The object is created before __init__ runs, so that it can be cleaned
-    up whatever step fails."""
+    up whatever step fails.
+
+    With `programs_pin` (an agent's, one per node), tracepoint programs are attached by
+    pinned links and kept pinned there: a previous agent's are adopted by the loads of
+    the same source (bpf/pinned_programs.py), and the identity table they use is kept."""
 
     def __init__(
-        self, identity_pin: Path | None = None, quiet_release: QuietRelease | None = None
+        self,
+        identity_pin: Path | None = None,
+        quiet_release: QuietRelease | None = None,
+        *,
+        programs_pin: Path | None = None,
     ) -> None:
         self._pin = identity_pin or default_pin()
         self._quiet_release = quiet_release or QuietRelease()
         """Hands the compiler's memory back once compiles stop (bpf/compiler_memory.py)."""
+        self._store = PinStore(programs_pin) if programs_pin is not None else None
         # Before any program declares the table, and from one thread: the reconciler reads
         # it from the event loop (reports) and the compile worker (loads) alike.
-        self._identities: PinnedIdentities | None = PinnedIdentities(self._pin)
+        self._identities: PinnedIdentities | None = self._open_identities()
         self._quiet_release.compiled()  # importing bcc and the claims program paged it in
+        self.adopted = 0
+        """Programs taken over from a previous agent (not compiled)."""
+
+    def _open_identities(self) -> PinnedIdentities:
+        store = self._store
+        if store is None or not store.leftovers:
+            return PinnedIdentities(self._pin)
+        try:  # the leftovers read the old table: keep it (emptied), or they cannot be used
+            return PinnedIdentities(self._pin, keep=True)
+        except Exception as exc:
+            log.warning("the pinned identity table cannot be kept (%s): not adopting", exc)
+            store.drop_all()
+            return PinnedIdentities(self._pin)
+
+    def drop_leftovers(self) -> int:
+        """Detach what a previous agent left pinned and no load took (after the restore)."""
+        return self._store.drop_leftovers() if self._store is not None else 0
 
     @property
     def identities(self) -> PinnedIdentities:
@@ -297,6 +433,10 @@ class BccLoader:
 
     def close(self) -> None:
         self._quiet_release.close()
+        self.drop_leftovers()
+        if self._store is not None:
+            with contextlib.suppress(OSError):  # still holding pins: a program is not closed
+                self._store.root.rmdir()
         if self._identities is not None:
             self._identities.close()
             self._identities = None
@@ -309,9 +449,14 @@ class BccLoader:
             self._quiet_release.compiled()
 
     def _load(self, plan: ProgramPlan) -> BccProgram:
+        pinned = self._store is not None and _pinnable(plan)
+        if pinned and (adopted := self._adopt(plan)) is not None:
+            return adopted
         pin = self.identities.pin
         cflags = [*_CFLAGS, f'-DTK_IDENTITY_PIN="{pin}"']
         bpf = BPF.__new__(BPF)
+        if pinned:  # attached below by links, which can be pinned
+            bpf._trace_autoload = lambda: None
         with capture_fd2() as out:
             try:
                 bpf.__init__(text=plan.source.encode(), cflags=cflags)
@@ -327,16 +472,62 @@ class BccLoader:
                 "KernelHeadersMissing" if reason == "KernelHeadersMissing" else "Failed"
             )
             raise LoadFailure(state, reason, truncate_message(explain(_clean(text))))
+        links: list[int] = []
         try:
             with capture_fd2() as out:
                 self._attach(bpf, plan)
-            return BccProgram(bpf, plan)
+                if pinned:
+                    links = _attach_links(bpf)
+            program = BccProgram.compiled(bpf, plan, links)
         except BaseException as exc:  # also a cancellation or an id read that failed
+            for link in links:
+                os.close(link)
             discard(bpf)
             if not isinstance(exc, Exception):
                 raise
             text = scrub(_clean(f"{out.text}\n{exc}".strip()), plan)
             raise LoadFailure("Failed", "AttachFailed", truncate_message(explain(text))) from exc
+        if pinned:
+            self._pin_program(bpf, program, links)
+        return program
+
+    def _adopt(self, plan: ProgramPlan) -> BccProgram | None:
+        assert self._store is not None
+        pins = self._store.take(plan.source_hash)
+        if pins is None:
+            return None
+        try:
+            opened = pins.open()
+        except OSError as exc:
+            log.warning("cannot adopt %s (%s): compiling", pins.directory.name, exc)
+            pins.remove()
+            return None
+        try:
+            program = BccProgram.adopted_from(plan, opened, self.identities.map_fd)
+        except (OSError, LayoutMismatch, KeyError) as exc:
+            opened.close()
+            log.warning("cannot adopt %s (%s): compiling", pins.directory.name, exc)
+            pins.remove()
+            return None
+        program.keep_pinned(pins)
+        self.adopted += 1
+        log.info("adopted the pinned program %s (%s)", pins.directory.name, plan.shape)
+        return program
+
+    def _pin_program(self, bpf: Any, program: BccProgram, links: list[int]) -> None:
+        """Pin a program attached by links; unpinned it works all the same (logged)."""
+        assert self._store is not None
+        pins = self._store.new(program.plan.source_hash)
+        progs = {name.decode(): f.fd for name, f in bpf.funcs.items()}
+        maps = {name: fd for name, fd in _table_fds(bpf).items() if name != "tk_identity"}
+        try:
+            pins.pin(progs, links, maps)
+        except OSError as exc:
+            log.warning(
+                "could not pin %s (%s): it will not outlive this agent", program.plan.shape, exc
+            )
+            return
+        program.keep_pinned(pins)
 
     @staticmethod
     def _attach(bpf: Any, plan: ProgramPlan) -> None:
@@ -355,6 +546,43 @@ class BccLoader:
             elif a.kind == "kretprobe":
                 bpf.attach_kretprobe(event=a.target.encode(), fn_name=a.fn_name.encode())
             # "auto": BCC attached TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE on construction
+
+
+def _pinnable(plan: ProgramPlan) -> bool:
+    """Only tracepoints are attached by links here (uprobes and raw programs as BCC does)."""
+    return all(a.kind == "auto" and a.fn_name != "*" for a in plan.attachments)
+
+
+def _attach_links(bpf: Any) -> list[int]:
+    """What BCC's autoload attaches (TRACEPOINT_PROBE, RAW_TRACEPOINT_PROBE), by links."""
+    lib = _bcc_lib()
+    links: list[int] = []
+    try:
+        for i in range(lib.bpf_num_functions(bpf.module)):
+            name = lib.bpf_function_name(bpf.module, i)
+            if name.startswith(b"tracepoint__"):
+                fn = bpf.load_func(name, BPF.TRACEPOINT)
+                category, _, event = name[len(b"tracepoint__") :].decode().partition("__")
+                links.append(attach_tracepoint(fn.fd, category, event))
+            elif name.startswith(b"raw_tracepoint__"):
+                fn = bpf.load_func(name, BPF.RAW_TRACEPOINT)
+                links.append(
+                    attach_raw_tracepoint(fn.fd, name[len(b"raw_tracepoint__") :].decode())
+                )
+    except BaseException:
+        for link in links:
+            os.close(link)
+        raise
+    return links
+
+
+def _table_fds(bpf: Any) -> dict[str, int]:
+    """Every table of the module by name (BCC's list, not its lazily filled `tables`)."""
+    lib = _bcc_lib()
+    return {
+        lib.bpf_table_name(bpf.module, i).decode(): lib.bpf_table_fd_id(bpf.module, i)
+        for i in range(lib.bpf_num_tables(bpf.module))
+    }
 
 
 def _uprobe_attacher() -> Any:

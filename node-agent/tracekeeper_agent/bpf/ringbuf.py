@@ -76,6 +76,10 @@ class RingReader:
             self._consumer_pos.value = w.consumer_pos
         return EventBatch(records, self.layout, discarded=w.discarded)
 
+    def discard(self) -> None:
+        """Skip every record committed so far (written for bindings that are gone)."""
+        self._consumer_pos.value = self._producer_pos()
+
     def close(self) -> None:
         if self._closed:
             return

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -558,9 +558,17 @@ class AgentMetrics:
             buckets=COMPILE_BUCKETS,
             registry=self.registry,
         )
+        self._adopted = Counter(
+            "tracekeeper_agent_programs_adopted",
+            "Programs taken over from the pins of the node's previous agent (not compiled).",
+            registry=self.registry,
+        )
 
     def observe_compile(self, seconds: float) -> None:
         self._compile.observe(seconds)
+
+    def observe_adopted(self) -> None:
+        self._adopted.inc()
 
     def add_claims(self, source: Callable[[], CgroupClaims]) -> None:
         """Export the cgroup claims (`Reconciler.claims`) from this registry."""

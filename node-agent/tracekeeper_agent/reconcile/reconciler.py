@@ -203,6 +203,7 @@ class Reconciler:
         store: StateStore | None = None,
         kernel: KernelInfo | None = None,
         compile_observer: Callable[[float], None] | None = None,
+        adopt_observer: Callable[[], None] | None = None,
         attributor: TargetAttributor | None = None,
         boot_id: str | None = None,
         plan_inputs: PlanInputs = plan_inputs,
@@ -231,6 +232,7 @@ class Reconciler:
         self._processes = processes
         self._store = store
         self._compile_observer = compile_observer
+        self._adopt_observer = adopt_observer
         self._state: NodeState | None = None
         """The last accepted state (revision checks); possibly still being applied."""
         self._applied_revision = 0
@@ -477,10 +479,16 @@ class Reconciler:
         def load() -> LoadedProgram:
             with self._one_compile:
                 started = time.perf_counter()
+                adopted = False
                 try:
-                    return self._loader.load(plan)
+                    program = self._loader.load(plan)
+                    adopted = program.adopted
+                    return program
                 finally:
-                    if self._compile_observer is not None:
+                    if adopted:
+                        if self._adopt_observer is not None:
+                            self._adopt_observer()
+                    elif self._compile_observer is not None:
                         self._compile_observer(time.perf_counter() - started)
 
         pending = asyncio.ensure_future(asyncio.to_thread(load))

@@ -89,12 +89,15 @@ async def _sample_stats(stats: RunTimeStats) -> None:
 
 
 def real_loader(node: str | None = None) -> ProgramLoader:
-    """The BCC loader; an agent's (`node` given) pins its identity table at a path of its
-    own node, so that simulated nodes sharing one machine never share one."""
+    """The BCC loader; an agent's (`node` given) pins its identity table and its programs at
+    paths of its own node, so that simulated nodes sharing one machine never share one, and
+    the node's next agent adopts its programs (bpf/pinned_programs.py)."""
     from tracekeeper_agent.bpf.identity import PIN_ROOT
     from tracekeeper_agent.bpf.loader import BccLoader  # the only path to bcc
 
-    return BccLoader(PIN_ROOT / node / "identity" if node else None)
+    if node is None:
+        return BccLoader()
+    return BccLoader(PIN_ROOT / node / "identity", programs_pin=PIN_ROOT / node / "programs")
 
 
 @dataclass
@@ -158,6 +161,7 @@ async def running_agent(
         store=StateStore(state_dir),
         kernel=kernel_info(node_kernel(), _stats_check(stats)),
         compile_observer=metrics.observe_compile,
+        adopt_observer=metrics.observe_adopted,
         attributor=attributor,
     )
     metrics.add_claims(reconciler.claims)
@@ -177,6 +181,10 @@ async def running_agent(
         restored = await reconciler.restore()
         if restored is not None:
             log.info("resumed revision %d (%d probes)", restored.revision, len(restored.probes))
+        # What the previous agent left pinned and the restored state did not take goes now.
+        dropped = await asyncio.to_thread(loader.drop_leftovers)
+        if dropped:
+            log.info("detached %d programs a previous agent left pinned", dropped)
         ready.set()
 
     background = [
