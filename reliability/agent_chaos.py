@@ -69,7 +69,9 @@ class Figures:
     ready_seconds: float | None = None
     """... of which: the restarted process's start to /readyz (its persisted state applied)."""
     compiles: int = 0
-    """Programs the restart compiled (BCC compiles on every load: the bulk of a resume)."""
+    """Programs the restart compiled, the node's claims program included (~0.35 s each)."""
+    adopted: int = 0
+    """Programs the restart took over from the killed agent's pins (not compiled)."""
     programs_before: int = 0
     """`bpftool prog show` entries before the scenario (others' programs included)."""
     programs_after: int = 0
@@ -284,7 +286,7 @@ def wait_hits(n: Node, pod: FakePod, above: float = 0, timeout: float = 30) -> f
         return f"hits {n.hits()}, above {above}; {n.agent.report()['probes']}"
 
     wait_until(f"hits of {pod.name}", lambda: n.hits().get(pod.name, 0) > above,
-               timeout=timeout, describe=describe)  # fmt: skip
+               timeout=timeout, describe=describe, max_delay=0.02)  # fmt: skip
     return time.monotonic() - started
 
 
@@ -307,15 +309,16 @@ def kill_mid_compile(workdir: Path, cgroup_root: Path) -> Figures:
         at_kill = len(held_bpf_ids(n.pid)[0]) - 2  # less the node's claims programs
         n.kill()
         figures.notes.append(f"killed holding {at_kill} of {len(probes)} probe programs")
-        check(not wait_bpf_gone(n.held_programs, n.held_maps - pinned_maps(n), GONE_SECONDS),
-              "the killed agent's programs outlived it")  # fmt: skip
+        pinned = check_only_pins_outlive(n)
         figures.ready_seconds = n.start()
         resumed = figures.ready_seconds + wait_hits(n, web)
         report = n.agent.report()
-        figures.compiles = len(probes) + 1  # and the node's claims program
+        count_loads(n, figures)
+        check(figures.adopted == len(pinned), f"adopted {figures.adopted} of {len(pinned)} pinned")
         check(report["revision"] == 1, f"resumed revision {report['revision']}, not 1")
         check(loaded(report) == [p["id"] for p in probes], f"not all loaded: {report['probes']}")
         figures.agent_programs = check_holds_what_it_reports(n, report, "after the restart")
+        check_adopted_or_gone(n, pinned)
         figures.resume_seconds = resumed
     return figures
 
@@ -336,17 +339,83 @@ def kill_mid_push(workdir: Path, cgroup_root: Path) -> Figures:
         n.put_in_background(2, second)
         wait_until("revision 2 persisted", lambda: n.persisted_revision() == 2, timeout=30)
         n.kill()
-        check(not wait_bpf_gone(n.held_programs, n.held_maps - pinned_maps(n), GONE_SECONDS),
-              "the killed agent's programs outlived it")  # fmt: skip
+        pinned = check_only_pins_outlive(n)
         figures.ready_seconds = n.start()
         resumed = figures.ready_seconds + wait_hits(n, api)
-        figures.compiles = len(second) + 1
+        count_loads(n, figures)
         report = n.agent.report()
         check(report["revision"] == 2, f"resumed revision {report['revision']}, not 2")
         check(loaded(report) == [p["id"] for p in second], f"resumed {report['probes']}")
         figures.agent_programs = check_holds_what_it_reports(n, report, "after the restart")
+        check_adopted_or_gone(n, pinned)  # revision 1's "old" probe: detached
         figures.resume_seconds = resumed
     return figures
+
+
+def kill_while_tracing(workdir: Path, cgroup_root: Path) -> Figures:
+    """SIGKILL with every probe loaded (an OOM kill, a crash): the programs stay attached
+    through their pins, and the restart adopts them all, compiling none of them."""
+    figures = Figures("agent SIGKILL while tracing", goal=RESUME_GOAL_SECONDS)
+    with node(workdir, cgroup_root, figures) as n:
+        web = n.pod("web-0")
+        n.run_workload(web)
+        n.start()
+        probes = probes_for(web)
+        check(len(loaded(n.put(1, probes))) == len(probes), "revision 1 not loaded")
+        wait_hits(n, web)
+        before = {p["id"]: p["programIds"] for p in n.agent.report()["probes"]}
+        n.note_held()
+        n.kill()
+        pinned = check_only_pins_outlive(n)
+        check(len(pinned) == len(probes), f"{len(pinned)} programs pinned, not {len(probes)}")
+        figures.ready_seconds = n.start()
+        resumed = figures.ready_seconds + wait_hits(n, web)
+        report = n.agent.report()
+        count_loads(n, figures)
+        check(figures.adopted == len(probes), f"adopted {figures.adopted} of {len(probes)}")
+        after = {p["id"]: p["programIds"] for p in report["probes"]}
+        check(after == before, f"program ids changed: {before} -> {after}")
+        figures.agent_programs = check_holds_what_it_reports(n, report, "after the restart")
+        check_adopted_or_gone(n, pinned)
+        figures.resume_seconds = resumed
+    return figures
+
+
+def count_loads(n: Node, figures: Figures) -> None:
+    """Compiles (the claims program and each compiled shape) and adoptions of the restart."""
+    text = n.agent.metrics()
+    ((_, compiled),) = samples(text, "tracekeeper_agent_compile_seconds_count")
+    ((_, adopted),) = samples(text, "tracekeeper_agent_programs_adopted_total")
+    figures.compiles, figures.adopted = int(compiled) + 1, int(adopted)
+
+
+def pinned_programs(n: Node) -> set[int]:
+    """The programs pinned for the node's next agent (bpf/pinned_programs.py)."""
+    root = Path("/sys/fs/bpf/tracekeeper") / n.name / "programs"
+    ids: set[int] = set()
+    for pin in root.glob("*/prog-*") if root.exists() else ():
+        out = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", str(pin)],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+        if out.returncode == 0:
+            ids.add(int(json.loads(out.stdout)["id"]))
+    return ids
+
+
+def check_only_pins_outlive(n: Node) -> set[int]:
+    """After a SIGKILL: only the pinned programs (and the pinned maps) outlive the agent."""
+    pinned = pinned_programs(n)
+    check(pinned <= n.held_programs, f"pinned {pinned}: not the killed agent's")
+    left = wait_bpf_gone(n.held_programs - pinned, set(), GONE_SECONDS)
+    check(not left, f"the killed agent's unpinned programs outlived it: {sorted(left)}")
+    return pinned
+
+
+def check_adopted_or_gone(n: Node, pinned: set[int]) -> None:
+    """Once the restart is ready, each pinned program is held by it or detached: none is
+    left running for nobody (an orphan) or loaded twice (a duplicate)."""
+    held, _ = held_bpf_ids(n.pid)
+    orphans = wait_bpf_gone(pinned - held, set(), GONE_SECONDS)
+    check(not orphans, f"programs neither adopted nor detached: {sorted(orphans)}")
 
 
 def pinned_maps(n: Node) -> set[int]:
@@ -417,7 +486,7 @@ def full_state_directory(workdir: Path, cgroup_root: Path) -> Figures:
         n.kill()
         figures.ready_seconds = n.start()
         restart = figures.ready_seconds + wait_hits(n, web)
-        figures.compiles = 2
+        count_loads(n, figures)
         report = n.agent.report()
         check(report["revision"] == 1 and report["persisted"] == {"revision": 1},
               f"restarted full: revision {report['revision']}, {report['persisted']}")  # fmt: skip
@@ -507,6 +576,7 @@ def cgroup_tree_vanishes(workdir: Path, cgroup_root: Path) -> Figures:
 
 
 ALL: tuple[Callable[[Path, Path], Figures], ...] = (
+    kill_while_tracing,
     kill_mid_compile,
     kill_mid_push,
     full_state_directory,

@@ -67,23 +67,28 @@ def main() -> int:
     require_root()
     table = Table(
         "chaos: faults, time to trace again, BPF programs (bpftool prog show)",
-        ["scenario", "resume s", "of which ready s", "compiles",
+        ["scenario", "resume s", "of which ready s", "compiles", "adopted",
          f"resume <= {RESUME_GOAL_SECONDS:.0f} s", "progs before", "progs after",
          "agent holds", "leaked", "checks"],
     )  # fmt: skip
     failed = 0
     for figures, verdict in run_all(args.only or known):
         failed += verdict != "ok"
+        adopted = figures.adopted if figures.compiles else "-"
         goal = "-" if figures.resume_met is None else met(figures.resume_met)
         table.add(
             figures.scenario, seconds(figures.resume_seconds), seconds(figures.ready_seconds),
-            figures.compiles or "-", goal, figures.programs_before, figures.programs_after,
+            figures.compiles or "-", adopted, goal, figures.programs_before, figures.programs_after,
             figures.agent_programs or "-", figures.leaked, verdict,
         )  # fmt: skip
         table.notes += [f"{figures.scenario}: {note}" for note in figures.notes]
     table.notes.append(
         "resume: the restart (or the fault's end) to the state applied and a hit counted; "
         "ready: the restarted process's start to /readyz (its persisted state applied)"
+    )
+    table.notes.append(
+        "compiles: of the restart, the node's claims program included; adopted: programs "
+        "the killed agent left pinned that the restart took over instead of compiling"
     )
     table.notes.append(
         "agent holds: the programs the agent's fds hold at the end (its probes' and the "

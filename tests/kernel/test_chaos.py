@@ -1,7 +1,7 @@
 """Issue 18's chaos on the agent, with real BPF programs: each scenario of
-reliability.agent_chaos (SIGKILL mid-compile and mid-push, a full state directory, the cgroup
-tree removed under a loaded probe) must hold its checks. Resume times are printed, never
-asserted (`make reliability` compares them with the 2 s goal)."""
+reliability.agent_chaos (SIGKILL while tracing, mid-compile and mid-push, a full state
+directory, the cgroup tree removed under a loaded probe) must hold its checks. Resume times
+are printed, never asserted (`make reliability` compares them with the 2 s goal)."""
 
 from __future__ import annotations
 
