@@ -381,6 +381,42 @@ def kill_while_tracing(workdir: Path, cgroup_root: Path) -> Figures:
     return figures
 
 
+def kill_during_restore(workdir: Path, cgroup_root: Path) -> Figures:
+    """SIGKILL, then SIGKILL again while the restart restores (adopting revision 1's
+    programs, compiling revision 2's new shapes): the third start resumes revision 2 whole,
+    from what both dead agents left pinned."""
+    figures = Figures("agent SIGKILL during its restore", goal=RESUME_GOAL_SECONDS)
+    with node(workdir, cgroup_root, figures) as n:
+        web = n.pod("web-0")
+        n.run_workload(web)
+        n.start()
+        first = probes_for(web, count=2)
+        check(len(loaded(n.put(1, first))) == 2, "revision 1 not loaded")
+        second = probes_for(web)
+        n.put_in_background(2, second)
+        wait_until("revision 2 persisted", lambda: n.persisted_revision() == 2, timeout=30)
+        n.kill()
+        check_only_pins_outlive(n)
+        n.agent.start(wait=False)
+        # Killed once it holds more than it adopted (2 + the claims pair): mid-compile.
+        wait_until("the restore compiling", lambda: len(held_bpf_ids(n.pid)[0]) > 4,
+                   timeout=60, max_delay=0.02)  # fmt: skip
+        n.kill()
+        pinned = check_only_pins_outlive(n)
+        figures.notes.append(f"killed again during the restore, {len(pinned)} programs pinned")
+        figures.ready_seconds = n.start()
+        resumed = figures.ready_seconds + wait_hits(n, web)
+        report = n.agent.report()
+        count_loads(n, figures)
+        check(figures.adopted == len(pinned), f"adopted {figures.adopted} of {len(pinned)}")
+        check(report["revision"] == 2, f"resumed revision {report['revision']}, not 2")
+        check(loaded(report) == [p["id"] for p in second], f"resumed {report['probes']}")
+        figures.agent_programs = check_holds_what_it_reports(n, report, "after the restart")
+        check_adopted_or_gone(n, pinned)
+        figures.resume_seconds = resumed
+    return figures
+
+
 def count_loads(n: Node, figures: Figures) -> None:
     """Compiles (the claims program and each compiled shape) and adoptions of the restart."""
     text = n.agent.metrics()
@@ -579,6 +615,7 @@ ALL: tuple[Callable[[Path, Path], Figures], ...] = (
     kill_while_tracing,
     kill_mid_compile,
     kill_mid_push,
+    kill_during_restore,
     full_state_directory,
     cgroup_tree_vanishes,
 )

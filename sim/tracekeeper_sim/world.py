@@ -172,7 +172,8 @@ class AgentProcess:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
+        """Start `serve`; `wait`: until /readyz answers (the persisted state restored)."""
         self.popen = _spawn_logged(
             self.log_path,
             [
@@ -192,6 +193,9 @@ class AgentProcess:
                 str(self.state_dir),
             ],
         )
+
+        if not wait:
+            return
 
         def ready() -> bool:
             assert self.popen is not None
