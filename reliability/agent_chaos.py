@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tracekeeper_agent.host.bpffs import PIN_ROOT
 from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
 from tracekeeper_sim.local_cluster import find_free_ports
 from tracekeeper_sim.served_agent import FakePod, kubepods_qos
@@ -427,7 +428,7 @@ def count_loads(n: Node, figures: Figures) -> None:
 
 def pinned_programs(n: Node) -> set[int]:
     """The programs pinned for the node's next agent (bpf/pinned_programs.py)."""
-    root = Path("/sys/fs/bpf/tracekeeper") / n.name / "programs"
+    root = PIN_ROOT / n.name / "programs"
     ids: set[int] = set()
     for pin in root.glob("*/prog-*") if root.exists() else ():
         out = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", str(pin)],
@@ -457,7 +458,7 @@ def check_adopted_or_gone(n: Node, pinned: set[int]) -> None:
 def pinned_maps(n: Node) -> set[int]:
     """The node's pinned identity table: it outlives a killed agent by design (the next
     start replaces it); the orphan check at the end covers it."""
-    pin = Path("/sys/fs/bpf/tracekeeper") / n.name
+    pin = PIN_ROOT / n.name
     if not pin.exists():
         return set()
     out = subprocess.run(["bpftool", "-j", "map", "show", "pinned", str(pin / "identity")],
@@ -550,7 +551,7 @@ def saved_metric(n: Node) -> float:
 
 def identity_entries(n: Node) -> int:
     """Entries of the node's identity table, read from the kernel."""
-    pin = Path("/sys/fs/bpf/tracekeeper") / n.name / "identity"
+    pin = PIN_ROOT / n.name / "identity"
     out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pin)],
                          capture_output=True, text=True, check=True)  # fmt: skip
     return len(json.loads(out.stdout))

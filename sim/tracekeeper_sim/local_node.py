@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tracekeeper_agent.host.bpffs import PIN_ROOT
 from tracekeeper_sim.host_state import HostState, cgroup_mounts, mounts_under
 from tracekeeper_sim.local_cluster import (
     ADMIN,
@@ -214,6 +215,9 @@ class LocalNode:
         except Exception as e:  # reported with the rest
             errors.append(str(e))
         shutil.rmtree(self.dir, ignore_errors=True)
+        # An agent container killed rather than stopped left its programs pinned in the
+        # host's bpffs for a successor: the node is gone, so they detach with their pins.
+        shutil.rmtree(PIN_ROOT / NODE_NAME, ignore_errors=True)
         if errors:
             raise ControlPlaneError("the node did not stop cleanly:\n" + "\n".join(errors))
 

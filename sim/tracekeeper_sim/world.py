@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tracekeeper_agent.host.bpffs import PIN_ROOT
 from tracekeeper_sim import kubelet
 from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
 from tracekeeper_sim.local_cluster import LocalCluster, find_free_ports
@@ -214,6 +216,9 @@ class AgentProcess:
     def stop(self) -> None:
         if self.popen is not None:
             _stop(self.popen)
+        # A stopped agent unpins all it pinned; one killed before left its programs pinned
+        # for a successor this node will not have: they detach with the pins.
+        shutil.rmtree(PIN_ROOT / self.node, ignore_errors=True)
 
     def http(self, path: str, *, port: int | None = None, token: bool = True) -> tuple[int, str]:
         req = urllib.request.Request(

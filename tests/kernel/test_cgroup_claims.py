@@ -25,7 +25,8 @@ from tests.kernel.test_agent_api import (  # noqa: F401  (fixtures)
     make_agent,
     wait_for,
 )
-from tracekeeper_agent.bpf.identity import PIN_ROOT, PinnedIdentities, default_pin
+from tracekeeper_agent.bpf.identity import PinnedIdentities, default_pin
+from tracekeeper_agent.host.bpffs import PIN_ROOT
 from tracekeeper_agent.targets.cgroups import Runtime, cgroup_id
 from tracekeeper_sim.kubelet import (
     CgroupDriver,

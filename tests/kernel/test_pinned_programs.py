@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tracekeeper_agent.bpf.identity import PIN_ROOT
 from tracekeeper_agent.bpf.loader import BccLoader, BccProgram
+from tracekeeper_agent.host.bpffs import PIN_ROOT
 from tracekeeper_agent.ports import BindingConfig, ProgramMaps
 from tracekeeper_agent.programs.builder import build_plan
 from tracekeeper_agent.programs.constants import Flag

@@ -1,5 +1,5 @@
 """The README's uninstall: TraceProbes deleted first (the operator releases their
-finalizers), then `kubectl delete -k`; nothing of tracekeeper is left running."""
+finalizers), then `kubectl delete -k`; nothing of tracekeeper is left running or pinned."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Callable
 import pytest
 
 from tests.node.conftest import NS, OVERLAY, REPO, Install
+from tracekeeper_agent.host.bpffs import PIN_ROOT
+from tracekeeper_sim.local_node import NODE_NAME
 from tracekeeper_sim.world import wait_until
 
 pytestmark = pytest.mark.node
@@ -35,3 +37,7 @@ def test_uninstall_leaves_nothing_running(install: Install, sh: Sh) -> None:
         lambda: install.node.crictl("ps", "--label", label, "-q").strip() == "",
         60,
     )
+    # Nor any of its programs: the agent stopped cleanly unpinned them (only a killed
+    # agent leaves them, for its successor).
+    pins = PIN_ROOT / NODE_NAME
+    assert not pins.exists() or not any(pins.iterdir()), sorted(pins.rglob("*"))

@@ -24,11 +24,11 @@ from bcc import BPF
 
 from tracekeeper_agent.bpf.maps import write_diff
 from tracekeeper_agent.host.bpf_ids import prog_id
+from tracekeeper_agent.host.bpffs import PIN_ROOT
 from tracekeeper_agent.ports import ClaimCounters
 from tracekeeper_agent.programs.claims import claimable, claims_source, path_bytes, path_key
 from tracekeeper_agent.programs.constants import MAX_PENDING_PATHS, ClaimCounter
 
-PIN_ROOT = Path("/sys/fs/bpf/tracekeeper")
 _HOOKS = ("cgroup_mkdir", "cgroup_rmdir")
 _serial = itertools.count()
 

@@ -18,6 +18,7 @@ from tracekeeper_agent.host.bpf_stats import (
     RunTimeStats,
     StatsMode,
 )
+from tracekeeper_agent.host.bpffs import PIN_ROOT
 from tracekeeper_agent.host.kernel_features import FeatureCheck, KernelFeatures
 from tracekeeper_agent.outputs.events import EventHub, open_events_file
 from tracekeeper_agent.outputs.metrics import AgentMetrics
@@ -92,7 +93,6 @@ def real_loader(node: str | None = None) -> ProgramLoader:
     """The BCC loader; an agent's (`node` given) pins its identity table and its programs at
     paths of its own node, so that simulated nodes sharing one machine never share one, and
     the node's next agent adopts its programs (bpf/pinned_programs.py)."""
-    from tracekeeper_agent.bpf.identity import PIN_ROOT
     from tracekeeper_agent.bpf.loader import BccLoader  # the only path to bcc
 
     if node is None:
