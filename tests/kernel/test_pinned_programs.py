@@ -32,6 +32,7 @@ SPECS = {
     "getppid": {"syscall": {"name": "getppid"}, "output": {"kind": "count", "by": ["pid"]}},
     "getpgrp": {"syscall": {"name": "getpgrp"}, "output": {"kind": "count", "by": ["pid"]}},
     "getuid": {"syscall": {"name": "getuid"}, "output": {"kind": "events"}},
+    "getpid": {"syscall": {"name": "getpid"}, "output": {"kind": "count"}},
 }
 
 # The previous agent: loads two shapes pinned, traces its own pid, prints the ids, waits.
@@ -55,6 +56,8 @@ CHILD = textwrap.dedent(
         p.update_maps(ProgramMaps(pids={os.getpid(): 1}, no_comm_mask=1, flags=Flag.PID,
                                   bindings={0: BindingConfig()}))
         ids[name] = list(p.program_ids)
+    for _ in range(3):  # records left unread in the events program's ring
+        os.getuid()
     print(json.dumps(ids), flush=True)
     time.sleep(600)
     """
@@ -108,11 +111,10 @@ def killed_agent(root: Path, names: list[str]) -> dict[str, set[int]]:
 
 
 def test_a_killed_loaders_programs_are_adopted_and_the_rest_detached(pin_root: Path) -> None:
-    before = killed_agent(pin_root, ["getppid", "getpgrp"])
+    before = killed_agent(pin_root, ["getppid", "getpgrp", "getuid"])
     # Killed: its programs are still loaded and attached (the pins hold the links).
-    assert wait_bpf_gone(before["getppid"] | before["getpgrp"], set(), 0) == {
-        f"prog {i}" for i in before["getppid"] | before["getpgrp"]
-    }
+    every = set().union(*before.values())
+    assert wait_bpf_gone(every, set(), 0) == {f"prog {i}" for i in every}
     loader = BccLoader(pin_root / "identity", programs_pin=pin_root / "programs")
     programs: list[BccProgram] = []
     try:
@@ -128,16 +130,25 @@ def test_a_killed_loaders_programs_are_adopted_and_the_rest_detached(pin_root: P
             os.getppid()
         assert calls(same) == 5
 
-        other = loader.load(build_plan(assignment("getuid")))  # no leftover: compiled
+        events = loader.load(build_plan(assignment("getuid")))
+        programs.append(events)
+        assert events.adopted and set(events.program_ids) == before["getuid"]
+        trace_me(events)
+        for _ in range(2):
+            os.getuid()
+        # Only this agent's binding's records: the dead one's three were skipped.
+        batch = events.poll_batch(500, 100)
+        assert len(batch) == 2 and set(batch.records["pid"]) == {os.getpid()}
+
+        other = loader.load(build_plan(assignment("getpid")))  # no leftover: compiled
         programs.append(other)
-        assert not other.adopted and loader.adopted == 1
+        assert not other.adopted and loader.adopted == 2
 
         # getpgrp's leftover was not taken: detached once the restore is over.
         assert loader.drop_leftovers() == 1
         assert not wait_bpf_gone(before["getpgrp"], set(), 10), "the leftover stayed loaded"
         assert {e.name.split("-")[0] for e in (pin_root / "programs").iterdir()} == {
-            same.plan.source_hash,
-            other.plan.source_hash,
+            p.plan.source_hash for p in programs
         }
     finally:
         for p in programs:
@@ -146,7 +157,7 @@ def test_a_killed_loaders_programs_are_adopted_and_the_rest_detached(pin_root: P
     # A clean close leaves nothing: no pin, no program.
     assert not (pin_root / "programs").exists()
     assert not (pin_root / "identity").exists()
-    ids = set(same.program_ids) | set(other.program_ids)
+    ids = {i for p in programs for i in p.program_ids}
     assert not wait_bpf_gone(ids, set(), 10), "closed programs stayed loaded"
 
 

@@ -161,6 +161,9 @@ class BccProgram:
         program = cls(plan, tables, list(opened.progs.values()), map_fds, owned=opened)
         program._gen = old_gen  # cached verdicts of every older generation are stale
         program.invalidate()
+        if b"tk_events" in tables:  # the previous agent's records: its bindings' bits
+            program._reader = RingReader(opened.maps["tk_events"], record_layout(plan.event_fields))
+            program._reader.discard()
         return program
 
     def keep_pinned(self, pins: ProgramPins) -> None:
@@ -334,8 +337,6 @@ class BccProgram:
                         f"struct tk_event is {bcc_size} bytes, the record layout {layout.size}"
                     )
             self._reader = RingReader(table.map_fd, layout)
-            if self._bpf is None:
-                self._reader.discard()  # the previous agent's records: its bindings' bits
         return self._reader.poll(timeout_ms, max_records)
 
     def close(self) -> None:
