@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tracekeeper_sim import kernel_maps
 from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
 from tracekeeper_sim.local_cluster import find_free_ports
 from tracekeeper_sim.served_agent import FakePod, kubepods_qos
@@ -349,17 +350,19 @@ def kill_mid_push(workdir: Path, cgroup_root: Path) -> Figures:
     return figures
 
 
+def identity_pin(n: Node) -> Path:
+    """Where `serve` pins its node's identity table (tracekeeper_agent.bpf.identity's
+    PIN_ROOT / node; not imported: that module loads bcc)."""
+    return Path("/sys/fs/bpf/tracekeeper") / n.name / "identity"
+
+
 def pinned_maps(n: Node) -> set[int]:
     """The node's pinned identity table: it outlives a killed agent by design (the next
-    start replaces it); the orphan check at the end covers it."""
-    pin = Path("/sys/fs/bpf/tracekeeper") / n.name
-    if not pin.exists():
+    start replaces it); the orphan check at the end covers it. Empty when none is pinned."""
+    try:
+        return {kernel_maps.pinned_map_id(identity_pin(n))}
+    except subprocess.CalledProcessError:
         return set()
-    out = subprocess.run(["bpftool", "-j", "map", "show", "pinned", str(pin / "identity")],
-                         capture_output=True, text=True, check=False)  # fmt: skip
-    if out.returncode != 0:
-        return set()
-    return {int(json.loads(out.stdout)["id"])}
 
 
 @contextlib.contextmanager
@@ -445,10 +448,7 @@ def saved_metric(n: Node) -> float:
 
 def identity_entries(n: Node) -> int:
     """Entries of the node's identity table, read from the kernel."""
-    pin = Path("/sys/fs/bpf/tracekeeper") / n.name / "identity"
-    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pin)],
-                         capture_output=True, text=True, check=True)  # fmt: skip
-    return len(json.loads(out.stdout))
+    return len(kernel_maps.dump_pinned(identity_pin(n)))
 
 
 def cgroup_tree_vanishes(workdir: Path, cgroup_root: Path) -> Figures:
