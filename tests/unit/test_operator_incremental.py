@@ -146,7 +146,10 @@ class World:
             keys = [k for k in self.probes if op == "probe~"]
             key = rng.choice(sorted(keys)) if keys else f"{ns}/probe-{n}"
             ns, name = key.split("/")
-            self.probes[key] = self.probe(ns, name, n, rng)
+            edited = self.probe(ns, name, n, rng)
+            if key in self.probes:  # an edit: the apiserver keeps the stored status
+                edited = replace(edited, status=self.probes[key].status)
+            self.probes[key] = edited
         elif op == "probe-" and self.probes:
             del self.probes[rng.choice(sorted(self.probes))]
         elif op == "filter+":
@@ -158,8 +161,13 @@ class World:
             if rng.random() < 0.4:
                 raw["pids"] = [1]  # host targets: every agent's node (refused outside tk)
             spec = TraceFilterSpec.model_validate(raw)
-            self.filters[f"{ns}/{name}"] = FilterRecord(
-                ObjectRef("TraceFilter", ns, name, f"uid-f-{ns}-{name}"), n, spec
+            key = f"{ns}/{name}"
+            known = self.filters.get(key)
+            self.filters[key] = FilterRecord(
+                ObjectRef("TraceFilter", ns, name, f"uid-f-{ns}-{name}"),
+                n,
+                spec,
+                status=known.status if known is not None else None,  # an edit keeps it
             )
         elif op == "filter-" and self.filters:
             del self.filters[rng.choice(sorted(self.filters))]
