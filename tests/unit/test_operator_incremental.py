@@ -22,7 +22,13 @@ from hypothesis import strategies as st
 from tracekeeper_api.budgets import BUDGET_ANNOTATION
 from tracekeeper_api.filters import TraceFilterSpec
 from tracekeeper_api.probes import TraceProbeSpec
-from tracekeeper_api.protocol import KernelInfo, NodeReport, NodeState, ProbeOutcome
+from tracekeeper_api.protocol import (
+    KernelInfo,
+    NodeReport,
+    NodeState,
+    Persistence,
+    ProbeOutcome,
+)
 from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
 from tracekeeper_operator.agent_errors import AgentError
 from tracekeeper_operator.cluster_plan import plan_cluster
@@ -315,15 +321,17 @@ class Writes:
 
 
 def answer(planner: PushPlanner, rng: random.Random) -> None:
-    """Some due pushes answered: Loaded, failed, or with a stale report."""
+    """Some due pushes answered: Loaded, failed, or with a stale report; saved or not."""
     for action in planner.due(1e9):
         if not isinstance(action, PushAction):
             continue
         state = rng.choice(("Loaded", "Loaded", "Failed"))
+        unsaved = rng.choice((None, None, f"revision {action.state.revision} not saved: full"))
         report = NodeReport(
             node=action.node,
             revision=action.state.revision,
             boot_id="b",
+            persisted=Persistence(revision=1, error=unsaved),
             probes=[
                 ProbeOutcome(
                     id=p.id,
