@@ -1,9 +1,10 @@
 """Faults on the control plane (issue 18's chaos, the cluster's part), in the e2e world (a
 real apiserver and etcd, the operator and an agent as processes, real BPF programs): the
-operator SIGKILLed mid-reconcile and mid-delete, the apiserver and etcd SIGKILLed and
-started again. Each scenario checks that tracing resumes (or never stopped), that no
-program is duplicated or orphaned, that no finalizer stays, and that the statuses tell the
-truth; it returns its figures (tests/e2e/test_chaos.py asserts, `reliability.chaos` prints).
+operator SIGKILLed mid-reconcile and mid-delete, an agent's state directory full as the
+probes' statuses show it, the apiserver and etcd SIGKILLed and started again. Each scenario
+checks that tracing resumes (or never stopped), that no program is duplicated or orphaned,
+that no finalizer stays, and that the statuses tell the truth; it returns its figures
+(tests/e2e/test_chaos.py asserts, `reliability.chaos` prints).
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from reliability.agent_chaos import GONE_SECONDS, Figures, check, check_holds, held_bpf_ids
+from reliability.agent_chaos import (
+    GONE_SECONDS,
+    Figures,
+    check,
+    check_holds,
+    fill,
+    held_bpf_ids,
+    small_filesystem,
+)
 from tracekeeper_agent.targets.cgroups import detect_root
 from tracekeeper_sim.local_cluster import LocalCluster
 from tracekeeper_sim.world import (
@@ -88,15 +97,17 @@ def truthful(world: World, ns: str, name: str, pods: int) -> dict[str, Any] | No
 
 
 def wait_truthful(world: World, ns: str, names: list[str], pods: int) -> None:
-    def describe() -> str:
-        return (
-            "\n".join(f"{n}: {json.dumps((world.probe(ns, n) or {}).get('status'))}" for n in names)
-            + f"\noperator log:\n{world.operator_log_tail()}"
-        )
-
     wait_until(f"{names} truthful (Ready, {pods} pods)",
                lambda: all(truthful(world, ns, n, pods) for n in names),
-               timeout=WAIT, describe=describe)  # fmt: skip
+               timeout=WAIT, describe=lambda: statuses(world, ns, names))  # fmt: skip
+
+
+def statuses(world: World, ns: str, names: list[str]) -> str:
+    """The probes' statuses and the operator's log, for a failure message."""
+    return (
+        "\n".join(f"{n}: {json.dumps((world.probe(ns, n) or {}).get('status'))}" for n in names)
+        + f"\noperator log:\n{world.operator_log_tail()}"
+    )
 
 
 def gone(world: World, ns: str, names: list[str]) -> bool:
@@ -181,6 +192,91 @@ def operator_killed_mid_reconcile(world: World) -> Figures:
     return figures
 
 
+def revision_on_disk(node: SimNode) -> int:
+    """The revision the agent saved, before its kernel work: it received that push."""
+    try:
+        return int(json.loads((node.agent.state_dir / "state.json").read_text())["revision"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def state_not_saved_on_the_status(world: World) -> Figures:
+    """The node's state directory fills (a small tmpfs mounted over it): every probe loaded
+    there says so (Persisted=False, StateNotSaved, the agent's text; a Warning Event),
+    still Ready and tracing; once there is room again it clears (StateSaved) within the
+    agent's 2 s poll and one resync."""
+    figures = Figures("agent state directory full, on the status")
+    node = only_node(world)
+    ns = world.namespace("chaos-disk")
+    world.create_pod(ns, "web-0", node, {"app": "web"})
+    names = ["opens", "ppid"]
+
+    def persisted(name: str) -> tuple[str, str, str] | None:
+        c = condition(world.probe(ns, name), "Persisted")
+        return None if c is None else (c["status"], c["reason"], c.get("message", ""))
+
+    def event_reasons(name: str) -> list[str]:
+        """Its State* Events, sorted (listed by generated name, not by time)."""
+        return sorted(
+            e["reason"] for e in world.events(ns, name) if e["reason"].startswith("State")
+        )
+
+    with counted(figures, node) as seen:
+        apply(world, ns, probe_obj("opens", TRACEPOINTS[0], "web"),
+              probe_obj("ppid", TRACEPOINTS[1], "web"))  # fmt: skip
+        wait_truthful(world, ns, names, pods=1)
+        seen.update(i for ids in loaded_ids(node, ns).values() for i in ids)
+        check(all(persisted(n) == ("True", "StateSaved", "") for n in names),
+              f"saved, yet {[persisted(n) for n in names]}")  # fmt: skip
+        with small_filesystem(node.agent.state_dir):
+            filler = fill(node.agent.state_dir)
+            world.create_pod(ns, "web-1", node, {"app": "web"})  # a push it cannot save
+
+            def said() -> bool:
+                return all(
+                    (p := persisted(n)) is not None
+                    and p[:2] == ("False", "StateNotSaved")
+                    and f"{node.name}: " in p[2]
+                    and "No space left on device" in p[2]
+                    for n in names
+                ) and all(truthful(world, ns, n, pods=2) for n in names)
+
+            wait_until("StateNotSaved on every probe of the node, still Ready", said,
+                       timeout=WAIT, describe=lambda: statuses(world, ns, names))  # fmt: skip
+            wait_until("a StateNotSaved Event on each",
+                       lambda: all(event_reasons(n) == ["StateNotSaved"] for n in names),
+                       timeout=WAIT)  # fmt: skip
+            counted_before = hits(node, ns, "opens")
+            wait_until("tracing on while full",
+                       lambda: hits(node, ns, "opens") > counted_before, timeout=WAIT)  # fmt: skip
+            filler.unlink()
+            freed = time.monotonic()
+            wait_until("Persisted again once there is room",
+                       lambda: all(persisted(n) == ("True", "StateSaved", "") for n in names),
+                       timeout=WAIT, describe=lambda: statuses(world, ns, names))  # fmt: skip
+            figures.resume_seconds = time.monotonic() - freed
+            wait_until("a StateSaved Event on each",
+                       lambda: all(event_reasons(n) == ["StateNotSaved", "StateSaved"]
+                                   for n in names), timeout=WAIT)  # fmt: skip
+            wait_until("the state file at the revision the agent runs", lambda: on_disk(node),
+                       timeout=WAIT)  # fmt: skip
+        figures.notes.append(
+            "resume: room back (the filler removed) to Persisted=True on every probe of the "
+            "node (the agent's 2 s poll saves, the operator's 1 s resync reads it)"
+        )
+        # The directory under the tmpfs holds an older file: the delete's push replaces it.
+        delete_all(world, ns, names)
+        wait_until("the node's own state directory at the revision the agent runs",
+                   lambda: on_disk(node), timeout=WAIT)  # fmt: skip
+    return figures
+
+
+def on_disk(node: SimNode) -> bool:
+    """The agent's state file holds the revision it runs, and its report says it is saved."""
+    report = node.agent.report()
+    return revision_on_disk(node) == report["revision"] and "error" not in report["persisted"]
+
+
 def delete_all(world: World, ns: str, names: list[str]) -> None:
     for name in names:
         world.kube.delete(f"{GROUP_PATH}/namespaces/{ns}/traceprobes/{name}")
@@ -236,6 +332,7 @@ etcd_restarted = component_restarted("etcd")
 
 ALL: tuple[Callable[[World], Figures], ...] = (
     operator_killed_mid_reconcile,
+    state_not_saved_on_the_status,
     apiserver_restarted,
     etcd_restarted,
 )
