@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -45,6 +44,7 @@ from typing import Any
 
 from bench.common import Table, met, percentile, require_root
 from tracekeeper_agent.targets.cgroups import detect_root
+from tracekeeper_sim import kernel_maps
 from tracekeeper_sim.local_cluster import LocalCluster, build_binaries
 from tracekeeper_sim.world import (
     GROUP_PATH,
@@ -136,20 +136,14 @@ class FilterMap:
         os.close(self.fd)
 
 
-def _bpftool(*args: str) -> Any:
-    out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
-
-
 def filter_map_of(node: SimNode, probe_id: str) -> FilterMap:
     """The identity table the program reported for `probe_id` reads (the node's)."""
     outcome = node.agent.outcome(probe_id)
     assert outcome is not None and outcome["programIds"], f"{node.name}: {probe_id}: {outcome}"
     for prog_id in outcome["programIds"]:
-        for map_id in _bpftool("prog", "show", "id", str(prog_id)).get("map_ids", []):
-            if _bpftool("map", "show", "id", str(map_id)).get("name") == "tk_identity":
-                return FilterMap(int(map_id))
-    raise AssertionError(f"{node.name}: {probe_id}: no tk_identity map")
+        with contextlib.suppress(LookupError):  # whichever of its programs reads it
+            return FilterMap(kernel_maps.map_named(prog_id, kernel_maps.IDENTITY_MAP))
+    raise AssertionError(f"{node.name}: {probe_id}: no {kernel_maps.IDENTITY_MAP} map")
 
 
 # --- 1. apply-to-Ready --------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tracekeeper_agent.host.bpffs import PIN_ROOT
+from tracekeeper_sim import kernel_maps
 from tracekeeper_sim.kubelet import create_cgroup, remove_cgroup_tree
 from tracekeeper_sim.local_cluster import find_free_ports
 from tracekeeper_sim.served_agent import FakePod, kubepods_qos
@@ -439,11 +440,11 @@ def pinned_programs(n: Node) -> set[int]:
 
 
 def check_only_pins_outlive(n: Node) -> set[int]:
-    """After a SIGKILL: only the pinned programs (and the pinned maps) outlive the agent."""
+    """After a SIGKILL: only the pinned programs and maps outlive the agent."""
     pinned = pinned_programs(n)
     check(pinned <= n.held_programs, f"pinned {pinned}: not the killed agent's")
-    left = wait_bpf_gone(n.held_programs - pinned, set(), GONE_SECONDS)
-    check(not left, f"the killed agent's unpinned programs outlived it: {sorted(left)}")
+    left = wait_bpf_gone(n.held_programs - pinned, n.held_maps - pinned_maps(n), GONE_SECONDS)
+    check(not left, f"the killed agent's unpinned objects outlived it: {sorted(left)}")
     return pinned
 
 
@@ -455,17 +456,21 @@ def check_adopted_or_gone(n: Node, pinned: set[int]) -> None:
     check(not orphans, f"programs neither adopted nor detached: {sorted(orphans)}")
 
 
+def identity_pin(n: Node) -> Path:
+    """Where `serve` pins its node's identity table."""
+    return PIN_ROOT / n.name / "identity"
+
+
 def pinned_maps(n: Node) -> set[int]:
-    """The node's pinned identity table: it outlives a killed agent by design (the next
-    start replaces it); the orphan check at the end covers it."""
-    pin = PIN_ROOT / n.name
-    if not pin.exists():
-        return set()
-    out = subprocess.run(["bpftool", "-j", "map", "show", "pinned", str(pin / "identity")],
-                         capture_output=True, text=True, check=False)  # fmt: skip
-    if out.returncode != 0:
-        return set()
-    return {int(json.loads(out.stdout)["id"])}
+    """The maps pinned for the node's next agent: the identity table and the pinned
+    programs' maps (the next start keeps them, emptied, for the programs it adopts); the
+    orphan check at the end covers them. Empty when none is pinned."""
+    pins = [identity_pin(n), *(PIN_ROOT / n.name / "programs").glob("*/map-*")]
+    ids: set[int] = set()
+    for pin in pins:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            ids.add(kernel_maps.pinned_map_id(pin))
+    return ids
 
 
 @contextlib.contextmanager
@@ -551,10 +556,7 @@ def saved_metric(n: Node) -> float:
 
 def identity_entries(n: Node) -> int:
     """Entries of the node's identity table, read from the kernel."""
-    pin = PIN_ROOT / n.name / "identity"
-    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pin)],
-                         capture_output=True, text=True, check=True)  # fmt: skip
-    return len(json.loads(out.stdout))
+    return len(kernel_maps.dump_pinned(identity_pin(n)))
 
 
 def cgroup_tree_vanishes(workdir: Path, cgroup_root: Path) -> Figures:

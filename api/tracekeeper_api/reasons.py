@@ -40,6 +40,8 @@ OperatorReason = Literal[
     "Expired",
     "SessionRunning",
     "SessionPending",
+    "StateSaved",
+    "StateNotSaved",
 ]
 """The reasons of the conditions the operator decides itself."""
 

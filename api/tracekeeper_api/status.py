@@ -16,7 +16,7 @@ from tracekeeper_api.base import WireModel
 MAX_FAILURES = 10
 MAX_MESSAGE = 1024
 
-ConditionType = Literal["Ready", "Accepted", "Loaded", "Degraded", "Expired"]
+ConditionType = Literal["Ready", "Accepted", "Loaded", "Degraded", "Expired", "Persisted"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 
@@ -25,7 +25,8 @@ class Condition(WireModel):
 
     type: ConditionType
     """Ready (summary), Accepted (valid and allowed here), Loaded, Degraded, Expired (only
-    with a duration: its debug session ended)."""
+    with a duration: its debug session ended), Persisted (only while loaded somewhere:
+    every node that runs it saved its state, which a restart of the node's agent resumes)."""
     status: ConditionStatus
     reason: str = Field(max_length=64)
     """CamelCase reason, e.g. Unsupported, CompileFailed, NotPermitted."""

@@ -26,11 +26,13 @@ class AgentView:
 def status_inputs(view: AgentView) -> tuple[object, ...]:
     """What status folding and unloading read of a view (not the agents' live counters)."""
     probes: tuple[tuple[str, ...], ...] = ()
+    unsaved = None
     if view.report is not None:
         probes = tuple(
             (p.id, p.spec_hash, p.state, p.reason, p.message) for p in view.report.probes
         )
-    return (view.endpoint, view.error, view.report is None, probes, view.in_flight)
+        unsaved = view.report.persisted.error  # a resync that finds the state saved again
+    return (view.endpoint, view.error, view.report is None, probes, unsaved, view.in_flight)
 
 
 def holding_nodes(probe_id: str, views: Mapping[str, AgentView]) -> list[str]:

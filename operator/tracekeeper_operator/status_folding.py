@@ -52,6 +52,9 @@ class NodeOutcome:
     """False until this operator has heard from the node's agent at all (just started)."""
     cost: ProbeCost | None = None
     """What the agent reported the probe costs there (Loaded only)."""
+    unsaved: str | None = None
+    """Loaded only: why the node's agent could not save the state it applied (its
+    `persisted.error`: a full or read-only state directory); None once it is saved."""
 
 
 def _named(nodes: Sequence[str]) -> str:
@@ -86,7 +89,10 @@ def node_outcome(
     if outcome is None or outcome.spec_hash != spec_hash:
         return NodeOutcome(node, "Pending", "NodesPending", "waiting for the agent")
     if outcome.state == "Loaded":
-        return NodeOutcome(node, "Loaded", "Loaded", outcome.message, cost=outcome.cost)
+        unsaved = view.report.persisted.error
+        return NodeOutcome(
+            node, "Loaded", "Loaded", outcome.message, cost=outcome.cost, unsaved=unsaved
+        )
     if outcome.state == "Suspended":
         return NodeOutcome(node, "Pending", "NodesPending", "suspended on the agent")
     reported = ReportedReason(outcome.reason or outcome.state)
@@ -134,6 +140,33 @@ def transition_condition(
         message=clip_message(message),
         observed_generation=generation,
         last_transition_time=previous.last_transition_time if kept and previous else now,
+    )
+
+
+def persisted_condition(
+    loaded: Sequence[NodeOutcome],
+    cond: Callable[[ConditionType, ConditionStatus, Reason | ReportedReason, str], Condition],
+) -> Condition | None:
+    """Persisted, over the nodes that run the probe (None where none does): False while
+    some node's agent could not save the state it applied. Tracing goes on there, so
+    Ready and Degraded are left alone; what is at stake is a restart of that agent, which
+    would resume the older state on its disk until the operator's next push."""
+    if not loaded:
+        return None
+    unsaved = [o for o in loaded if o.unsaved is not None]
+    if not unsaved:
+        return cond("Persisted", "True", "StateSaved", "")
+    total = len(loaded)
+    detail = first_of(
+        [f"{o.node}: {o.unsaved}" for o in unsaved], MAX_NODES_NAMED, sep="; ", more_sep="; "
+    )
+    return cond(
+        "Persisted",
+        "False",
+        "StateNotSaved",
+        f"the agent's state directory does not hold the state it runs on {len(unsaved)} of "
+        f"{total} node{'s' if total != 1 else ''} running the probe (an agent restart there "
+        f"resumes an older state until the operator pushes again): {detail}",
     )
 
 
@@ -248,9 +281,10 @@ def fold_probe_status(
     else:
         ready = cond("Ready", "False", reason, short + note)
         loaded_cond = cond("Loaded", "False", reason, short + note)
+    persisted = persisted_condition(loaded, cond)
     return TraceProbeStatus(
         observed_generation=gen,
-        conditions=[ready, accepted, loaded_cond, degraded],
+        conditions=[ready, accepted, loaded_cond, degraded, *([persisted] if persisted else [])],
         nodes=counts,
         targets=targets,
         failures=failures,
@@ -296,6 +330,13 @@ def probe_events(previous: TraceProbeStatus | None, new: TraceProbeStatus) -> li
             )
     if was_loaded and ld is not None and ld.status == "False" and ld.reason == "Suspended":
         events.append(EventSpec("Normal", "ProbeUnloaded", ld.message))
+    # On the transitions only: while a disk stays full the message moves with every push
+    # (the agent names the revision it could not save).
+    ps, ps0 = get(new, "Persisted"), get(previous, "Persisted")
+    if ps is not None and ps.status == "False" and (ps0 is None or ps0.status != "False"):
+        events.append(EventSpec("Warning", "StateNotSaved", ps.message))
+    if ps is not None and ps.status == "True" and ps0 is not None and ps0.status == "False":
+        events.append(EventSpec("Normal", "StateSaved", "saved again on every node running it"))
     return events
 
 

@@ -12,6 +12,7 @@ import json
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 IDENTITY_MAP = "tk_identity"
@@ -40,11 +41,25 @@ def map_named(prog_id: int, name: str) -> int:
     raise LookupError(f"program {prog_id} uses no map named {name}")
 
 
+def _entries(*which: str) -> dict[int, int]:
+    """`bpftool map dump` of the map `which` names (`id N`, `pinned PATH`), decoded."""
+    return {_number(e["key"]): _number(e["value"]) for e in _bpftool("map", "dump", *which)}
+
+
 def dump(map_id: int) -> dict[int, int]:
     """A map of integer keys and values (hash or array), as the kernel holds it."""
-    return {
-        _number(e["key"]): _number(e["value"]) for e in _bpftool("map", "dump", "id", str(map_id))
-    }
+    return _entries("id", str(map_id))
+
+
+def dump_pinned(pin: Path) -> dict[int, int]:
+    """The same for a map pinned at `pin` (the node's identity table, which no program of
+    the caller may hold). Raises CalledProcessError when nothing is pinned there."""
+    return _entries("pinned", str(pin))
+
+
+def pinned_map_id(pin: Path) -> int:
+    """The id of the map pinned at `pin` (CalledProcessError when there is none)."""
+    return int(_bpftool("map", "show", "pinned", str(pin))["id"])
 
 
 @dataclass(frozen=True)

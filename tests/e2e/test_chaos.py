@@ -1,7 +1,8 @@
 """Issue 18's chaos on the control plane: each scenario of reliability.control_chaos (the
-operator SIGKILLed mid-reconcile and mid-delete, the apiserver and etcd SIGKILLed and started
-again) in one world on the session's cluster, whose apiserver and etcd come back on the
-same ports and data. Resume times are printed, never asserted."""
+operator SIGKILLed mid-reconcile, mid-delete and with a push in flight, a full state
+directory on the probes' statuses, the apiserver and etcd SIGKILLed and started again) in
+one world on the session's cluster, whose apiserver and etcd come back on the same ports
+and data. Resume times are printed, never asserted."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from tests.kernel.test_agent_api import (  # noqa: F401  (fixtures)
 from tracekeeper_agent.bpf.identity import PinnedIdentities, default_pin
 from tracekeeper_agent.host.bpffs import PIN_ROOT
 from tracekeeper_agent.targets.cgroups import Runtime, cgroup_id
+from tracekeeper_sim import kernel_maps
 from tracekeeper_sim.kubelet import (
     CgroupDriver,
     QosClass,
@@ -102,17 +103,7 @@ def counts(agent: RunningAgent) -> dict[int, int]:
 
 def identity_table() -> dict[int, int]:
     """The node's pinned identity table as the kernel holds it (bpftool, not the agent)."""
-    out = subprocess.run(
-        ["bpftool", "-j", "map", "dump", "pinned", str(PIN)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    table: dict[int, int] = {}
-    for entry in json.loads(out.stdout):
-        key = int.from_bytes(bytes(int(b, 16) for b in entry["key"]), "little")
-        table[key] = int.from_bytes(bytes(int(b, 16) for b in entry["value"]), "little")
-    return table
+    return kernel_maps.dump_pinned(PIN)
 
 
 async def test_a_pod_announced_first_counts_from_its_first_call_in_every_naming(
@@ -156,20 +147,10 @@ async def test_one_claims_program_per_node_however_many_probes(
     report = await agent.put(1, *probes)
     probe_programs = {i for p in report["probes"] for i in p["programIds"]}
     assert len({tuple(p["programIds"]) for p in report["probes"]}) == 4  # four shapes
-    readers = programs_using(map_id(PIN))
+    readers = programs_using(kernel_maps.pinned_map_id(PIN))
     # Everything else that uses the identity table is the claims program: mkdir + rmdir.
     claims = set(report["cgroupClaims"]["programIds"])
     assert readers - probe_programs == claims and len(claims) == 2
-
-
-def map_id(pin: Path) -> int:
-    out = subprocess.run(
-        ["bpftool", "-j", "map", "show", "pinned", str(pin)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(json.loads(out.stdout)["id"])
 
 
 def programs_using(map_id: int) -> set[int]:

@@ -309,3 +309,39 @@ async def test_passes_do_not_wait_for_slow_status_writes_nor_repeat_them() -> No
         assert [e.reason for _, e in writes.events] == ["ProbeLoaded"]
     finally:
         task.cancel()
+
+
+async def test_a_node_whose_agent_cannot_save_its_state_is_said_on_the_probe() -> None:
+    """A full state directory reaches the probe's status and Events (once per transition),
+    and clears with the agent's next report that says it is saved."""
+    agents = FakeAgents()
+    agents.unsaved = "revision 9 not saved: [Errno 28] No space left on device"
+    writes = FakeWrites()
+    pusher = Pusher(PushPlanner(debounce=0.0, resync_interval=0.01), agents)
+    loop = ControlLoop(SETTINGS, pusher, writes)
+    loop.attach(lambda: cluster(PROBE, FILTER, pod("web-0", app="web")))
+    task = asyncio.create_task(pusher.run())
+
+    def persisted() -> tuple[str, str, str]:
+        status = TraceProbeStatus.model_validate(
+            next(st for key, st in reversed(writes.patches) if key == "team-a/opens")
+        )
+        c = status.condition("Persisted")
+        assert c is not None and status.condition("Ready").status == "True"  # type: ignore[union-attr]
+        return c.status, c.reason, c.message
+
+    try:
+        await loop.reconcile_once()
+        await agents.until(lambda: bool(agents.puts) and pusher.planner.settled())
+        await loop.reconcile_once()
+        status, reason, message = persisted()
+        assert (status, reason) == ("False", "StateNotSaved") and f"n1: {agents.unsaved}" in message
+        agents.unsaved = None
+        seen = len(agents.gets)
+        await agents.until(lambda: len(agents.gets) > seen)  # a resync reads the saved state
+        await loop.reconcile_once()
+        assert persisted()[:2] == ("True", "StateSaved")
+        reasons = [e.reason for _, e in writes.events if e.reason.startswith("State")]
+        assert reasons == ["StateNotSaved", "StateSaved"]
+    finally:
+        task.cancel()

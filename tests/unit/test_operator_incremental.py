@@ -22,7 +22,13 @@ from hypothesis import strategies as st
 from tracekeeper_api.budgets import BUDGET_ANNOTATION
 from tracekeeper_api.filters import TraceFilterSpec
 from tracekeeper_api.probes import TraceProbeSpec
-from tracekeeper_api.protocol import KernelInfo, NodeReport, NodeState, ProbeOutcome
+from tracekeeper_api.protocol import (
+    KernelInfo,
+    NodeReport,
+    NodeState,
+    Persistence,
+    ProbeOutcome,
+)
 from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
 from tracekeeper_operator.agent_errors import AgentError
 from tracekeeper_operator.cluster_plan import plan_cluster
@@ -146,7 +152,10 @@ class World:
             keys = [k for k in self.probes if op == "probe~"]
             key = rng.choice(sorted(keys)) if keys else f"{ns}/probe-{n}"
             ns, name = key.split("/")
-            self.probes[key] = self.probe(ns, name, n, rng)
+            edited = self.probe(ns, name, n, rng)
+            if key in self.probes:  # an edit: the apiserver keeps the stored status
+                edited = replace(edited, status=self.probes[key].status)
+            self.probes[key] = edited
         elif op == "probe-" and self.probes:
             del self.probes[rng.choice(sorted(self.probes))]
         elif op == "filter+":
@@ -158,8 +167,13 @@ class World:
             if rng.random() < 0.4:
                 raw["pids"] = [1]  # host targets: every agent's node (refused outside tk)
             spec = TraceFilterSpec.model_validate(raw)
-            self.filters[f"{ns}/{name}"] = FilterRecord(
-                ObjectRef("TraceFilter", ns, name, f"uid-f-{ns}-{name}"), n, spec
+            key = f"{ns}/{name}"
+            known = self.filters.get(key)
+            self.filters[key] = FilterRecord(
+                ObjectRef("TraceFilter", ns, name, f"uid-f-{ns}-{name}"),
+                n,
+                spec,
+                status=known.status if known is not None else None,  # an edit keeps it
             )
         elif op == "filter-" and self.filters:
             del self.filters[rng.choice(sorted(self.filters))]
@@ -307,15 +321,17 @@ class Writes:
 
 
 def answer(planner: PushPlanner, rng: random.Random) -> None:
-    """Some due pushes answered: Loaded, failed, or with a stale report."""
+    """Some due pushes answered: Loaded, failed, or with a stale report; saved or not."""
     for action in planner.due(1e9):
         if not isinstance(action, PushAction):
             continue
         state = rng.choice(("Loaded", "Loaded", "Failed"))
+        unsaved = rng.choice((None, None, f"revision {action.state.revision} not saved: full"))
         report = NodeReport(
             node=action.node,
             revision=action.state.revision,
             boot_id="b",
+            persisted=Persistence(revision=1, error=unsaved),
             probes=[
                 ProbeOutcome(
                     id=p.id,

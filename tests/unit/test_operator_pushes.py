@@ -11,6 +11,7 @@ from tracekeeper_api.probes import TraceProbeSpec
 from tracekeeper_api.protocol import (
     NodeReport,
     NodeState,
+    Persistence,
     PodTarget,
     ProbeAssignment,
     ProbeOutcome,
@@ -290,6 +291,8 @@ class FakeAgents:
         self.gets: list[str] = []
         self.failures = failures
         self.boot_id = "boot-1"
+        self.unsaved: str | None = None
+        """The agents' persisted.error (a full state directory)."""
         self.held: dict[str, NodeState] = {}
         self.answered = asyncio.Event()
         """Set after every call: waiters re-check what they wait for."""
@@ -302,12 +305,17 @@ class FakeAgents:
             raise AgentError("connection refused")
         self.puts.append((endpoint, state))
         self.held[endpoint] = state
-        return report_for(state, self.boot_id)
+        return self._report(state)
 
     async def get_state(self, endpoint: str) -> NodeReport:
         self.gets.append(endpoint)
         self.answered.set()
-        return report_for(self.held[endpoint], self.boot_id)
+        return self._report(self.held[endpoint])
+
+    def _report(self, state: NodeState) -> NodeReport:
+        report = report_for(state, self.boot_id)
+        persisted = Persistence(revision=state.revision, error=self.unsaved)
+        return report.model_copy(update={"persisted": persisted})
 
     async def until(self, predicate: Callable[[], bool]) -> None:
         """Wait (5 s at most) until `predicate` holds, re-checked after each agent call."""
@@ -370,5 +378,28 @@ async def test_pusher_resyncs_and_repushes_after_a_restart() -> None:
         await agents.until(lambda: len(agents.puts) >= 2)
         first, second = agents.puts[0][1], agents.puts[1][1]
         assert second.probes == first.probes and second.revision > first.revision
+    finally:
+        task.cancel()
+
+
+async def test_a_resync_that_finds_the_state_saved_again_costs_a_render() -> None:
+    """The probes' Persisted condition follows the agent's report: a resync whose report
+    differs only in persisted.error must start a pass (one, not one per resync)."""
+    agents = FakeAgents()
+    agents.unsaved = "revision 2 not saved: [Errno 28] No space left on device"
+    changes: list[int] = []
+    pusher = Pusher(
+        planner(debounce=0.0, resync_interval=0.02), agents, on_change=lambda: changes.append(1)
+    )
+    task = asyncio.create_task(pusher.run())
+    try:
+        pusher.update({"n1": probes(2)}, {"n1": "http://n1"})
+        await agents.until(pusher.planner.settled)
+        await agents.until(lambda: len(agents.gets) >= 2)
+        assert len(changes) == 1  # the push's answer; resyncs that find it still unsaved: none
+        agents.unsaved = None
+        seen = len(agents.gets)
+        await agents.until(lambda: len(agents.gets) >= seen + 2)
+        assert len(changes) == 2 and len(agents.puts) == 1
     finally:
         task.cancel()

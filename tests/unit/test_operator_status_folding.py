@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tracekeeper_api.probes import TraceProbeSpec
-from tracekeeper_api.protocol import NodeReport, ProbeOutcome, ProbeState, spec_hash
+from tracekeeper_api.protocol import NodeReport, Persistence, ProbeOutcome, ProbeState, spec_hash
 from tracekeeper_api.status import TraceProbeStatus
 from tracekeeper_operator.agent_views import AgentView
 from tracekeeper_operator.records import ObjectRef, ProbeRecord
@@ -246,6 +247,67 @@ def test_suspending_a_loaded_probe_announces_the_unload() -> None:
     suspended = ProbeRecord(PROBE.ref, 4, SPEC.model_copy(update={"suspend": True}))
     st = fold(on("n1"), {}, previous=loaded, probe=suspended)
     assert [e.reason for e in probe_events(loaded, st)] == ["ProbeUnloaded"]
+
+
+FULL = "revision 7 not saved: [Errno 28] No space left on device"
+
+
+def unsaved(view: AgentView, error: str | None = FULL) -> AgentView:
+    """`view` with its agent's report saying the state it applied is not on disk."""
+    assert view.report is not None
+    persisted = Persistence(revision=5, error=error)
+    return replace(view, report=view.report.model_copy(update={"persisted": persisted}))
+
+
+def test_a_state_not_saved_is_said_with_the_agents_text_and_tracing_stays_ready() -> None:
+    st = fold(on("n1", "n2"), {"n1": unsaved(agent("n1")), "n2": agent("n2")})
+    assert cond(st, "Persisted") == ("False", "StateNotSaved")
+    message = st.condition("Persisted").message  # type: ignore[union-attr]
+    assert f"n1: {FULL}" in message and "1 of 2 nodes" in message and "n2" not in message
+    # It still traces there: not a failure, not Degraded, not unready.
+    assert cond(st, "Ready") == ("True", "Loaded")
+    assert cond(st, "Degraded") == ("False", "NoFailures")
+    assert (st.nodes.loaded, st.nodes.failed, st.failures) == (2, 0, [])
+    saved = fold(on("n1", "n2"), {"n1": agent("n1"), "n2": agent("n2")}, previous=st, now=T1)
+    assert cond(saved, "Persisted") == ("True", "StateSaved")
+    assert saved.condition("Persisted").last_transition_time == T1  # type: ignore[union-attr]
+
+
+def test_persisted_covers_the_nodes_that_run_the_probe_only() -> None:
+    # n1 failed to load it: its unsaved state is nothing this probe would lose.
+    views = {"n1": unsaved(agent("n1", "Failed", "AttachFailed", "x")), "n2": agent("n2")}
+    assert cond(fold(on("n1", "n2"), views), "Persisted") == ("True", "StateSaved")
+    # Loaded nowhere (pending, refused, no pods): no Persisted condition at all.
+    pending = {"n1": unsaved(agent("n1", spec_hash_="0ldspec0"))}
+    assert fold(on("n1"), pending).condition("Persisted") is None
+    assert fold(Refusal("NotPermitted", "no"), {}).condition("Persisted") is None
+    assert fold(Selected(), {}).condition("Persisted") is None
+
+
+def test_state_not_saved_events_on_the_transitions_only() -> None:
+    views = {"n1": agent("n1"), "n2": agent("n2")}
+    loaded = fold(on("n1", "n2"), views)
+    full = fold(on("n1", "n2"), {**views, "n2": unsaved(views["n2"])}, previous=loaded, now=T1)
+    (event,) = probe_events(loaded, full)
+    assert (event.type, event.reason) == ("Warning", "StateNotSaved")
+    assert f"n2: {FULL}" in event.message
+    # Still full, the next push's revision in the agent's text: the status follows, no Event.
+    later = FULL.replace("revision 7", "revision 8")
+    still = fold(on("n1", "n2"), {**views, "n2": unsaved(views["n2"], later)}, previous=full)
+    assert status_differs(full, still) and probe_events(full, still) == []
+    assert still.condition("Persisted").last_transition_time == T1  # type: ignore[union-attr]
+    saved = fold(on("n1", "n2"), views, previous=still)
+    (event,) = probe_events(still, saved)
+    assert (event.type, event.reason) == ("Normal", "StateSaved")
+    assert probe_events(saved, fold(on("n1", "n2"), views, previous=saved)) == []
+
+
+def test_a_state_not_saved_on_many_nodes_is_bounded() -> None:
+    nodes = [f"n{i:04d}" for i in range(5000)]
+    st = fold(on(*nodes), {n: unsaved(agent(n)) for n in nodes})
+    message = st.condition("Persisted").message  # type: ignore[union-attr]
+    assert len(message) <= 1024 and "5000 of 5000 nodes" in message
+    assert "and 4995 more" in message
 
 
 def test_unload_verdicts() -> None:
