@@ -156,3 +156,43 @@ class ViewBuilder:
         )
         self._last = view
         return view
+
+
+_K = TypeVar("_K")
+
+
+def _changed_keys(before: Mapping[_K, object], after: Mapping[_K, object]) -> frozenset[_K]:
+    """Keys added, removed, or whose value is another object than before."""
+    if before is after:
+        return frozenset()
+    gone = before.keys() - after.keys()
+    return frozenset([k for k, v in after.items() if before.get(k) is not v]).union(gone)
+
+
+@dataclass(frozen=True)
+class ViewChanges:
+    """What differs between two views, by identity (a `ViewBuilder` keeps equal parts as the
+    same objects, so this is exact for its views; a view built from nothing shows every part
+    changed). `everything`: a part that every probe may read changed (or no view before),
+    and the pieces below are not to be relied on."""
+
+    everything: bool
+    pod_namespaces: frozenset[str] = frozenset()
+    probes: frozenset[str] = frozenset()
+    filters: frozenset[str] = frozenset()
+
+
+def changes_between(before: ClusterView | None, after: ClusterView) -> ViewChanges:
+    if before is None or not (
+        before.agents is after.agents
+        and before.node_labels is after.node_labels
+        and before.namespace_labels is after.namespace_labels
+        and before.namespace_annotations is after.namespace_annotations
+    ):
+        return ViewChanges(everything=True)
+    return ViewChanges(
+        everything=False,
+        pod_namespaces=_changed_keys(before.pods_by_namespace, after.pods_by_namespace),
+        probes=_changed_keys(before.probes, after.probes),
+        filters=_changed_keys(before.filters, after.filters),
+    )

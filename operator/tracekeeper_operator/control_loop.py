@@ -25,7 +25,7 @@ from tracekeeper_api.status import (
 )
 from tracekeeper_operator.agent_views import AgentView, holding_nodes
 from tracekeeper_operator.cluster_plan import ClusterPlan
-from tracekeeper_operator.cluster_view import ClusterView
+from tracekeeper_operator.cluster_view import ClusterView, ViewChanges, changes_between
 from tracekeeper_operator.costs import refreshed_cost
 from tracekeeper_operator.inventory import Refused
 from tracekeeper_operator.kube_api import KubeWrites
@@ -40,8 +40,8 @@ from tracekeeper_operator.selection import (
     Selected,
     Selection,
     matching_pods,
-    pod_target,
     refuse_privileged,
+    targets_pod,
 )
 from tracekeeper_operator.session_values import read_final_values
 from tracekeeper_operator.sessions import (
@@ -66,6 +66,7 @@ from tracekeeper_operator.status_memo import (
     left_out,
     probe_inputs,
 )
+from tracekeeper_operator.status_scope import StatusScope
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,7 @@ def filter_status(
         refusal = refuse_privileged(ns, None, filt.spec, settings, filter_name=filt.ref.name)
         if refusal is None:
             spec = filt.spec
-            matched = sum(
-                pod_target(p, spec) is not None for p in matching_pods(ns, spec, view, settings)
-            )
+            matched = sum(targets_pod(p, spec) for p in matching_pods(ns, spec, view, settings))
     used_by = list((users if users is not None else filter_users(view)).get(filt.ref.key, ()))
     return fold_filter_status(
         filt, matched_pods=matched, used_by=used_by, refusal=refusal, previous=previous, now=now
@@ -197,6 +196,17 @@ class ControlLoop:
         self._probe_memo: StatusMemo[TraceProbeStatus] = StatusMemo()
         self._filter_memo: StatusMemo[TraceFilterStatus] = StatusMemo()
         self._readiness_of: dict[str, tuple[TraceProbeStatus, ProbeReadiness]] = {}
+        self._readiness_by: dict[str, ProbeReadiness] = {}
+        self._readiness_moved = False
+        """probe id -> its readiness as of the last pass that folded it."""
+        self._scope = StatusScope()
+        self._seen: ClusterView | None = None
+        """The view of the last pass that completed (None: the next pass looks at all)."""
+        self._previous_of: dict[str, TraceProbeStatus | None] = {}
+        """probe id -> the status the last pass folded over (see `_previous`)."""
+        self._touched_probes: set[str] = set()
+        self._touched_filters: set[str] = set()
+        """Keys of the objects whose written-but-unseen status changed since the last pass."""
         self._users: tuple[Mapping[str, ProbeRecord], dict[str, tuple[str, ...]]] | None = None
         """filter_users of the probes of the last view (the same mapping: the same users)."""
         self._readiness: tuple[ProbeReadiness, ...] = ()
@@ -253,12 +263,12 @@ class ControlLoop:
         the agents' next answers, must not queue behind the apiserver)."""
         assert self._view is not None
         view = self._view()
+        before, self._seen = self._seen, None  # set again once this pass is through
+        changes = changes_between(before, view)
         now = self._now() if self._now else datetime.now(UTC)
-        previous = {
-            pid: self._previous(self._written.probes, p.ref.uid, p.status)
-            for pid, p in view.probes.items()
-            if not p.deleting
-        }
+        touched, self._touched_probes = self._touched_probes, set()
+        touched_filters, self._touched_filters = self._touched_filters, set()
+        previous, previous_changed = self._previous_statuses(view, changes, touched)
         kernels = {
             node: v.report.kernel
             for node, v in self.pusher.planner.views().items()
@@ -276,11 +286,39 @@ class ControlLoop:
         self._metrics.desired_nodes.set(len(plan.rendered.nodes))
         self._metrics.desired_assignments.set(sum(len(a) for a in plan.rendered.nodes.values()))
         self.pusher.update(plan.rendered.nodes, plan.endpoints)
-        await self._write_statuses(view, plan, previous, now)
+        await self._write_statuses(
+            view, before, changes, plan, previous, previous_changed, touched_filters, now
+        )
+        self._seen = view
         self._arm_expiry(plan, now)
         self._arm_cost_refresh()
         if wait_for_writes:
             await self.writes_done()
+
+    def _previous_statuses(
+        self, view: ClusterView, changes: ViewChanges, touched: set[str]
+    ) -> tuple[dict[str, TraceProbeStatus | None], set[str]]:
+        """Each live probe's status to fold over (`_previous`), and the probes for which it
+        may differ from the last pass's: those whose record changed or whose written status
+        did (`touched`)."""
+        if changes.everything:
+            previous = {
+                pid: self._previous(self._written.probes, p.ref.uid, p.status)
+                for pid, p in view.probes.items()
+                if not p.deleting
+            }
+            changed = set(previous)
+        else:
+            previous = dict(self._previous_of)
+            changed = set(changes.probes) | touched
+            for pid in changed:
+                p = view.probes.get(pid)
+                if p is None or p.deleting:
+                    previous.pop(pid, None)
+                else:
+                    previous[pid] = self._previous(self._written.probes, p.ref.uid, p.status)
+        self._previous_of = previous
+        return previous, changed
 
     async def _with_final_values(
         self, plan: ClusterPlan, view: ClusterView, now: datetime
@@ -353,56 +391,108 @@ class ControlLoop:
     async def _write_statuses(
         self,
         view: ClusterView,
+        before: ClusterView | None,
+        changes: ViewChanges,
         plan: ClusterPlan,
         previous_probes: Mapping[str, TraceProbeStatus | None],
+        previous_changed: set[str],
+        touched_filters: set[str],
         now_at: datetime,
     ) -> None:
-        now = rfc3339(now_at)
+        """Fold the statuses whose inputs may have changed (`status_scope`; all of them when
+        that cannot be told) and queue the writes of those that differ from the stored."""
         views = self.pusher.planner.views()
         versions = self._agent_versions.update(views)
         left = left_out(plan)
-        readiness = []
-        for probe_id, probe in view.probes.items():
-            if probe.deleting:
+        looked = self._planner.looked_at
+        if changes.everything or not self._probe_memo.all_fresh(now_at):
+            looked = None  # some cost is due for a refresh: every probe is looked at
+        dirty = self._scope.probes(looked, previous_changed, self._agent_versions.moved, left)
+        if dirty is None:
+            self._readiness_by = {}
+        for probe_id in view.probes if dirty is None else sorted(dirty):
+            probe = view.probes.get(probe_id)
+            if probe is None or probe.deleting:
+                self._scope.probe_folded(probe_id, None)
+                self._readiness_moved |= self._readiness_by.pop(probe_id, None) is not None
                 continue
-            uid = probe.ref.uid
-            previous = previous_probes.get(probe_id)
-            selection = plan.selections[probe_id]
-            inputs = probe_inputs(probe, selection, plan, versions, left, previous)
-            current = previous
-            if not self._probe_memo.unchanged(
-                uid, inputs, now=now_at, cost_every=self.settings.cost_interval
-            ):
-                folded = probe_status(
-                    probe,
-                    selection,
-                    plan,
-                    views,
-                    previous=previous,
-                    now=now_at,
-                    max_failures=self.settings.max_failures,
-                    cost_interval=self.settings.cost_interval,
-                )
-                if folded is not None and status_differs(previous, folded):
-                    self._probe_memo.forget(uid)
-                    events = probe_events(previous, folded)
-                    self._enqueue(_Job(probe.ref, folded, self._written.probes, events))
-                    current = folded
-                else:
-                    self._probe_memo.keep(uid, inputs, previous)
-            if current is not None:
-                readiness.append(self._ready(probe, current))
-        self._probe_memo.end_pass()
-        self._readiness = tuple(readiness)
+            self._fold_probe(
+                probe, plan, previous_probes.get(probe_id), versions, left, views, now_at
+            )
+        self._probe_memo.end_pass(
+            every_object=dirty is None, cost_every=self.settings.cost_interval
+        )
+        if dirty is None or changes.probes or self._readiness_moved:
+            by = self._readiness_by
+            self._readiness = tuple(r for pid in view.probes if (r := by.get(pid)) is not None)
+        self._readiness_moved = False
+        filters = self._scope.filters(changes, before, view, touched_filters)
+        self._fold_filters(view, filters, now_at)
+        if dirty is None or filters is None:
+            self._scope.prune(
+                view.probes if dirty is None else None, view.filters if filters is None else None
+            )
+        self._drop_deleted(view, before, changes, plan)
+
+    def _fold_probe(
+        self,
+        probe: ProbeRecord,
+        plan: ClusterPlan,
+        previous: TraceProbeStatus | None,
+        versions: Mapping[str, int],
+        left: Mapping[str, tuple[object, ...]],
+        views: Mapping[str, AgentView],
+        now_at: datetime,
+    ) -> None:
+        uid = probe.ref.uid
+        selection = plan.selections[probe.id]
+        self._scope.probe_folded(probe.id, selection)
+        inputs = probe_inputs(probe, selection, plan, versions, left, previous)
+        current = previous
+        every = self.settings.cost_interval
+        if not self._probe_memo.unchanged(uid, inputs, now=now_at, cost_every=every):
+            folded = probe_status(
+                probe,
+                selection,
+                plan,
+                views,
+                previous=previous,
+                now=now_at,
+                max_failures=self.settings.max_failures,
+                cost_interval=every,
+            )
+            if folded is not None and status_differs(previous, folded):
+                self._probe_memo.forget(uid)
+                events = probe_events(previous, folded)
+                self._enqueue(_Job(probe.ref, folded, self._written.probes, events))
+                current = folded
+            else:
+                self._probe_memo.keep(uid, inputs, previous, cost_every=every)
+        ready = self._ready(probe, current) if current is not None else None
+        if self._readiness_by.get(probe.id) is not ready:
+            self._readiness_moved = True
+            if ready is None:
+                del self._readiness_by[probe.id]
+            else:
+                self._readiness_by[probe.id] = ready
+
+    def _fold_filters(self, view: ClusterView, keys: set[str] | None, now_at: datetime) -> None:
+        """Fold the filters `keys` (None: every filter)."""
+        now = rfc3339(now_at)
         if self._users is None or self._users[0] is not view.probes:
             self._users = (view.probes, filter_users(view))
         users = self._users[1]
-        for filt in view.filters.values():
-            if filt.deleting:
+        for key in view.filters if keys is None else sorted(keys):
+            filt = view.filters.get(key)
+            if filt is None or filt.deleting:
+                self._scope.filter_folded(key, None)
                 continue
             uid = filt.ref.uid
             previous_f = self._previous(self._written.filters, uid, filt.status)
             inputs = filter_inputs(filt, view, self.settings, users, previous_f)
+            spaces = inputs[1]
+            assert isinstance(spaces, tuple)
+            self._scope.filter_folded(key, spaces)
             if self._filter_memo.unchanged(uid, inputs, now=now_at, cost_every=0.0):
                 continue
             folded_f = filter_status(
@@ -413,20 +503,39 @@ class ControlLoop:
                 events_f = filter_events(previous_f, folded_f)
                 self._enqueue(_Job(filt.ref, folded_f, self._written.filters, events_f))
             else:
-                self._filter_memo.keep(uid, inputs, previous_f)
-        self._filter_memo.end_pass()
-        live = {p.ref.uid for p in view.probes.values()} | {
-            f.ref.uid for f in view.filters.values()
-        }
-        for uid in set(self._written.probes) - live:
-            del self._written.probes[uid]
-        for uid in set(self._readiness_of) - live:
-            del self._readiness_of[uid]
+                self._filter_memo.keep(uid, inputs, previous_f, cost_every=0.0)
+        self._filter_memo.end_pass(every_object=keys is None)
+
+    def _drop_deleted(
+        self, view: ClusterView, before: ClusterView | None, changes: ViewChanges, plan: ClusterPlan
+    ) -> None:
+        """Forget what was kept of deleted objects (only those that changed can be, unless
+        every part of the view may have)."""
+        if changes.everything or before is None:
+            live = {p.ref.uid for p in view.probes.values()} | {
+                f.ref.uid for f in view.filters.values()
+            }
+            dead = (set(self._written.probes) | set(self._readiness_of)) - live
+            dead |= set(self._written.filters) - live
+        else:
+            dead = set()
+            for keys, old_of, new_of in (
+                (changes.probes, before.probes, view.probes),
+                (changes.filters, before.filters, view.filters),
+            ):
+                for key in keys:
+                    old, new = old_of.get(key), new_of.get(key)
+                    if old is not None and (new is None or new.ref.uid != old.ref.uid):
+                        dead.add(old.ref.uid)
+        for uid in dead:
+            self._written.probes.pop(uid, None)
+            self._written.filters.pop(uid, None)
+            self._readiness_of.pop(uid, None)
+            self._probe_memo.forget(uid)
+            self._filter_memo.forget(uid)
         ended = {view.probes[pid].ref.uid for pid in plan.expired}
         for uid in set(self._finals) - ended:
             del self._finals[uid]
-        for uid in set(self._written.filters) - live:
-            del self._written.filters[uid]
 
     def _ready(self, probe: ProbeRecord, status: TraceProbeStatus) -> ProbeReadiness:
         """The probe's readiness for the metrics, made again only when its status changed."""
@@ -458,6 +567,7 @@ class ControlLoop:
         a status folded before it was sent replaces it, its Events kept."""
         uid = job.ref.uid
         job.cache[uid] = job.status
+        self._touched(job).add(job.ref.key)
         waiting = self._queued.get(uid)
         if waiting is not None:
             job.events = [*waiting.events, *job.events]
@@ -504,6 +614,10 @@ class ControlLoop:
             newer.events = [*job.events, *newer.events]
         elif job.cache.get(job.ref.uid) is job.status:
             del job.cache[job.ref.uid]
+            self._touched(job).add(job.ref.key)
+
+    def _touched(self, job: _Job[Any]) -> set[str]:
+        return self._touched_probes if job.cache is self._written.probes else self._touched_filters
 
     async def post_event(self, ref: ObjectRef, event: EventSpec) -> None:
         try:

@@ -9,7 +9,7 @@ per interval, however many nodes report.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from tracekeeper_api.status import ProbeCostStatus
 from tracekeeper_operator.kube_events import rfc3339
@@ -51,7 +51,20 @@ def refreshed_cost(
     return previous if cost_is_fresh(previous, now, every) else current
 
 
+NEVER = (datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC))
+"""An empty window of times."""
+
+
+def fresh_window(cost: ProbeCostStatus, every: float) -> tuple[datetime, datetime]:
+    """The times at which a stored cost is fresh: from its reading for `every` seconds
+    (empty when its time does not parse)."""
+    read_at = parse_rfc3339(cost.updated_at)
+    if read_at is None:
+        return NEVER
+    return read_at, read_at + timedelta(seconds=every)
+
+
 def cost_is_fresh(cost: ProbeCostStatus, now: datetime, every: float) -> bool:
     """Whether a stored cost is younger than `every` seconds (kept as it is until then)."""
-    read_at = parse_rfc3339(cost.updated_at)
-    return read_at is not None and 0 <= (now - read_at).total_seconds() < every
+    start, end = fresh_window(cost, every)
+    return start <= now < end

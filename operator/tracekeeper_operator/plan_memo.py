@@ -14,7 +14,7 @@ unit tests check it over random event sequences).
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,7 +22,7 @@ from tracekeeper_api.protocol import KernelInfo
 from tracekeeper_api.status import DebugSession, TraceProbeStatus
 from tracekeeper_operator.budgets import Allocation, Candidate, NamespaceBudgets, allocate
 from tracekeeper_operator.cluster_plan import ClusterPlan, with_session
-from tracekeeper_operator.cluster_view import ClusterView
+from tracekeeper_operator.cluster_view import ClusterView, changes_between
 from tracekeeper_operator.node_state import (
     ProbeRender,
     assemble,
@@ -116,6 +116,18 @@ class _Probe:
     session_sources: Inputs = ()
     """(record, selection, budgets, previous status) `session` was made from."""
     session: tuple[Selection, DebugSession | None] | None = None
+    filter_key: str | None = None
+    """namespace/name of the TraceFilter its filterRef names."""
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What the last pass computed for every probe, to start the next one from."""
+
+    budgets: NamespaceBudgets
+    selections: Mapping[str, Selection]
+    sessions: Mapping[str, DebugSession]
+    renders: Mapping[str, ProbeRender]
 
 
 @dataclass(frozen=True)
@@ -146,8 +158,19 @@ class PlanMemo:
         self._renders: dict[str, ProbeRender] = {}
         self._by_node: dict[str, dict[str, Candidate]] = {}
         self._node_lists: dict[str, tuple[Candidate, ...]] = {}
+        self._agent_nodes: tuple[str, ...] = ()
         self._pass = 0
         """Passes made: a render checked in the previous pass is valid as of it."""
+        self._kernels_moved_at = 0
+        """The last pass in which some node's kernel facts moved."""
+        self._view: ClusterView | None = None
+        self._last: _Pass | None = None
+        self._readers: dict[str, set[str]] = {}
+        """namespace -> the probes whose selection read its pods (their `spaces`)."""
+        self._users: dict[str, set[str]] = {}
+        """filter key -> the probes naming it in filterRef."""
+        self.looked_at: frozenset[str] | None = None
+        """The probes the last pass looked at (their inputs may have changed); None: all."""
 
     def _namespace_budgets(self, view: ClusterView) -> NamespaceBudgets:
         notes = view.namespace_annotations
@@ -157,15 +180,18 @@ class PlanMemo:
         return self._budgets
 
     def _node_candidates(
-        self, renders: Mapping[str, ProbeRender], agent_nodes: tuple[str, ...]
+        self,
+        renders: Mapping[str, ProbeRender],
+        agent_nodes: tuple[str, ...],
+        pids: Iterable[str] | None = None,
     ) -> dict[str, tuple[Candidate, ...]]:
         """`node_state.per_node_candidates(renders, agent_nodes)`, remade only for the nodes
         of the probes whose render changed since last pass (an index node -> probe ->
-        candidate is kept)."""
+        candidate is kept); `pids`: the only probes whose render may have changed."""
         last = self._renders
         by_node = self._by_node
         touched: set[str] = set()
-        for pid in set(renders) | set(last):
+        for pid in set(renders) | set(last) if pids is None else pids:
             old, new = last.get(pid), renders.get(pid)
             if old is new:
                 continue
@@ -178,14 +204,17 @@ class PlanMemo:
                     by_node.setdefault(node, {})[pid] = candidate
                     touched.add(node)
         self._renders = dict(renders)
+        if not touched and agent_nodes == self._agent_nodes:
+            return self._node_lists  # no probe moved on or off any node
+        self._agent_nodes = agent_nodes
+        for node in [n for n in touched if not by_node.get(n, True)]:
+            del by_node[node]
         lists: dict[str, tuple[Candidate, ...]] = {}
-        for node in sorted(set(agent_nodes) | {n for n, cs in by_node.items() if cs}):
+        for node in sorted(set(agent_nodes) | set(by_node)):
             kept = self._node_lists.get(node)
             if kept is None or node in touched:
                 kept = tuple(c for _, c in sorted(by_node.get(node, {}).items()))
             lists[node] = kept
-        for node in [n for n, cs in by_node.items() if not cs]:
-            del by_node[node]
         self._node_lists = lists
         return lists
 
@@ -207,6 +236,124 @@ class PlanMemo:
         self._kernels = kept
         return kept, moved
 
+    def _looked_at(
+        self, view: ClusterView, budgets: NamespaceBudgets, moved: set[str]
+    ) -> set[str] | None:
+        """The probes whose inputs may have changed since the last pass, from what changed in
+        the view; None: any may have (a part every probe reads changed, the budgets or a
+        kernel moved, or there is no last pass)."""
+        last = self._last
+        changes = changes_between(self._view, view)
+        if changes.everything or last is None or last.budgets is not budgets or moved:
+            return None
+        dirty = set(changes.probes)
+        for key in changes.filters:
+            dirty.update(self._users.get(key, ()))
+        for ns in changes.pod_namespaces:
+            dirty.update(self._readers.get(ns, ()))
+        dirty.update(last.sessions)  # a session reads the stored status and the clock
+        return dirty
+
+    def _index(self, pid: str, old: _Probe | None, new: _Probe | None) -> None:
+        """Keep `_readers` and `_users` in step with a probe's memo entry."""
+        for entry, add in ((old, False), (new, True)):
+            if entry is None:
+                continue
+            for ns in entry.spaces:
+                readers = self._readers.setdefault(ns, set())
+                if add:
+                    readers.add(pid)
+                else:
+                    readers.discard(pid)
+            if entry.filter_key is not None:
+                users = self._users.setdefault(entry.filter_key, set())
+                if add:
+                    users.add(pid)
+                else:
+                    users.discard(pid)
+
+    def _select(
+        self,
+        pid: str,
+        probe: ProbeRecord,
+        view: ClusterView,
+        agent_nodes: Inputs,
+        budgets: NamespaceBudgets,
+        before: TraceProbeStatus | None,
+        previous: Mapping[str, TraceProbeStatus | None] | None,
+    ) -> tuple[_Probe, bool]:
+        """The probe's memo entry with its selection and session as of this view (reused
+        where their inputs are unchanged), and whether it was selected again."""
+        kept = self._probes.get(pid)
+        again = False
+        if kept is None or not _same(kept.sources, _sources(probe, view, kept.spaces)):
+            inputs = selection_inputs(probe, view, self.settings, agent_nodes)
+            old_spaces, old_key = (kept.spaces, kept.filter_key) if kept else ((), None)
+            if kept is None or kept.inputs != inputs:
+                selection = select(probe, view, self.settings)
+                again = True
+                if kept is not None and kept.selection == selection:
+                    kept.inputs = inputs  # the same selection: its render and session hold
+                else:
+                    render = kept.render if kept is not None else None
+                    kept = _Probe(inputs, selection, render=render)
+            kept.spaces = spaces_of(inputs)
+            kept.sources = _sources(probe, view, kept.spaces)
+            spec = probe.spec
+            ref = spec.filter_ref if spec is not None else None
+            kept.filter_key = f"{probe.ref.namespace}/{ref}" if ref else None
+            if (old_spaces, old_key) != (kept.spaces, kept.filter_key):
+                self._index(pid, _Probe((), kept.selection, old_spaces, filter_key=old_key), kept)
+        session_sources = (probe, kept.selection, budgets, before)
+        if not _same(kept.session_sources, session_sources):
+            kept.session_sources = session_sources
+            kept.session = with_session(probe, kept.selection, budgets, previous)
+        return kept, again
+
+    def _render(
+        self,
+        pid: str,
+        probe: ProbeRecord,
+        selection: Selected,
+        budgets: NamespaceBudgets,
+        kernels: Mapping[str, KernelInfo],
+        moved: set[str],
+    ) -> tuple[ProbeRender, bool]:
+        """The probe's render (reused where its inputs are unchanged), and whether it was
+        rendered again."""
+        entry = self._probes[pid]
+        sources = (probe, selection, budgets)
+        if (
+            entry.render is not None
+            and _same(entry.render_sources, sources)
+            and (
+                entry.render_pass >= self._kernels_moved_at
+                or (entry.render_pass == self._pass - 1 and moved.isdisjoint(selection.targets))
+            )
+        ):
+            entry.render_pass = self._pass
+            return entry.render, False
+        render_inputs = (
+            selection,
+            probe.spec,
+            probe.created,
+            budgets(probe.ref.namespace),
+            tuple(kernels.get(node) for node in selection.targets),
+        )
+        entry.render_sources, entry.render_pass = sources, self._pass
+        again = entry.render is None or entry.render_inputs != render_inputs
+        if entry.render is None or again:
+            entry.render = render_probe(
+                probe,
+                selection,
+                allow_raw=self.settings.allow_raw_programs,
+                budgets=budgets,
+                kernels=kernels,
+                before=entry.render,
+            )
+            entry.render_inputs = render_inputs
+        return entry.render, again
+
     def plan(
         self,
         view: ClusterView,
@@ -215,91 +362,78 @@ class PlanMemo:
         kernels: Mapping[str, KernelInfo] | None = None,
     ) -> ClusterPlan:
         """`plan_cluster(view, self.settings, previous, now, kernels)`, reusing the pieces
-        whose inputs are unchanged since the previous call."""
+        whose inputs are unchanged since the previous call. A pass looks only at the probes
+        that what changed in the view may concern (`_looked_at`), and at every probe when
+        that cannot be told."""
         now = now or datetime.now(UTC)
         self._pass += 1
-        settings = self.settings
         budgets = self._namespace_budgets(view)
+        kernels, moved = self._kernels_of(kernels or {})
+        if moved:
+            self._kernels_moved_at = self._pass
         agent_nodes = tuple(view.agents)
-        memo: dict[str, _Probe] = {}
-        selections: dict[str, Selection] = {}
-        sessions: dict[str, DebugSession] = {}
-        selected_again = 0
-        for pid, probe in view.probes.items():
-            kept = self._probes.get(pid)
-            if kept is None or not _same(kept.sources, _sources(probe, view, kept.spaces)):
-                inputs = selection_inputs(probe, view, settings, agent_nodes)
-                if kept is None or kept.inputs != inputs:
-                    selection = select(probe, view, settings)
-                    selected_again += 1
-                    if kept is not None and kept.selection == selection:
-                        selection = kept.selection  # the same object: renders keyed by it hold
-                    render = kept.render if kept is not None else None
-                    kept = _Probe(inputs, selection, render=render)
-                kept.spaces = spaces_of(inputs)
-                kept.sources = _sources(probe, view, kept.spaces)
-            memo[pid] = kept
+        dirty = self._looked_at(view, budgets, moved)
+        last = self._last
+        if dirty is None or last is None:
+            pids: Iterable[str] = view.probes
+            selections: dict[str, Selection] = {}
+            sessions: dict[str, DebugSession] = {}
+            renders: dict[str, ProbeRender] = {}
+            gone = set(self._probes) - set(view.probes)
+        else:
+            pids = sorted(dirty)
+            selections, sessions = dict(last.selections), dict(last.sessions)
+            renders = dict(last.renders)
+            gone = {pid for pid in dirty if pid not in view.probes}
+        for pid in gone:
+            self._index(pid, self._probes.pop(pid, None), None)
+            selections.pop(pid, None)
+            sessions.pop(pid, None)
+            renders.pop(pid, None)
+        selected_again = rendered_again = 0
+        looked: list[str] = []
+        for pid in pids:
+            probe = view.probes.get(pid)
+            if probe is None:
+                continue
+            looked.append(pid)
             before = previous.get(pid) if previous is not None else probe.status
-            session_sources = (probe, kept.selection, budgets, before)
-            if not _same(kept.session_sources, session_sources):
-                kept.session_sources = session_sources
-                kept.session = with_session(probe, kept.selection, budgets, previous)
+            kept, again = self._select(pid, probe, view, agent_nodes, budgets, before, previous)
+            selected_again += again
+            self._probes[pid] = kept
             assert kept.session is not None
-            selection, session = kept.session
+            selections[pid], session = kept.session
             if session is not None:
                 sessions[pid] = session
-            selections[pid] = selection
+            else:
+                sessions.pop(pid, None)
         expired = frozenset(pid for pid, s in sessions.items() if has_expired(s, now))
-        kernels, kernels_moved = self._kernels_of(kernels or {})
-        renders: dict[str, ProbeRender] = {}
-        rendered_again = 0
-        for pid, selection in selections.items():
-            probe = view.probes[pid]
+        for pid in looked:
+            probe, selection = view.probes[pid], selections[pid]
             if not isinstance(selection, Selected) or not renders_running(probe, expired):
+                renders.pop(pid, None)
                 continue
-            entry = memo[pid]
-            renders_sources = (probe, selection, budgets)
-            if (
-                entry.render is not None
-                and entry.render_pass == self._pass - 1
-                and _same(entry.render_sources, renders_sources)
-                and (not kernels_moved or kernels_moved.isdisjoint(selection.targets))
-            ):
-                renders[pid] = entry.render
-                entry.render_pass = self._pass
-                continue
-            render_inputs = (
-                selection,
-                probe.spec,
-                probe.created,
-                budgets(probe.ref.namespace),
-                tuple((kernels or {}).get(node) for node in selection.targets),
-            )
-            entry.render_sources, entry.render_pass = renders_sources, self._pass
-            if entry.render is None or entry.render_inputs != render_inputs:
-                entry.render = render_probe(
-                    probe,
-                    selection,
-                    allow_raw=settings.allow_raw_programs,
-                    budgets=budgets,
-                    kernels=kernels,
-                    before=entry.render,
-                )
-                entry.render_inputs = render_inputs
-                rendered_again += 1
-            renders[pid] = entry.render
-        self._probes = memo
+            renders[pid], again = self._render(pid, probe, selection, budgets, kernels, moved)
+            rendered_again += again
         nodes: dict[str, _Node] = {}
         allocations: dict[str, Allocation] = {}
-        for node, candidates in self._node_candidates(renders, agent_nodes).items():
+        changed = None if dirty is None else [*looked, *gone]
+        for node, candidates in self._node_candidates(renders, agent_nodes, changed).items():
             old = self._nodes.get(node)
-            if old is None or old.budgets is not budgets or old.candidates != candidates:
+            if (
+                old is None
+                or old.budgets is not budgets
+                or (old.candidates is not candidates and old.candidates != candidates)
+            ):
                 old = _Node(budgets, candidates, allocate(node, candidates, budgets))
             nodes[node] = old
             allocations[node] = old.allocation
         allocated_again = sum(1 for node, n in nodes.items() if self._nodes.get(node) is not n)
         self._nodes = nodes
         self.counts = PlanCounts(selected_again, rendered_again, allocated_again)
+        self.looked_at = None if dirty is None else frozenset(looked)
+        self._view = view
+        self._last = _Pass(budgets, selections, sessions, renders)
         endpoints = {node: agent.endpoint for node, agent in view.agents.items()}
         rendered = assemble(renders, allocations)
         return ClusterPlan(selections, rendered, endpoints, budgets.problems, sessions, expired)

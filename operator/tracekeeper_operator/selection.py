@@ -22,7 +22,7 @@ from tracekeeper_api.protocol import (
 )
 from tracekeeper_api.reasons import RefusalReason
 from tracekeeper_operator.cluster_view import ClusterView
-from tracekeeper_operator.records import PodRecord, ProbeRecord
+from tracekeeper_operator.records import ContainerRecord, PodRecord, ProbeRecord
 from tracekeeper_operator.settings import OperatorSettings
 
 NODES_UNREADABLE = (
@@ -144,16 +144,27 @@ def matching_pods(
     ]
 
 
-def pod_target(pod: PodRecord, filt: TraceFilterSpec) -> PodTarget | None:
-    """The pod as a target, or None when none of its containers is selected. Only the
-    first MAX_CONTAINERS_PER_POD containers exist for tracing, whatever the filter names,
-    so that every probe sees the same containers of a pod (the node's pod table)."""
+def _containers(pod: PodRecord, filt: TraceFilterSpec) -> tuple[ContainerRecord, ...]:
+    """The pod's containers the filter selects. Only the first MAX_CONTAINERS_PER_POD
+    exist for tracing, whatever the filter names, so that every probe sees the same
+    containers of a pod (the node's pod table)."""
     containers = pod.containers[:MAX_CONTAINERS_PER_POD]
     if filt.containers:
         wanted = set(filt.containers)
         containers = tuple(c for c in containers if c.name in wanted)
-        if not containers:
-            return None
+    return containers
+
+
+def targets_pod(pod: PodRecord, filt: TraceFilterSpec) -> bool:
+    """Whether `pod_target` makes a target of the pod (what counting needs, without it)."""
+    return not filt.containers or bool(_containers(pod, filt))
+
+
+def pod_target(pod: PodRecord, filt: TraceFilterSpec) -> PodTarget | None:
+    """The pod as a target, or None when none of its containers is selected."""
+    containers = _containers(pod, filt)
+    if filt.containers and not containers:
+        return None
     return PodTarget(
         uid=pod.uid,
         namespace=pod.namespace,

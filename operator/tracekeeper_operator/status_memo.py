@@ -20,7 +20,7 @@ from tracekeeper_api.status import TraceFilterStatus, TraceProbeStatus
 from tracekeeper_operator.agent_views import AgentView
 from tracekeeper_operator.cluster_plan import ClusterPlan
 from tracekeeper_operator.cluster_view import ClusterView
-from tracekeeper_operator.costs import cost_is_fresh
+from tracekeeper_operator.costs import cost_is_fresh, fresh_window
 from tracekeeper_operator.records import FilterRecord, ProbeRecord
 from tracekeeper_operator.selection import Selected, Selection, candidate_namespaces
 from tracekeeper_operator.settings import OperatorSettings
@@ -36,16 +36,21 @@ class AgentVersions:
     def __init__(self) -> None:
         self._seen: dict[str, tuple[AgentView, int]] = {}
         self._next = 0
+        self.moved: frozenset[str] = frozenset()
+        """The nodes whose number moved (or that came or went) in the last update."""
 
     def update(self, views: Mapping[str, AgentView]) -> dict[str, int]:
         seen: dict[str, tuple[AgentView, int]] = {}
+        moved = set(self._seen) - set(views)
         for node, view in views.items():
             old = self._seen.get(node)
             if old is None or not _same_view(old[0], view):
                 self._next += 1
                 old = (view, self._next)
+                moved.add(node)
             seen[node] = old
         self._seen = seen
+        self.moved = frozenset(moved)
         return {node: version for node, (_, version) in seen.items()}
 
 
@@ -137,6 +142,9 @@ class StatusMemo(Generic[_S]):
     def __init__(self) -> None:
         self._kept: dict[str, _Kept[_S]] = {}
         self._live: set[str] = set()
+        self._fresh: tuple[datetime, datetime] | None = None
+        """A window within which every kept cost is fresh (maybe narrower); None: none is
+        kept with a cost."""
 
     def unchanged(self, uid: str, inputs: Inputs, *, now: datetime, cost_every: float) -> bool:
         """Whether folding again would give the stored status (`inputs` as last time)."""
@@ -147,15 +155,35 @@ class StatusMemo(Generic[_S]):
         cost = getattr(kept.status, "cost", None)
         return cost is None or cost_is_fresh(cost, now, cost_every)
 
-    def keep(self, uid: str, inputs: Inputs, status: _S | None) -> None:
+    def keep(self, uid: str, inputs: Inputs, status: _S | None, *, cost_every: float) -> None:
         """The fold of `inputs` needed no write (`status`: what is stored)."""
         self._kept[uid] = _Kept(inputs, status)
+        self._narrow(status, cost_every)
+
+    def _narrow(self, status: _S | None, cost_every: float) -> None:
+        cost = getattr(status, "cost", None)
+        if cost is None:
+            return
+        window = fresh_window(cost, cost_every)
+        if self._fresh is not None:
+            window = (max(window[0], self._fresh[0]), min(window[1], self._fresh[1]))
+        self._fresh = window
+
+    def all_fresh(self, now: datetime) -> bool:
+        """Whether every kept status's cost is still fresh at `now` (`unchanged` would find
+        none due for a refresh): a pass may then leave the objects it does not look at."""
+        return self._fresh is None or self._fresh[0] <= now < self._fresh[1]
 
     def forget(self, uid: str) -> None:
         self._kept.pop(uid, None)
 
-    def end_pass(self) -> None:
-        """Drop the objects not looked at in this pass (deleted)."""
-        for uid in set(self._kept) - self._live:
-            del self._kept[uid]
+    def end_pass(self, *, every_object: bool = True, cost_every: float = 0.0) -> None:
+        """`every_object`: the pass looked at every live object, so the ones it did not are
+        deleted and dropped (a pass that looked at some `forget`s the deleted ones)."""
+        if every_object:
+            for uid in set(self._kept) - self._live:
+                del self._kept[uid]
+            self._fresh = None
+            for kept in self._kept.values():
+                self._narrow(kept.status, cost_every)
         self._live = set()

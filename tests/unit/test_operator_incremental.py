@@ -10,8 +10,10 @@ skips unchanged statuses must leave every status as a new control loop would fol
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -35,8 +37,9 @@ from tracekeeper_operator.cluster_plan import plan_cluster
 from tracekeeper_operator.cluster_view import ClusterView, ViewBuilder
 from tracekeeper_operator.control_loop import ControlLoop
 from tracekeeper_operator.kube_events import EventSpec
+from tracekeeper_operator.node_state import RevisionClock
 from tracekeeper_operator.plan_memo import PlanMemo
-from tracekeeper_operator.push_planner import PushAction, PushPlanner
+from tracekeeper_operator.push_planner import PushPlanner, ResyncAction
 from tracekeeper_operator.pusher import Pusher
 from tracekeeper_operator.records import (
     AgentRecord,
@@ -320,10 +323,30 @@ class Writes:
         return None
 
 
+def resync(planner: PushPlanner, action: ResyncAction, rng: random.Random) -> None:
+    """What the agent holds, in a new report: as it was, or with some probe failed since
+    (nothing else moves: only the agent's view of the probes on the node), or unreachable."""
+    report = planner.views()[action.node].report
+    if report is None or rng.random() < 0.1:
+        planner.resync_failed(action, AgentError("connection refused"), 0.0)
+        return
+    if rng.random() < 0.3:
+        probes = [
+            p.model_copy(update={"state": "Failed", "reason": "AttachFailed", "message": "gone"})
+            if rng.random() < 0.5
+            else p
+            for p in report.probes
+        ]
+        report = report.model_copy(update={"probes": probes})
+    planner.resynced(action, report.model_copy(), 0.0)
+
+
 def answer(planner: PushPlanner, rng: random.Random) -> None:
-    """Some due pushes answered: Loaded, failed, or with a stale report; saved or not."""
+    """Due pushes answered: Loaded, failed, or with a stale report; saved or not. Due
+    resyncs answered too (`resync`)."""
     for action in planner.due(1e9):
-        if not isinstance(action, PushAction):
+        if isinstance(action, ResyncAction):
+            resync(planner, action, rng)
             continue
         state = rng.choice(("Loaded", "Loaded", "Failed"))
         unsaved = rng.choice((None, None, f"revision {action.state.revision} not saved: full"))
@@ -395,5 +418,141 @@ def test_a_loop_that_skips_unchanged_statuses_leaves_them_as_a_new_loop_folds_th
         await fresh.reconcile_once()
         assert checking.written == []
         assert fresh.probe_readiness() == kept.probe_readiness()
+
+    asyncio.run(run())
+
+
+class RecordingWrites(Writes):
+    """`Writes` that also keeps the Events posted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+
+    async def post_event(self, ref: ObjectRef, event: EventSpec) -> None:
+        self.events.append((ref.key, event.reason))
+
+
+def _made(writes: RecordingWrites) -> list[tuple[str, str, str]]:
+    return sorted((r.kind, r.key, json.dumps(s, sort_keys=True)) for r, s in writes.written)
+
+
+@dataclass
+class _Side:
+    world: World
+    planner: PushPlanner
+    writes: RecordingWrites
+    loop: ControlLoop
+
+
+class SideBySide:
+    """Two loops over two copies of the same cluster and agents: one given views built pass
+    after pass (it folds only what the changes may concern), one given views built from
+    nothing (every part new: it looks at every probe and filter)."""
+
+    def __init__(self) -> None:
+        self.sides: list[_Side] = []
+        for fresh in (False, True):
+            world = World()
+            planner = PushPlanner(
+                revisions=RevisionClock(wall_ms=lambda: 0), debounce=0.0, max_delay=0.0
+            )
+            writes = RecordingWrites()
+            builder = ViewBuilder()
+            loop = ControlLoop(
+                SETTINGS, Pusher(planner, AnsweringAgents()), writes, now=lambda: NOW
+            )
+            loop.attach(world.fresh if fresh else functools.partial(world.built, builder))
+            self.sides.append(_Side(world, planner, writes, loop))
+
+    def same(self) -> None:
+        """Both have written the same statuses and posted the same Events."""
+        a, b = self.sides
+        assert _made(a.writes) == _made(b.writes)
+        assert sorted(a.writes.events) == sorted(b.writes.events)
+        assert a.loop.probe_readiness() == b.loop.probe_readiness()
+
+    async def step(
+        self, change: Callable[[World, random.Random], None], seed: int, echo_: bool
+    ) -> None:
+        """`change` made to both clusters, a pass, the agents' answers, a pass; the writes
+        compared after each pass, then seen by the watch (`echo_`) or not."""
+        for side in self.sides:
+            rng = random.Random(seed)
+            change(side.world, rng)
+            side.writes.failing = rng.random() < 0.1
+            await side.loop.reconcile_once()
+        self.same()
+        for side in self.sides:
+            answer(side.planner, random.Random(seed + 1))
+            await side.loop.reconcile_once()
+        self.same()
+        for side in self.sides:
+            if echo_:
+                echo(side.world, side.writes)
+            side.writes.written.clear()
+
+
+def _op(op: str) -> Callable[[World, random.Random], None]:
+    def change(world: World, rng: random.Random) -> None:
+        world.apply(op, rng)
+
+    return change
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events, st.lists(st.booleans(), min_size=60, max_size=60))
+def test_a_loop_that_looks_only_at_what_changed_writes_what_a_loop_looking_at_all_writes(
+    sequence: list[tuple[str, int]], echoes: list[bool]
+) -> None:
+    """After every pass the two loops of `SideBySide` have written the same statuses and
+    posted the same Events."""
+
+    async def run() -> None:
+        pair = SideBySide()
+        for i, (op, seed) in enumerate([*START, *sequence]):
+            await pair.step(_op(op), seed, echoes[i % len(echoes)])
+
+    asyncio.run(run())
+
+
+def ready_reason(world: World, key: str) -> str | None:
+    status = world.probes[key].status
+    ready = status.condition("Ready") if status is not None else None
+    return ready.reason if ready is not None else None
+
+
+def test_a_probe_let_in_by_another_leaving_its_node_is_folded_again() -> None:
+    """Only the node's allocation moved for the newer probe (its own inputs did not): the
+    loop that looks at what changed still folds it, from QuotaExceeded to Loaded."""
+
+    def budget(world: World, _: random.Random) -> None:
+        world.namespaces["team-a"] = LabelledRecord(
+            "team-a", {"team": "team-a"}, {BUDGET_ANNOTATION: json.dumps({"probesPerNode": 1})}
+        )
+        world.pods["team-a/web"] = PodRecord(
+            "team-a", "web", "00000000-0000-4000-8000-000000000001", "n1", {"app": "web"}, "Running"
+        )
+        for name, created in (("old", "00:00:01"), ("new", "00:00:02")):
+            world.probes[f"team-a/{name}"] = ProbeRecord(
+                ObjectRef("TraceProbe", "team-a", name, f"uid-{name}"),
+                1,
+                TraceProbeSpec.model_validate(
+                    {"tracepoint": "syscalls:sys_enter_read", "filter": {"podSelector": {}}}
+                ),
+                created=f"2026-12-02T{created}Z",
+            )
+
+    def delete_old(world: World, _: random.Random) -> None:
+        del world.probes["team-a/old"]
+
+    async def run() -> None:
+        pair = SideBySide()
+        await pair.step(budget, 1, True)
+        await pair.step(lambda w, rng: None, 2, True)
+        assert ready_reason(pair.sides[0].world, "team-a/new") == "QuotaExceeded"
+        await pair.step(delete_old, 3, True)
+        await pair.step(lambda w, rng: None, 4, True)
+        assert ready_reason(pair.sides[0].world, "team-a/new") == "Loaded"
 
     asyncio.run(run())
