@@ -152,6 +152,9 @@ class Usage:
     probes: int = 0
     shapes: Counter[tuple[str, Shape]] = field(default_factory=Counter)
     """(attach point, shape) -> probes admitted of that shape there."""
+    programs: Counter[str] = field(default_factory=Counter)
+    """attach point -> BPF programs the probes admitted take there (`shapes`, each one
+    program per BINDINGS_PER_PROGRAM probes)."""
     events_per_second: int = 0
     filter_entries: int = 0
     state_bytes: int = 0
@@ -172,14 +175,15 @@ class Usage:
     def programs_with(self, point: str, cost: Cost) -> int:
         """BPF programs on `point` once the probe is admitted too: one per shape per 64
         probes of it (the agent's shared programs), not one per probe."""
-        counts = Counter({shape: n for (p, shape), n in self.shapes.items() if p == point})
-        counts[cost.shape] += 1
-        return sum(-(-n // BINDINGS_PER_PROGRAM) for n in counts.values())
+        # One more program when the shape's last program is full (or it has none yet).
+        return self.programs[point] + (self.shapes[(point, cost.shape)] % BINDINGS_PER_PROGRAM == 0)
 
     def add(self, cost: Cost) -> None:
         self.state_bytes += cost.probe_bytes + self.pod_bytes(cost)
         self.probes += 1
-        self.shapes.update((point, cost.shape) for point in cost.attach_points)
+        for point in cost.attach_points:
+            self.programs[point] = self.programs_with(point, cost)
+            self.shapes[(point, cost.shape)] += 1
         self.events_per_second += cost.events_per_second
         self.filter_entries += cost.filter_entries
         for uid, entry in cost.pods.items():

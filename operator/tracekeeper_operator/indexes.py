@@ -106,8 +106,10 @@ class Snapshots:
 
 
 def _listed(index: Any) -> list[Any]:
-    """`_values` as a list (without a generator's cost per value: this runs every pass)."""
-    return [value for store in list(index.values()) for value in list(store)]
+    """`_values` as a list (without a generator's cost per value: this runs every pass).
+    No copy of each store first: kopf changes indexes on this same event loop, never
+    while a synchronous pass reads them."""
+    return [value for store in index.values() for value in store]
 
 
 def snapshot(indices: Mapping[str, Any]) -> ClusterView:

@@ -69,10 +69,16 @@ class _Channel:
         """The channel as status folding sees it; the same object while nothing it shows
         changed (its frozensets are a set of every desired probe: made once per change)."""
         made_of = (self.endpoint, self.report, self.error, self.in_flight, self.desired)
-        if self._view is not None and all(
-            a is b for a, b in zip(made_of, self._view[0], strict=True)
-        ):
-            return self._view[1]
+        if self._view is not None:
+            was = self._view[0]
+            if (
+                made_of[0] is was[0]
+                and made_of[1] is was[1]
+                and made_of[2] is was[2]
+                and made_of[3] is was[3]
+                and made_of[4] is was[4]
+            ):
+                return self._view[1]
         view = AgentView(
             node=node,
             endpoint=self.endpoint,
