@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -93,6 +94,25 @@ class Runtime:
             self.loop.poke()
 
 
+_FieldSpec = str | tuple[str, ...] | list[str] | None
+"""kopf's own FieldSpec (not exported)."""
+
+
+class ProbeDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf builds the essence of every watched object's body on every event (a deep copy,
+    its largest cost per pod event) to diff it for change handlers. The only change handler
+    here is TraceProbe's delete handler, so objects of every other kind get an empty
+    essence. A body of no kind (never seen) gets the usual one."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[_FieldSpec] | None = None
+    ) -> kopf.BodyEssence:
+        kind = body.get("kind")
+        if kind is not None and kind != "TraceProbe":
+            return kopf.BodyEssence()
+        return super().build(body=body, extra_fields=extra_fields)
+
+
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.peering.standalone = True
     settings.persistence.finalizer = FINALIZER
@@ -101,7 +121,7 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX
     )
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = ProbeDiffBase(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
     # kopf's per-handler log lines as Events would flood namespaces; ours are specific.

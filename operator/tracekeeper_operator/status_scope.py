@@ -29,6 +29,20 @@ def _move(index: dict[str, set[str]], item: str, old: Iterable[str], new: Iterab
         index.setdefault(key, set()).add(item)
 
 
+def _read(
+    reads: dict[str, tuple[str, ...]], index: dict[str, set[str]], item: str, new: tuple[str, ...]
+) -> None:
+    """`item` now reads `new` (keys of `index`, which lists who reads each)."""
+    old = reads.get(item, ())
+    if old == new:
+        return
+    _move(index, item, old, new)
+    if new:
+        reads[item] = new
+    else:
+        reads.pop(item, None)
+
+
 class StatusScope:
     def __init__(self) -> None:
         self._targets: dict[str, tuple[str, ...]] = {}
@@ -65,14 +79,7 @@ class StatusScope:
     def probe_folded(self, pid: str, selection: Selection | None) -> None:
         """Record the nodes the probe's status read (None: the probe is gone)."""
         targets = tuple(selection.targets) if isinstance(selection, Selected) else ()
-        old = self._targets.get(pid, ())
-        if old == targets:
-            return
-        _move(self._targeting, pid, old, targets)
-        if selection is None or not targets:
-            self._targets.pop(pid, None)
-        else:
-            self._targets[pid] = targets
+        _read(self._targets, self._targeting, pid, targets)
 
     def filters(
         self,
@@ -97,15 +104,7 @@ class StatusScope:
 
     def filter_folded(self, key: str, spaces: tuple[str, ...] | None) -> None:
         """Record the namespaces the filter's status read (None: the filter is gone)."""
-        old = self._spaces.get(key, ())
-        new = spaces or ()
-        if old == new:
-            return
-        _move(self._counting, key, old, new)
-        if spaces is None or not new:
-            self._spaces.pop(key, None)
-        else:
-            self._spaces[key] = new
+        _read(self._spaces, self._counting, key, spaces or ())
 
     def prune(self, probes: Collection[str] | None, filters: Collection[str] | None = None) -> None:
         """After a pass that folded every probe (every filter): forget those not among them
