@@ -7,10 +7,12 @@ Loaded, as an agent would report it) and status writes that succeed and come bac
 the "watch" (the probe's record updated in the index). After a steady state, pods are
 created and deleted one at a time in random namespaces; each event's pass is timed, and so
 is the agent-report pass and the status-echo pass it leads to. Beside them: one full pass
-from scratch (a new control loop, nothing remembered).
+from scratch (a new control loop, nothing remembered). Then the lag: a steady stream of pod
+events into the loop as it runs (`ControlLoop.run`, its debounce), each event's time to
+the end of the pass that took it in, the stream's first half beside its second.
 
     .venv/bin/python -m bench.operator_events [--pods 5000 --probes 500 --namespaces 100
-        --nodes 100 --events 200 --profile]
+        --nodes 100 --events 200 --lag-events 1000 --rate 100 --profile]
 """
 
 from __future__ import annotations
@@ -320,12 +322,90 @@ async def run(args: argparse.Namespace) -> None:
     )
     table.print()
     pod_p99 = percentile(kinds["pod created"] + kinds["pod deleted"], 99) * 1e3
+    if args.lag_events:
+        lag_world = World(args.pods, args.probes, args.namespaces, args.nodes, seed=args.seed)
+        (await stream_lag(lag_world, args.lag_events, args.rate)).print()
     if args.profile or pod_p99 > GOAL_MS:
         profile = cProfile.Profile()
         scratch: dict[str, list[float]] = {k: [] for k in kinds}
         await pod_events(loop, writes, world, live, 40, scratch, profile, pods_only=True)
         title = "what limits a pod event's pass (cProfile of 40 more pod-event passes, own time)"
         profile_table(title, profile, top=15, per=("event", 40)).print()
+
+
+async def stream_lag(world: World, events: int, rate: float) -> Table:
+    """Pod events at `rate` per second into a control loop as it runs (`ControlLoop.run`,
+    the operator's own debounce), the agents answering and the watch echoing the statuses
+    between events, as kopf and the pusher would poke it. Each event's lag: from its change
+    in the indexes to the end of the first pass that started after it (the pass that pushed
+    it and queued its statuses). Lag that grows means the loop does not keep up."""
+    settings = OperatorSettings(namespace="tk")  # the default render_debounce
+    loop, writes = control_loop(settings, world)
+    await settle(loop, writes, world)
+    passes: list[tuple[float, float]] = []
+    reconcile = loop.reconcile_once
+    changed: list[float] = []
+    caught_up = asyncio.Event()
+
+    async def timed(*, wait_for_writes: bool = True) -> None:
+        started = time.perf_counter()
+        await reconcile(wait_for_writes=wait_for_writes)
+        passes.append((started, time.perf_counter()))
+        if len(changed) == events and started >= changed[-1]:
+            caught_up.set()
+
+    loop.reconcile_once = timed  # type: ignore[method-assign]
+    runner = asyncio.create_task(loop.run())
+    live: list[PodRecord] = []
+    cpu = time.process_time()
+    due = time.perf_counter()
+    for i in range(events):
+        if i % 2 == 0 or not live:
+            live.append(world.add_pod(world.rng.randrange(world.namespaces)))
+        else:
+            world.delete_pod(live.pop(world.rng.randrange(len(live))))
+        changed.append(time.perf_counter())
+        loop.poke()  # kopf's pod handler
+        if answer(loop.pusher.planner):
+            loop.poke()  # the pusher's on_change
+        if world.echo(writes):
+            loop.poke()  # the watch brings the statuses back
+        due += 1 / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+    await caught_up.wait()
+    cpu = time.process_time() - cpu
+    runner.cancel()
+    lags: list[float] = []
+    first = 0
+    for at in changed:
+        while passes[first][0] < at:
+            first += 1
+        lags.append(passes[first][1] - at)
+    half = len(lags) // 2
+    early, late = lags[:half], lags[half:]
+    table = Table(
+        f"operator lag under a stream of pod events ({rate:g}/s, {world.pods:,} pods x "
+        f"{world.probes} probes)",
+        ["events", "samples", "lag p50 ms", "lag p99 ms", "max ms", "goal", "met?"],
+    )
+    grows = percentile(late, 50) > 1.5 * percentile(early, 50)
+    for name, part in (("first half", early), ("second half", late)):
+        table.add(
+            name,
+            len(part),
+            f"{percentile(part, 50) * 1e3:.1f}",
+            f"{percentile(part, 99) * 1e3:.1f}",
+            f"{max(part) * 1e3:.1f}",
+            "no growth" if name == "second half" else "",
+            met(not grows) if name == "second half" else "",
+        )
+    table.notes.append(
+        f"{len(passes)} passes for {events} events (the {settings.render_debounce * 1e3:g} ms "
+        f"debounce coalesces), the process's CPU {cpu / events * 1e3:.2f} ms per event over the "
+        "stream (passes, answers, echoes, the writes' coroutines); 'no growth': the second "
+        "half's p50 within 1.5x the first's"
+    )
+    return table
 
 
 async def pod_events(
@@ -365,6 +445,10 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--events", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--lag-events", type=int, default=1000, help="pod events of the lag stream (0: none)"
+    )
+    parser.add_argument("--rate", type=float, default=100.0, help="the lag stream's events/s")
     parser.add_argument(
         "--profile", action="store_true", help="profile pod events even when the goal is met"
     )
