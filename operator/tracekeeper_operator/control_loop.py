@@ -197,8 +197,8 @@ class ControlLoop:
         self._filter_memo: StatusMemo[TraceFilterStatus] = StatusMemo()
         self._readiness_of: dict[str, tuple[TraceProbeStatus, ProbeReadiness]] = {}
         self._readiness_by: dict[str, ProbeReadiness] = {}
-        self._readiness_moved = False
         """probe id -> its readiness as of the last pass that folded it."""
+        self._readiness_moved = False
         self._scope = StatusScope()
         self._seen: ClusterView | None = None
         """The view of the last pass that completed (None: the next pass looks at all)."""

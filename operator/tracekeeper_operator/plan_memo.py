@@ -30,6 +30,7 @@ from tracekeeper_operator.node_state import (
     renders_running,
 )
 from tracekeeper_operator.records import ProbeRecord
+from tracekeeper_operator.reverse_index import ReverseIndex
 from tracekeeper_operator.selection import (
     Refusal,
     Selected,
@@ -53,7 +54,8 @@ def selection_inputs(
     spec = probe.spec
     if spec is None:
         return (None, probe.invalid)
-    ref = view.filters.get(f"{probe.ref.namespace}/{spec.filter_ref}") if spec.filter_ref else None
+    key = probe.filter_key
+    ref = view.filters.get(key) if key is not None else None
     filt = resolve_filter(probe, view)
     spaces: tuple[str, ...] = ()
     hosts = False
@@ -74,12 +76,8 @@ def _sources(probe: ProbeRecord, view: ClusterView, spaces: tuple[str, ...]) -> 
     """The objects the probe's selection inputs are read from (a view keeps unchanged parts
     as the same objects, see cluster_view.ViewBuilder): all the same ones as last pass
     means the same inputs, without making and comparing them."""
-    spec = probe.spec
-    ref = (
-        view.filters.get(f"{probe.ref.namespace}/{spec.filter_ref}")
-        if spec and spec.filter_ref
-        else None
-    )
+    key = probe.filter_key
+    ref = view.filters.get(key) if key is not None else None
     return (
         probe,
         ref,
@@ -116,8 +114,6 @@ class _Probe:
     session_sources: Inputs = ()
     """(record, selection, budgets, previous status) `session` was made from."""
     session: tuple[Selection, DebugSession | None] | None = None
-    filter_key: str | None = None
-    """namespace/name of the TraceFilter its filterRef names."""
 
 
 @dataclass(frozen=True)
@@ -165,10 +161,10 @@ class PlanMemo:
         """The last pass in which some node's kernel facts moved."""
         self._view: ClusterView | None = None
         self._last: _Pass | None = None
-        self._readers: dict[str, set[str]] = {}
-        """namespace -> the probes whose selection read its pods (their `spaces`)."""
-        self._users: dict[str, set[str]] = {}
-        """filter key -> the probes naming it in filterRef."""
+        self._readers = ReverseIndex()
+        """probe id -> the namespaces whose pods its selection read (its `spaces`)."""
+        self._users = ReverseIndex()
+        """probe id -> the TraceFilter its filterRef names (namespace/name)."""
         self.looked_at: frozenset[str] | None = None
         """The probes the last pass looked at (their inputs may have changed); None: all."""
 
@@ -248,29 +244,11 @@ class PlanMemo:
             return None
         dirty = set(changes.probes)
         for key in changes.filters:
-            dirty.update(self._users.get(key, ()))
+            dirty.update(self._users.readers(key))
         for ns in changes.pod_namespaces:
-            dirty.update(self._readers.get(ns, ()))
+            dirty.update(self._readers.readers(ns))
         dirty.update(last.sessions)  # a session reads the stored status and the clock
         return dirty
-
-    def _index(self, pid: str, old: _Probe | None, new: _Probe | None) -> None:
-        """Keep `_readers` and `_users` in step with a probe's memo entry."""
-        for entry, add in ((old, False), (new, True)):
-            if entry is None:
-                continue
-            for ns in entry.spaces:
-                readers = self._readers.setdefault(ns, set())
-                if add:
-                    readers.add(pid)
-                else:
-                    readers.discard(pid)
-            if entry.filter_key is not None:
-                users = self._users.setdefault(entry.filter_key, set())
-                if add:
-                    users.add(pid)
-                else:
-                    users.discard(pid)
 
     def _select(
         self,
@@ -288,7 +266,6 @@ class PlanMemo:
         again = False
         if kept is None or not _same(kept.sources, _sources(probe, view, kept.spaces)):
             inputs = selection_inputs(probe, view, self.settings, agent_nodes)
-            old_spaces, old_key = (kept.spaces, kept.filter_key) if kept else ((), None)
             if kept is None or kept.inputs != inputs:
                 selection = select(probe, view, self.settings)
                 again = True
@@ -299,11 +276,9 @@ class PlanMemo:
                     kept = _Probe(inputs, selection, render=render)
             kept.spaces = spaces_of(inputs)
             kept.sources = _sources(probe, view, kept.spaces)
-            spec = probe.spec
-            ref = spec.filter_ref if spec is not None else None
-            kept.filter_key = f"{probe.ref.namespace}/{ref}" if ref else None
-            if (old_spaces, old_key) != (kept.spaces, kept.filter_key):
-                self._index(pid, _Probe((), kept.selection, old_spaces, filter_key=old_key), kept)
+            key = probe.filter_key
+            self._readers.set(pid, kept.spaces)
+            self._users.set(pid, (key,) if key is not None else ())
         session_sources = (probe, kept.selection, budgets, before)
         if not _same(kept.session_sources, session_sources):
             kept.session_sources = session_sources
@@ -386,7 +361,9 @@ class PlanMemo:
             renders = dict(last.renders)
             gone = {pid for pid in dirty if pid not in view.probes}
         for pid in gone:
-            self._index(pid, self._probes.pop(pid, None), None)
+            self._probes.pop(pid, None)
+            self._readers.set(pid, ())
+            self._users.set(pid, ())
             selections.pop(pid, None)
             sessions.pop(pid, None)
             renders.pop(pid, None)

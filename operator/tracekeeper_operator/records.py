@@ -263,6 +263,12 @@ class ProbeRecord:
     def id(self) -> str:
         return self.ref.key
 
+    @property
+    def filter_key(self) -> str | None:
+        """namespace/name of the TraceFilter its filterRef names (None: no filterRef)."""
+        ref = self.spec.filter_ref if self.spec is not None else None
+        return f"{self.ref.namespace}/{ref}" if ref is not None else None
+
 
 @dataclass(frozen=True)
 class FilterRecord:

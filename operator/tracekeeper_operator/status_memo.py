@@ -105,8 +105,8 @@ def filter_users(view: ClusterView) -> dict[str, tuple[str, ...]]:
     """filter key -> names of the probes naming it in filterRef."""
     users: dict[str, list[str]] = {}
     for p in view.probes.values():
-        if p.spec is not None and p.spec.filter_ref is not None:
-            users.setdefault(f"{p.ref.namespace}/{p.spec.filter_ref}", []).append(p.ref.name)
+        if (key := p.filter_key) is not None:
+            users.setdefault(key, []).append(p.ref.name)
     return {key: tuple(names) for key, names in users.items()}
 
 

@@ -15,45 +15,17 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 
 from tracekeeper_operator.cluster_view import ClusterView, ViewChanges
+from tracekeeper_operator.reverse_index import ReverseIndex
 from tracekeeper_operator.selection import Selected, Selection
-
-
-def _move(index: dict[str, set[str]], item: str, old: Iterable[str], new: Iterable[str]) -> None:
-    for key in old:
-        members = index.get(key)
-        if members is not None:
-            members.discard(item)
-            if not members:
-                del index[key]
-    for key in new:
-        index.setdefault(key, set()).add(item)
-
-
-def _read(
-    reads: dict[str, tuple[str, ...]], index: dict[str, set[str]], item: str, new: tuple[str, ...]
-) -> None:
-    """`item` now reads `new` (keys of `index`, which lists who reads each)."""
-    old = reads.get(item, ())
-    if old == new:
-        return
-    _move(index, item, old, new)
-    if new:
-        reads[item] = new
-    else:
-        reads.pop(item, None)
 
 
 class StatusScope:
     def __init__(self) -> None:
-        self._targets: dict[str, tuple[str, ...]] = {}
+        self._targeting = ReverseIndex()
         """probe id -> the nodes its selection targets."""
-        self._targeting: dict[str, set[str]] = {}
-        """node -> the probes targeting it."""
         self._left: Mapping[str, tuple[object, ...]] = {}
-        self._spaces: dict[str, tuple[str, ...]] = {}
+        self._counting = ReverseIndex()
         """filter key -> the namespaces whose pods its status counted."""
-        self._counting: dict[str, set[str]] = {}
-        """namespace -> the filters counting its pods."""
 
     def probes(
         self,
@@ -71,7 +43,7 @@ class StatusScope:
         dirty = set(looked_at)
         dirty.update(previous_changed)
         for node in moved_nodes:
-            dirty.update(self._targeting.get(node, ()))
+            dirty.update(self._targeting.readers(node))
         if left or last:
             dirty.update(p for p in left.keys() | last.keys() if left.get(p) != last.get(p))
         return dirty
@@ -79,7 +51,7 @@ class StatusScope:
     def probe_folded(self, pid: str, selection: Selection | None) -> None:
         """Record the nodes the probe's status read (None: the probe is gone)."""
         targets = tuple(selection.targets) if isinstance(selection, Selected) else ()
-        _read(self._targets, self._targeting, pid, targets)
+        self._targeting.set(pid, targets)
 
     def filters(
         self,
@@ -95,21 +67,21 @@ class StatusScope:
         dirty = set(changes.filters)
         dirty.update(previous_changed)
         for ns in changes.pod_namespaces:
-            dirty.update(self._counting.get(ns, ()))
+            dirty.update(self._counting.readers(ns))
         for pid in changes.probes:
             for probe in (before.probes.get(pid), view.probes.get(pid)):
-                if probe is not None and probe.spec is not None and probe.spec.filter_ref:
-                    dirty.add(f"{probe.ref.namespace}/{probe.spec.filter_ref}")
+                if probe is not None and (key := probe.filter_key) is not None:
+                    dirty.add(key)
         return dirty
 
     def filter_folded(self, key: str, spaces: tuple[str, ...] | None) -> None:
         """Record the namespaces the filter's status read (None: the filter is gone)."""
-        _read(self._spaces, self._counting, key, spaces or ())
+        self._counting.set(key, spaces or ())
 
     def prune(self, probes: Collection[str] | None, filters: Collection[str] | None = None) -> None:
         """After a pass that folded every probe (every filter): forget those not among them
         (deleted); None: that kind was not folded whole."""
-        for pid in self._targets.keys() - set(probes) if probes is not None else ():
-            self.probe_folded(pid, None)
-        for key in self._spaces.keys() - set(filters) if filters is not None else ():
-            self.filter_folded(key, None)
+        if probes is not None:
+            self._targeting.keep_only(probes)
+        if filters is not None:
+            self._counting.keep_only(filters)
