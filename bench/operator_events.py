@@ -176,6 +176,15 @@ class World:
     def delete_pod(self, pod: PodRecord) -> None:
         self.indexes.drop(PODS, pod.namespace, f"{pod.namespace}/{pod.name}")
 
+    def pod_event(self, i: int, live: list[PodRecord]) -> str:
+        """The `i`th of a run of pod events: creates and deletes alternating, in random
+        namespaces (`live`: the pods the run created and has not deleted yet)."""
+        if i % 2 == 0 or not live:
+            live.append(self.add_pod(self.rng.randrange(self.namespaces)))
+            return "pod created"
+        self.delete_pod(live.pop(self.rng.randrange(len(live))))
+        return "pod deleted"
+
     def add_probe(self, p: int) -> None:
         ns = self.ns(p % self.namespaces)
         selector = {"podSelector": {"matchLabels": {"app": f"app-{p // self.namespaces % APPS}"}}}
@@ -360,10 +369,7 @@ async def stream_lag(world: World, events: int, rate: float) -> Table:
     cpu = time.process_time()
     due = time.perf_counter()
     for i in range(events):
-        if i % 2 == 0 or not live:
-            live.append(world.add_pod(world.rng.randrange(world.namespaces)))
-        else:
-            world.delete_pod(live.pop(world.rng.randrange(len(live))))
+        world.pod_event(i, live)
         changed.append(time.perf_counter())
         loop.poke()  # kopf's pod handler
         if answer(loop.pusher.planner):
@@ -423,12 +429,7 @@ async def pod_events(
     agents' answer and the statuses' echo, each in a pass timed too (and profiled unless
     `pods_only`)."""
     for i in range(count):
-        if i % 2 == 0 or not live:
-            live.append(world.add_pod(world.rng.randrange(world.namespaces)))
-            kind = "pod created"
-        else:
-            world.delete_pod(live.pop(world.rng.randrange(len(live))))
-            kind = "pod deleted"
+        kind = world.pod_event(i, live)
         kinds[kind].append(await timed_pass(loop, profile))
         rest = None if pods_only else profile
         if answer(loop.pusher.planner):
