@@ -182,12 +182,17 @@ def chrooted(tmp_path: Path, pods: dict[str, Path]) -> Iterator[subprocess.Popen
 
 
 def wait_for_root(pid: int, directory: Path) -> int:
+    """The workload's root once it is chrooted. The binary is looked up through the fd
+    itself: a root opened just before `exec chroot` is the host's, while the process's
+    /proc root may already be the new one (the test flaked on that)."""
     for _ in range(200):
         fd = open_process_root(pid, directory)
-        if fd is not None and os.path.exists(f"/proc/{pid}/root/app/tk-sdt"):
-            return fd
         if fd is not None:
-            os.close(fd)
+            try:
+                os.stat("app/tk-sdt", dir_fd=fd)
+                return fd
+            except FileNotFoundError:
+                os.close(fd)
         subprocess.run(["sleep", "0.01"], check=True)
     raise AssertionError("the chrooted workload did not start")
 
